@@ -1,0 +1,60 @@
+# Post Office — every entry point a developer, CI or an operator needs.
+# `make run` and `make test` install whatever is missing on a fresh machine.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install os-deps browser run test test-fast lint typecheck bench up down lock clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): requirements.lock requirements-dev.lock pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python 3.11+ is required (found $$($(PYTHON) --version))"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.lock
+	@touch $(STAMP)
+
+install: $(STAMP) os-deps  ## venv with the pinned deps, plus redis-server from the OS packages
+
+os-deps:  ## redis-server from the OS packages when it is missing
+	@scripts/ensure-os-package.sh redis-server redis-server
+
+browser:  ## Chromium from the OS packages (the browser test drives it)
+	@scripts/ensure-os-package.sh chromium chromium
+
+run: install  ## the whole stack: private redis, 4 services, 2 gateways, demo agent
+	$(PY) -m scripts.run_stack
+
+test: install browser  ## the whole suite against real redis-server and service processes
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install  ## the suite without the browser test
+	$(PY) -m pytest -q -m "not browser" $(PYTEST_ARGS)
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)  ## mypy (strict)
+	$(VENV)/bin/mypy shared services post_office_client agents scripts
+
+bench: install  ## benchmarks (bench/), figures printed and written to bench/results/
+	$(PY) -m bench.run_all
+
+up:  ## the full stack in Docker Compose
+	docker compose -f compose/docker-compose.yml up --build -d
+
+down:  ## stop the Docker Compose stack
+	docker compose -f compose/docker-compose.yml down
+
+lock: $(STAMP)  ## re-pin requirements after changing pyproject.toml
+	$(PY) -m pip freeze --exclude-editable > /tmp/po-freeze.txt && echo "review /tmp/po-freeze.txt and split into the two lock files"
+
+clean:  ## remove the venv and caches
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .run

@@ -1,0 +1,368 @@
+"""The Post Office wire protocol: envelopes, frames, close and error codes.
+
+Pure functions and data only — no sockets, no Redis — so every rule here is tested without I/O
+(the python-websockets layering: a sans-I/O core under thin I/O layers). The gateway, the Post
+Office API and the agent client all build and read frames through this module.
+
+Exception tree::
+
+    Exception
+     └── ProtocolError          a frame or body was refused; carries an ErrorCode and a message
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "DEFAULT_CHANNELS",
+    "INTENTS",
+    "AgentMessage",
+    "ClientEnvelope",
+    "CloseCode",
+    "ErrorCode",
+    "ProtocolError",
+    "ack_frame",
+    "agent_message",
+    "check_depth",
+    "error_frame",
+    "is_valid_connection_id",
+    "is_valid_user_id",
+    "iso_now",
+    "new_connection_id",
+    "new_message_id",
+    "new_traceparent",
+    "parse_client_frame",
+    "parse_delivery_body",
+    "ping_frame",
+    "welcome_frame",
+]
+
+DEFAULT_CHANNELS: tuple[str, ...] = (
+    "guide",
+    "pillar:content",
+    "pillar:insights",
+    "pillar:operations",
+    "pillar:business_outcomes",
+)
+INTENTS: frozenset[str] = frozenset({"chat", "query", "command"})
+
+#: JSON deeper than this is refused: no agent needs it and it is a cheap CPU/stack attack.
+MAX_DEPTH = 32
+#: Client message ids are echoed back; keep them short.
+MAX_CLIENT_ID_LENGTH = 128
+
+_USER_ID_RE = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
+_CONNECTION_ID_RE = re.compile(r"^ws_[A-Za-z0-9._@-]{1,128}_[0-9a-f]{8}$")
+_TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the gateway uses; see docs/protocol.md."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server drain
+    POLICY_VIOLATION = 1008  # evicted: idle or stale, the reason says which
+    MESSAGE_TOO_BIG = 1009
+    INTERNAL_ERROR = 1011
+    TRY_AGAIN_LATER = 1013  # overloaded, or the client reads too slowly
+    SESSION_INVALID = 4401  # invalid, expired or revoked session
+    RATE_LIMITED = 4429  # rate limit exceeded repeatedly
+
+
+class ErrorCode(enum.StrEnum):
+    """``code`` of an ``error`` frame (WebSocket) or an HTTP JSON error."""
+
+    INVALID_JSON = "invalid_json"
+    INVALID_ENVELOPE = "invalid_envelope"
+    UNKNOWN_CHANNEL = "unknown_channel"
+    UNKNOWN_INTENT = "unknown_intent"
+    TOO_LARGE = "too_large"
+    RATE_LIMITED = "rate_limited"
+    UNAVAILABLE = "unavailable"
+    # HTTP API codes
+    BAD_REQUEST = "bad_request"
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    GONE = "gone"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    INTERNAL = "internal_error"
+
+
+class ProtocolError(Exception):
+    """A frame or request body was refused. ``code`` is an :class:`ErrorCode`."""
+
+    def __init__(self, code: ErrorCode, message: str, client_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.client_id = client_id
+
+
+@dataclass(frozen=True, slots=True)
+class ClientEnvelope:
+    """A validated client message, normalised (``channel`` and ``intent`` filled in)."""
+
+    channel: str
+    intent: str
+    payload: dict[str, Any]
+    id: str | int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"channel": self.channel, "intent": self.intent, "payload": self.payload}
+        if self.id is not None:
+            out["id"] = self.id
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class AgentMessage:
+    """What agents receive on ``websocket:<channel>`` (docs/protocol.md, "What agents receive")."""
+
+    message_id: str
+    connection_id: str
+    user_id: str
+    gateway_instance: str
+    message: dict[str, Any]
+    timestamp: str
+    traceparent: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            {
+                "message_id": self.message_id,
+                "connection_id": self.connection_id,
+                "user_id": self.user_id,
+                "gateway_instance": self.gateway_instance,
+                "message": self.message,
+                "timestamp": self.timestamp,
+                "traceparent": self.traceparent,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes | str) -> AgentMessage:
+        raw = orjson.loads(data)
+        if not isinstance(raw, dict):
+            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "agent message must be a JSON object")
+        try:
+            return cls(
+                message_id=str(raw["message_id"]),
+                connection_id=str(raw["connection_id"]),
+                user_id=str(raw["user_id"]),
+                gateway_instance=str(raw["gateway_instance"]),
+                message=dict(raw["message"]),
+                timestamp=str(raw["timestamp"]),
+                traceparent=str(raw.get("traceparent", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, f"agent message lacks {exc}") from None
+
+
+def check_depth(value: Any, limit: int = MAX_DEPTH) -> bool:
+    """True when ``value`` nests no deeper than ``limit`` containers (iterative, no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            if depth > limit:
+                return False
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+def _client_id(raw: dict[str, Any]) -> str | int | None:
+    value = raw.get("id")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "id must be a string or an integer")
+    if isinstance(value, int) and not -(2**53) <= value <= 2**53:
+        raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "id is out of the safe integer range")
+    if isinstance(value, str) and len(value) > MAX_CLIENT_ID_LENGTH:
+        raise ProtocolError(ErrorCode.INVALID_ENVELOPE, f"id is longer than {MAX_CLIENT_ID_LENGTH}")
+    return value
+
+
+def parse_client_frame(
+    data: str | bytes, allowed_channels: Iterable[str] = DEFAULT_CHANNELS, max_bytes: int = 65536
+) -> ClientEnvelope:
+    """Parse and validate one client frame; raise :class:`ProtocolError` on any defect.
+
+    The error carries the client's ``id`` whenever it could be read, so the error frame can
+    echo it: a client never has to guess which of its messages was refused.
+    """
+    size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
+    if size > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE, f"frame is {size} bytes; the limit is {max_bytes}")
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "a message must be a JSON object")
+    client_id: Any = None
+    try:
+        client_id = _client_id(raw)
+        if not check_depth(raw):
+            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, f"JSON nests deeper than {MAX_DEPTH}")
+        channel = raw.get("channel", "guide")
+        if not isinstance(channel, str):
+            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "channel must be a string")
+        if channel not in allowed_channels:
+            raise ProtocolError(ErrorCode.UNKNOWN_CHANNEL, f"unknown channel {channel[:64]!r}")
+        intent = raw.get("intent", "chat")
+        if not isinstance(intent, str):
+            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "intent must be a string")
+        if intent not in INTENTS:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_INTENT, f"unknown intent {intent[:64]!r}; use chat, query or command"
+            )
+        payload = raw.get("payload")
+        if not isinstance(payload, dict):
+            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "payload must be a JSON object")
+        if not isinstance(payload.get("message"), str):
+            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "payload.message must be a string")
+        conversation_id = payload.get("conversation_id")
+        if conversation_id is not None and not isinstance(conversation_id, str):
+            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "payload.conversation_id must be a string")
+        metadata = payload.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "payload.metadata must be an object")
+        unknown = set(raw) - {"channel", "intent", "payload", "id"}
+        if unknown:
+            raise ProtocolError(
+                ErrorCode.INVALID_ENVELOPE, f"unknown field(s): {', '.join(sorted(unknown))[:200]}"
+            )
+    except ProtocolError as exc:
+        exc.client_id = client_id
+        raise
+    return ClientEnvelope(channel=channel, intent=intent, payload=payload, id=client_id)
+
+
+def parse_delivery_body(data: bytes) -> tuple[dict[str, Any], str | None]:
+    """Validate a Post Office delivery body ``{"message": {...}, "traceparent"?}``."""
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"body is not valid JSON: {exc.msg}") from None
+    if not isinstance(raw, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "body must be a JSON object")
+    message = raw.get("message")
+    if not isinstance(message, dict):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, 'body must have "message": a JSON object')
+    if not check_depth(message):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"message nests deeper than {MAX_DEPTH}")
+    traceparent = raw.get("traceparent")
+    if traceparent is not None and (
+        not isinstance(traceparent, str) or not _TRACEPARENT_RE.match(traceparent)
+    ):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, "traceparent must be a W3C traceparent string")
+    unknown = set(raw) - {"message", "traceparent"}
+    if unknown:
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
+    return message, traceparent
+
+
+def is_valid_user_id(user_id: object) -> bool:
+    return isinstance(user_id, str) and bool(_USER_ID_RE.match(user_id))
+
+
+def is_valid_connection_id(connection_id: object) -> bool:
+    return isinstance(connection_id, str) and bool(_CONNECTION_ID_RE.match(connection_id))
+
+
+def is_valid_traceparent(value: object) -> bool:
+    return isinstance(value, str) and bool(_TRACEPARENT_RE.match(value))
+
+
+def new_connection_id(user_id: str) -> str:
+    return f"ws_{user_id}_{os.urandom(4).hex()}"
+
+
+def new_message_id() -> str:
+    return f"msg_{os.urandom(12).hex()}"
+
+
+def new_traceparent() -> str:
+    """A fresh W3C trace context (sampled) for a message that arrives without one."""
+    return f"00-{os.urandom(16).hex()}-{os.urandom(8).hex()}-01"
+
+
+def iso_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def agent_message(
+    envelope: ClientEnvelope,
+    *,
+    message_id: str,
+    connection_id: str,
+    user_id: str,
+    gateway_instance: str,
+    traceparent: str | None = None,
+) -> AgentMessage:
+    return AgentMessage(
+        message_id=message_id,
+        connection_id=connection_id,
+        user_id=user_id,
+        gateway_instance=gateway_instance,
+        message=envelope.as_dict(),
+        timestamp=iso_now(),
+        traceparent=traceparent or new_traceparent(),
+    )
+
+
+def _dumps(obj: dict[str, Any]) -> str:
+    return orjson.dumps(obj).decode()
+
+
+def welcome_frame(connection_id: str, user_id: str, channels: Iterable[str], heartbeat_interval: float) -> str:
+    interval: float = int(heartbeat_interval) if float(heartbeat_interval).is_integer() else heartbeat_interval
+    return _dumps(
+        {
+            "type": "welcome",
+            "connection_id": connection_id,
+            "user_id": user_id,
+            "channels": list(channels),
+            "heartbeat_interval": interval,
+        }
+    )
+
+
+def ack_frame(client_id: Any, message_id: str, status: str) -> str:
+    return _dumps({"type": "ack", "id": client_id, "message_id": message_id, "status": status})
+
+
+def error_frame(client_id: Any, code: ErrorCode | str, message: str) -> str:
+    return _dumps({"type": "error", "id": client_id, "code": str(code), "message": message})
+
+
+def ping_frame(now: float | None = None) -> str:
+    return _dumps({"type": "ping", "timestamp": time.time() if now is None else now})
+
+
+def is_pong(data: str | bytes) -> bool:
+    """Cheap check for the application pong, ``{"type": "pong"}``, before full parsing."""
+    if len(data) > 64:
+        return False
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(raw, dict) and raw.get("type") == "pong"

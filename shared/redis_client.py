@@ -1,0 +1,42 @@
+"""One way to build a Redis client: hiredis parser, explicit pool size, timeouts, retries.
+
+Every service builds its clients here so that pool limits and failure behaviour are the same
+everywhere and visible in one place. Retries cover a dropped connection (one reconnect with
+jittered, capped backoff); a Redis that stays down surfaces as ``redis.exceptions.ConnectionError``
+to the caller, which decides (the gateway opens its circuit breaker, HTTP handlers answer 503).
+"""
+
+from __future__ import annotations
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import EqualJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = ["make_redis"]
+
+
+def make_redis(
+    url: str,
+    *,
+    max_connections: int = 64,
+    socket_timeout: float = 5.0,
+    connect_timeout: float = 2.0,
+    retries: int = 2,
+    name: str | None = None,
+) -> Redis:
+    """A pooled asyncio client. ``socket_timeout=None`` is for pub/sub connections that block."""
+    retry = Retry(EqualJitterBackoff(cap=1.0, base=0.02), retries)
+    return Redis.from_url(
+        url,
+        max_connections=max_connections,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=connect_timeout,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        decode_responses=False,
+        client_name=name,
+    )

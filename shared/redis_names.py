@@ -1,0 +1,108 @@
+"""Every Redis key and pub/sub channel name Post Office uses, built in one place.
+
+No other module spells a key or channel literal: services call these builders, and
+``tests/test_redis_names.py`` pins each format, so a rename is one change here and a failing
+test there. Each builder's comment shows the shape it produces.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "EVENTS",
+    "GATEWAYS",
+    "LAST_SEEN",
+    "SESSION_CONNECTION_INDEX",
+    "SESSION_REVOCATIONS",
+    "agent_channel",
+    "channel_broadcast",
+    "channel_connections",
+    "connection",
+    "connection_messages",
+    "gateway_connections",
+    "gateway_control",
+    "gateway_instance",
+    "queue",
+    "session",
+    "session_connections",
+    "user_connections",
+]
+
+_PREFIX = "websocket"
+
+# websocket:events — pub/sub: connected, disconnected, evicted (with reason)
+EVENTS = f"{_PREFIX}:events"
+
+# websocket:connections:last_seen — sorted set: connection id scored by its last activity
+# (unix seconds). The eviction worker reads only the stale end of it instead of scanning keys.
+LAST_SEEN = f"{_PREFIX}:connections:last_seen"
+
+# websocket:gateways — set: every gateway instance that registered and has not been cleaned up
+GATEWAYS = f"{_PREFIX}:gateways"
+
+# session:connection_index — hash: connection id -> session id (Traffic Cop's bookkeeping, so
+# unregistering a connection needs only its id)
+SESSION_CONNECTION_INDEX = "session:connection_index"
+
+# session:revocations — pub/sub: {"session_id": ...} when Traffic Cop revokes a session
+SESSION_REVOCATIONS = "session:revocations"
+
+
+def agent_channel(channel: str) -> str:
+    """websocket:<channel> — pub/sub: client messages for agents on that logical channel."""
+    return f"{_PREFIX}:{channel}"
+
+
+def connection(connection_id: str) -> str:
+    """websocket:connection:<id> — hash with TTL: the connection's registry record."""
+    return f"{_PREFIX}:connection:{connection_id}"
+
+
+def connection_messages(connection_id: str) -> str:
+    """websocket:connection:<id>:messages — pub/sub: frames for that connection, from anyone."""
+    return f"{_PREFIX}:connection:{connection_id}:messages"
+
+
+def user_connections(user_id: str) -> str:
+    """websocket:user:<user_id>:connections — set: a user's connection ids."""
+    return f"{_PREFIX}:user:{user_id}:connections"
+
+
+def channel_connections(channel: str) -> str:
+    """websocket:channel:<channel>:connections — set: connections that used the channel."""
+    return f"{_PREFIX}:channel:{channel}:connections"
+
+
+def channel_broadcast(channel: str) -> str:
+    """websocket:channel:<channel>:broadcast — pub/sub: one frame for every connection that used
+    the channel; every gateway subscribes and fans out locally, so a broadcast is one PUBLISH."""
+    return f"{_PREFIX}:channel:{channel}:broadcast"
+
+
+def gateway_instance(instance: str) -> str:
+    """websocket:gateway:<instance> — string with TTL: the instance is alive while it exists."""
+    return f"{_PREFIX}:gateway:{instance}"
+
+
+def gateway_connections(instance: str) -> str:
+    """websocket:gateway:<instance>:connections — set: connection ids the instance holds."""
+    return f"{_PREFIX}:gateway:{instance}:connections"
+
+
+def gateway_control(instance: str) -> str:
+    """websocket:gateway:<instance>:control — pub/sub: commands for one gateway (close a socket)."""
+    return f"{_PREFIX}:gateway:{instance}:control"
+
+
+def queue(channel: str) -> str:
+    """websocket:queue:<channel> — list, bounded: agent messages held while no agent listens."""
+    return f"{_PREFIX}:queue:{channel}"
+
+
+def session(token_hash: str) -> str:
+    """session:<sha256 of token> — hash with TTL: Traffic Cop's session."""
+    return f"session:{token_hash}"
+
+
+def session_connections(session_id: str) -> str:
+    """session:<session_id>:connections — set with TTL: connections opened with the session."""
+    return f"session:{session_id}:connections"

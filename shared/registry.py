@@ -1,0 +1,257 @@
+"""The connection registry in Redis, and the agent-channel queue: every multi-key write.
+
+Gateways register and unregister connections here, the eviction worker evicts and cleans up
+after dead gateways here, the Post Office API removes stale records here. Each write that
+touches several keys is one Lua script or one MULTI, so no caller can leave half a record.
+
+Exactly-once events: :meth:`Registry.unregister` removes the record and announces it on
+``websocket:events`` in the same script, and only the caller that actually removed the record
+announces anything. A gateway closing a socket the eviction worker already evicted therefore
+announces nothing, and two workers racing on one stale connection announce it once.
+
+Index keys are passed to the scripts as templates built by :mod:`shared.redis_names`
+(``"websocket:user:{}:connections"``), so names stay owned by that module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from shared import redis_names as names
+from shared.protocol import iso_now
+
+__all__ = ["ConnectionRecord", "PublishResult", "Registry"]
+
+_T = "{}"  # the placeholder the scripts substitute
+
+_UNREGISTER = """
+-- KEYS: 1 record hash, 2 last-seen zset, 3 events channel
+-- ARGV: 1 connection id, 2 event type, 3 reason, 4 stale cutoff ('' = unconditional),
+--       5 ISO timestamp, 6 user set tpl, 7 channel set tpl, 8 gateway set tpl, 9 session set tpl,
+--       10 expected gateway ('' = any)
+local id = ARGV[1]
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('ZREM', KEYS[2], id)
+  return 0
+end
+if ARGV[4] ~= '' then
+  local score = redis.call('ZSCORE', KEYS[2], id)
+  if score and tonumber(score) > tonumber(ARGV[4]) then return -1 end
+end
+local f = redis.call('HMGET', KEYS[1], 'user_id', 'gateway_instance', 'session_id', 'channels')
+if ARGV[10] ~= '' and f[2] ~= ARGV[10] then return -2 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], id)
+if f[1] then redis.call('SREM', (string.gsub(ARGV[6], '{}', f[1])), id) end
+if f[2] then redis.call('SREM', (string.gsub(ARGV[8], '{}', f[2])), id) end
+if f[3] then redis.call('SREM', (string.gsub(ARGV[9], '{}', f[3])), id) end
+if f[4] then
+  local ok, chans = pcall(cjson.decode, f[4])
+  if ok and type(chans) == 'table' then
+    for _, c in ipairs(chans) do redis.call('SREM', (string.gsub(ARGV[7], '{}', c)), id) end
+  end
+end
+redis.call('PUBLISH', KEYS[3], cjson.encode({
+  type = ARGV[2], connection_id = id, user_id = f[1] or '', gateway_instance = f[2] or '',
+  session_id = f[3] or '', reason = ARGV[3], timestamp = ARGV[5]}))
+return 1
+"""
+
+_PUBLISH_OR_QUEUE = """
+-- KEYS: 1 agent channel, 2 queue list.  ARGV: 1 data, 2 queue bound
+-- Returns 1 published, 2 queued, 0 refused (queue full).
+-- While older messages wait in the queue, newer ones queue behind them to keep order.
+if redis.call('LLEN', KEYS[2]) == 0 then
+  if redis.call('PUBLISH', KEYS[1], ARGV[1]) > 0 then return 1 end
+end
+if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[1])
+return 2
+"""
+
+_DRAIN_QUEUE = """
+-- KEYS: 1 agent channel, 2 queue list.  ARGV: 1 most messages to move
+-- A message leaves the queue only once a subscriber received it.
+local sent = 0
+for _ = 1, tonumber(ARGV[1]) do
+  local m = redis.call('LINDEX', KEYS[2], 0)
+  if not m then break end
+  if redis.call('PUBLISH', KEYS[1], m) == 0 then break end
+  redis.call('LPOP', KEYS[2])
+  sent = sent + 1
+end
+return sent
+"""
+
+
+class PublishResult:
+    """Outcome codes of :meth:`Registry.publish_or_queue`."""
+
+    REFUSED = 0
+    PUBLISHED = 1
+    QUEUED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    connection_id: str
+    user_id: str
+    session_id: str
+    gateway_instance: str
+    connected_at: float
+    channels: tuple[str, ...] = ()
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_hash(self, now: float) -> dict[str, str]:
+        return {
+            "user_id": self.user_id,
+            "session_id": self.session_id,
+            "gateway_instance": self.gateway_instance,
+            "channels": orjson.dumps(list(self.channels)).decode(),
+            "connected_at": repr(self.connected_at),
+            "last_heartbeat": repr(now),
+            "metadata": orjson.dumps(dict(self.metadata)).decode(),
+        }
+
+    @staticmethod
+    def decode_hash(connection_id: str, raw: Mapping[bytes, bytes]) -> dict[str, Any]:
+        """The public JSON view of a stored record (``GET /v1/connections/{id}``)."""
+        text = {k.decode(): v.decode() for k, v in raw.items()}
+        out: dict[str, Any] = {"connection_id": connection_id, **text}
+        for key in ("channels", "metadata"):
+            try:
+                out[key] = orjson.loads(text.get(key, "null"))
+            except orjson.JSONDecodeError:
+                out[key] = None
+        for key in ("connected_at", "last_heartbeat"):
+            try:
+                out[key] = float(text[key])
+            except (KeyError, ValueError):
+                out[key] = None
+        return out
+
+
+class Registry:
+    """Registry operations on one Redis client. Cheap to build; holds no state but scripts."""
+
+    def __init__(self, redis: Redis, record_ttl: float) -> None:
+        self.redis = redis
+        self.record_ttl = max(1, int(record_ttl))
+        self._unregister = redis.register_script(_UNREGISTER)
+        self._publish_or_queue = redis.register_script(_PUBLISH_OR_QUEUE)
+        self._drain = redis.register_script(_DRAIN_QUEUE)
+
+    async def register(self, record: ConnectionRecord, now: float | None = None) -> None:
+        now = time.time() if now is None else now
+        cid = record.connection_id
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(names.connection(cid), mapping=record.to_hash(now))
+            pipe.expire(names.connection(cid), self.record_ttl)
+            pipe.sadd(names.user_connections(record.user_id), cid)
+            pipe.sadd(names.gateway_connections(record.gateway_instance), cid)
+            for channel in record.channels:
+                pipe.sadd(names.channel_connections(channel), cid)
+            pipe.zadd(names.LAST_SEEN, {cid: now})
+            pipe.publish(
+                names.EVENTS,
+                orjson.dumps(
+                    {
+                        "type": "connected",
+                        "connection_id": cid,
+                        "user_id": record.user_id,
+                        "gateway_instance": record.gateway_instance,
+                        "session_id": record.session_id,
+                        "reason": "",
+                        "timestamp": iso_now(),
+                    }
+                ),
+            )
+            await pipe.execute()
+
+    async def unregister(
+        self,
+        connection_id: str,
+        *,
+        event: str = "disconnected",
+        reason: str = "",
+        stale_before: float | None = None,
+        expected_gateway: str | None = None,
+    ) -> int:
+        """Remove the record and its index entries and announce ``event`` — atomically.
+
+        Returns 1 when this call removed the record (and announced it), 0 when there was no
+        record, -1 when ``stale_before`` was given and the connection was seen after it (not
+        stale any more: left alone), -2 when it is held by another gateway than expected.
+        """
+        result = await self._unregister(
+            keys=[names.connection(connection_id), names.LAST_SEEN, names.EVENTS],
+            args=[
+                connection_id,
+                event,
+                reason,
+                "" if stale_before is None else repr(stale_before),
+                iso_now(),
+                names.user_connections(_T),
+                names.channel_connections(_T),
+                names.gateway_connections(_T),
+                names.session_connections(_T),
+                expected_gateway or "",
+            ],
+        )
+        return int(result)
+
+    async def touch(
+        self,
+        seen: Mapping[str, float],
+        channels_used: Mapping[str, Iterable[str]] | None = None,
+        all_channels: Mapping[str, Iterable[str]] | None = None,
+    ) -> None:
+        """Record liveness for many connections in one round trip (the gateway's tick).
+
+        ``seen`` maps connection id to last activity; ``channels_used`` adds newly used
+        channels to the channel indexes, with ``all_channels`` the full list to store.
+        """
+        if not seen and not channels_used:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            if seen:
+                pipe.zadd(names.LAST_SEEN, dict(seen), xx=True)
+            for cid, ts in seen.items():
+                pipe.hset(names.connection(cid), "last_heartbeat", repr(ts))
+                pipe.expire(names.connection(cid), self.record_ttl)
+            for cid, new in (channels_used or {}).items():
+                for channel in new:
+                    pipe.sadd(names.channel_connections(channel), cid)
+                full = list((all_channels or {}).get(cid, new))
+                pipe.hset(names.connection(cid), "channels", orjson.dumps(full).decode())
+            await pipe.execute()
+
+    async def get(self, connection_id: str) -> dict[str, Any] | None:
+        raw = await self.redis.hgetall(names.connection(connection_id))
+        return ConnectionRecord.decode_hash(connection_id, raw) if raw else None
+
+    async def stale(self, cutoff: float, limit: int) -> list[str]:
+        """Up to ``limit`` connection ids last seen at or before ``cutoff`` (oldest first)."""
+        ids = await self.redis.zrangebyscore(names.LAST_SEEN, "-inf", cutoff, start=0, num=limit)
+        return [i.decode() for i in ids]
+
+    async def publish_or_queue(self, channel: str, data: bytes, queue_bound: int) -> int:
+        return int(
+            await self._publish_or_queue(keys=[names.agent_channel(channel), names.queue(channel)], args=[data, queue_bound])
+        )
+
+    async def publish_or_queue_in(self, pipe: Any, channel: str, data: bytes, queue_bound: int) -> None:
+        """Queue the same script on a pipeline (the gateway's batched publisher); the result
+        comes back from ``pipe.execute()``."""
+        await self._publish_or_queue(
+            keys=[names.agent_channel(channel), names.queue(channel)], args=[data, queue_bound], client=pipe
+        )
+
+    async def drain_queue(self, channel: str, batch: int) -> int:
+        return int(await self._drain(keys=[names.agent_channel(channel), names.queue(channel)], args=[batch]))

@@ -1,0 +1,186 @@
+"""The skeleton every Post Office process shares.
+
+* :func:`base_app` — an ``aiohttp`` application with JSON errors, ``/health`` (liveness),
+  ``/ready`` (200 only when every dependency answers, else 503 naming the failing ones) and
+  ``/metrics`` (Prometheus text).
+* :func:`redis_context` and :func:`background` — cleanup contexts: every resource and every
+  background task is created, yielded, cancelled and awaited by its owner (aiohttp's
+  ``cleanup_ctx``), so nothing outlives the app and nothing leaks in tests.
+* :func:`run` — uvloop, then ``web.run_app`` whose SIGTERM handling is the drain: stop
+  accepting, run ``on_shutdown`` (the gateway closes its sockets with 1001 there), wait up to
+  ``shutdown_timeout`` for in-flight handlers, run the cleanup contexts (Consul deregistration
+  among them), exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+import prometheus_client
+from aiohttp import web
+from redis.asyncio import Redis
+
+from shared.http import error_middleware, json_response
+from shared.redis_client import make_redis
+
+__all__ = [
+    "REDIS",
+    "SERVICE",
+    "ReadinessCheck",
+    "ServiceState",
+    "background",
+    "base_app",
+    "redis_context",
+    "run",
+]
+
+log = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class ServiceState:
+    """What the skeleton knows of its process: identity, uptime, readiness checks, draining."""
+
+    name: str
+    instance: str
+    started: float = field(default_factory=time.monotonic)
+    checks: dict[str, ReadinessCheck] = field(default_factory=dict)
+    draining: bool = False
+    check_timeout: float = 2.0
+
+    def add_check(self, name: str, check: ReadinessCheck) -> None:
+        self.checks[name] = check
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+    async def failing(self) -> dict[str, str]:
+        """Run every check concurrently; name each one that fails, with why."""
+
+        async def one(check: ReadinessCheck) -> str | None:
+            try:
+                await asyncio.wait_for(check(), self.check_timeout)
+            except Exception as exc:  # a check that fails for any reason means not ready
+                return f"{type(exc).__name__}: {exc}"[:200] or type(exc).__name__
+            return None
+
+        names = list(self.checks)
+        results = await asyncio.gather(*(one(self.checks[n]) for n in names))
+        return {n: r for n, r in zip(names, results, strict=True) if r is not None}
+
+
+SERVICE = web.AppKey("service", ServiceState)
+REDIS = web.AppKey("redis", Redis)
+
+
+async def _health(request: web.Request) -> web.Response:
+    state = request.app[SERVICE]
+    return json_response(
+        {"status": "ok", "service": state.name, "instance": state.instance, "uptime_seconds": round(state.uptime, 3)}
+    )
+
+
+async def _ready(request: web.Request) -> web.Response:
+    state = request.app[SERVICE]
+    if state.draining:
+        return json_response({"status": "draining", "failing": {"service": "draining"}}, 503)
+    failing = await state.failing()
+    checks = {name: failing.get(name, "ok") for name in state.checks}
+    if failing:
+        return json_response({"status": "unavailable", "failing": failing, "checks": checks}, 503)
+    return json_response({"status": "ready", "checks": checks})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
+    return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+
+
+async def _mark_draining(app: web.Application) -> None:
+    app[SERVICE].draining = True
+
+
+def base_app(
+    name: str,
+    instance: str,
+    *,
+    client_max_size: int = 1024 * 1024,
+    middlewares: Iterable[Callable[..., Awaitable[web.StreamResponse]]] = (),
+) -> web.Application:
+    """An application with JSON errors and the three operational routes already in place."""
+    app = web.Application(client_max_size=client_max_size, middlewares=[error_middleware, *middlewares])
+    app[SERVICE] = ServiceState(name=name, instance=instance)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
+    app.router.add_get("/metrics", _metrics)
+    app.on_shutdown.append(_mark_draining)
+    return app
+
+
+def redis_context(
+    url: str, key: web.AppKey[Redis] = REDIS, *, max_connections: int = 64, check_name: str = "redis"
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context that owns one pooled Redis client and registers its readiness check."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        client = make_redis(url, max_connections=max_connections, name=app[SERVICE].name)
+        app[key] = client
+
+        async def ping() -> None:
+            await client.ping()
+
+        app[SERVICE].add_check(check_name, ping)
+        try:
+            yield
+        finally:
+            await client.aclose()
+
+    return ctx
+
+
+def background(
+    name: str, factory: Callable[[web.Application], Awaitable[None]]
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    """A cleanup context owning one background task: started with the app, cancelled and
+    awaited at cleanup. A task that dies unexpectedly is logged, never silently lost."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(factory(app), name=name)
+
+        def report(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task %s died", name, exc_info=t.exception())
+
+        task.add_done_callback(report)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return ctx
+
+
+def run(app: web.Application | Awaitable[web.Application], host: str, port: int, shutdown_timeout: float) -> None:
+    """Serve with uvloop until SIGTERM/SIGINT, then drain (see module docstring)."""
+    import uvloop
+
+    web.run_app(
+        app,
+        loop=uvloop.new_event_loop(),
+        host=host,
+        port=port,
+        shutdown_timeout=shutdown_timeout,
+        access_log=None,
+        print=None,
+        handle_signals=True,
+    )

@@ -1,0 +1,205 @@
+"""Typed, frozen settings read from environment variables.
+
+Each service declares one frozen dataclass whose fields carry a help text through
+:func:`setting`. :func:`load` reads ``<PREFIX><FIELD>`` for every field (for example
+``GATEWAY_MAX_FRAME_BYTES``); fields marked ``common=True`` also accept the unprefixed name
+(``REDIS_URL``), which the whole stack shares, with the prefixed one winning.
+
+Validation happens once, at start: a bad value raises :class:`SettingsError` naming the
+variable and the value; an unknown variable carrying the service's prefix is an error too,
+because a misspelt limit that silently keeps its default is worse than a refusal to start.
+Secret fields are masked in ``repr``.
+
+Exception tree::
+
+    ValueError
+     └── SettingsError
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+__all__ = [
+    "COMMON_VARIABLES",
+    "SettingsError",
+    "format_help",
+    "load",
+    "load_or_exit",
+    "setting",
+]
+
+T = TypeVar("T")
+
+#: Unprefixed variables shared by the whole stack. They are never "unknown" to any service,
+#: even when a service's own prefix happens to match (``TRAFFIC_COP_URL`` for Traffic Cop).
+COMMON_VARIABLES = frozenset(
+    {
+        "REDIS_URL",
+        "CONSUL_URL",
+        "LOG_LEVEL",
+        "ENVIRONMENT",
+        "TRAFFIC_COP_URL",
+        "POST_OFFICE_URL",
+        "GATEWAY_URLS",
+        "PUBLIC_WS_URL",
+        "MAX_IDLE_SECONDS",
+        "ALLOWED_ORIGINS",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "TRAFFIC_COP_SERVICE_KEY",
+        "REALM_KEYS",
+    }
+)
+
+
+class SettingsError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+def setting(
+    default: Any,
+    help: str,
+    *,
+    secret: bool = False,
+    common: bool = False,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """Declare a settings field with its help text and validation rules."""
+    metadata = {
+        "help": help,
+        "secret": secret,
+        "common": common,
+        "minimum": minimum,
+        "maximum": maximum,
+        "choices": choices,
+    }
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed in settings; use a tuple")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _env_names(prefix: str, field: dataclasses.Field[Any]) -> list[str]:
+    names = [prefix + field.name.upper()]
+    if field.metadata.get("common"):
+        names.append(field.name.upper())
+    return names
+
+
+def _parse(raw: str, kind: Any, name: str) -> Any:
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if raw.strip() == "":
+            return None
+        return _parse(raw, args[0], name)
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise SettingsError(f"{name}={raw!r}: expected a boolean (true/false)")
+    if kind is int:
+        try:
+            return int(raw.strip().replace("_", ""))
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r}: expected an integer") from None
+    if kind is float:
+        try:
+            return float(raw.strip())
+        except ValueError:
+            raise SettingsError(f"{name}={raw!r}: expected a number") from None
+    if kind is str:
+        return raw
+    if origin is tuple:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    raise SettingsError(f"{name}: unsupported setting type {kind!r}")
+
+
+def _check(value: Any, field: dataclasses.Field[Any], name: str) -> None:
+    meta = field.metadata
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if meta.get("minimum") is not None and value < meta["minimum"]:
+            raise SettingsError(f"{name}={value!r}: must be at least {meta['minimum']}")
+        if meta.get("maximum") is not None and value > meta["maximum"]:
+            raise SettingsError(f"{name}={value!r}: must be at most {meta['maximum']}")
+    choices = meta.get("choices")
+    if choices and value not in choices:
+        raise SettingsError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+
+
+def load(cls: type[T], prefix: str, environ: Mapping[str, str] | None = None) -> T:
+    """Build ``cls`` from ``environ`` (default ``os.environ``), validating every value."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    known: set[str] = set()
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        names = _env_names(prefix, field)
+        known.update(names)
+        raw = next((env[n] for n in names if n in env), None)
+        used = next((n for n in names if n in env), names[0])
+        value = field.default if raw is None else _parse(raw, hints[field.name], used)
+        _check(value, field, used)
+        values[field.name] = value
+    unknown = sorted(
+        name for name in env if name.startswith(prefix) and name not in known and name not in COMMON_VARIABLES
+    )
+    if unknown:
+        raise SettingsError(
+            f"unknown setting(s) {', '.join(unknown)}: see `--help` for the {prefix}* variables"
+        )
+    instance = cls(**values)
+    validate = getattr(instance, "validate", None)
+    if callable(validate):
+        validate()
+    return instance
+
+
+def masked_repr(instance: Any) -> str:
+    """``repr`` with secret fields replaced by ``'***'``; used as the dataclasses' ``__repr__``."""
+    parts = []
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        shown = "'***'" if field.metadata.get("secret") and value else repr(value)
+        parts.append(f"{field.name}={shown}")
+    return f"{type(instance).__name__}({', '.join(parts)})"
+
+
+def format_help(cls: type[Any], prefix: str, description: str) -> str:
+    """The text of ``--help``: every variable, its default and meaning."""
+    lines = [description, "", "Settings (environment variables):"]
+    for field in dataclasses.fields(cls):
+        names = _env_names(prefix, field)
+        default = field.default
+        shown = "(secret)" if field.metadata.get("secret") and default else repr(default)
+        if isinstance(default, tuple):
+            shown = repr(",".join(default))
+        alias = f" (or {names[1]})" if len(names) > 1 else ""
+        lines.append(f"  {names[0]}{alias}  default {shown}")
+        lines.append(f"      {field.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+def load_or_exit(cls: type[T], prefix: str, description: str, argv: list[str] | None = None) -> T:
+    """Entry-point helper: print ``--help`` or the validation error and exit, else return settings."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--help" in args or "-h" in args:
+        print(format_help(cls, prefix, description))
+        raise SystemExit(0)
+    if args:
+        print(f"unexpected arguments {args!r}; settings come from the environment, see --help", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return load(cls, prefix)
+    except SettingsError as exc:
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
