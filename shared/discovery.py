@@ -5,8 +5,20 @@ check on the service's ``/health``, ``PUT /v1/agent/service/deregister/<id>`` on
 lookup uses ``GET /v1/health/service/<name>?passing=true`` so only instances whose check
 passes are returned. The calls are made with aiohttp against the documented HTTP API rather
 than through a client library, so what the code sends is exactly what the docs describe and
-what the tests exercise (no Consul binary is available on the development machines; the
-compose stack runs the real one).
+what the tests exercise (no Consul binary is available on the development machines; the tests
+run ``tests/consul_api.py``, a stand-in that runs the checks; the compose stack runs the real
+Consul).
+
+Failure behaviour, in one place:
+
+* lookups are cached for ``cache_seconds`` and concurrent lookups of one service share one
+  request, so discovery is never a round trip per call;
+* Consul unreachable: the last answer it gave is used (for up to ``stale_seconds``), then the
+  environment fallback, then :class:`DiscoveryError`;
+* Consul reachable but no passing instance: the fallback when one is configured, else
+  :class:`DiscoveryError`;
+* registration retries with capped, jittered backoff until Consul answers, and re-registers when
+  the agent has forgotten the service (an agent restart, or the reaper after a long stall).
 
 Exception tree::
 
@@ -16,8 +28,11 @@ Exception tree::
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -48,46 +63,100 @@ class DiscoveryError(Exception):
     """No instance of a service could be found (neither in Consul nor in the fallback)."""
 
 
+def _strip(urls: Sequence[str]) -> list[str]:
+    return [u.rstrip("/") for u in urls if u]
+
+
 class Discovery:
     """Resolve a service name to base URLs, with a short cache so lookups are not per request."""
 
-    def __init__(self, consul_url: str | None, *, cache_seconds: float = 5.0, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        consul_url: str | None,
+        *,
+        cache_seconds: float = 5.0,
+        stale_seconds: float = 300.0,
+        timeout: float = 2.0,
+        token: str | None = None,
+    ) -> None:
         self.consul_url = consul_url.rstrip("/") if consul_url else None
         self.cache_seconds = cache_seconds
+        self.stale_seconds = stale_seconds
         self.timeout = aiohttp.ClientTimeout(total=timeout)
+        self._headers = {"X-Consul-Token": token} if token else {}
+        # service -> (when Consul last answered, its answer)
         self._cache: dict[str, tuple[float, list[str]]] = {}
+        # service -> when the last failed lookup happened: Consul is not asked again sooner
+        # than cache_seconds after a failure, so an outage does not cost a timeout per call.
+        self._failed: dict[str, float] = {}
+        self._inflight: dict[str, asyncio.Task[list[str]]] = {}
         self._rr: dict[str, itertools.count[int]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     async def close(self) -> None:
+        for task in list(self._inflight.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self._session is not None:
             await self._session.close()
             self._session = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            self._session = aiohttp.ClientSession(timeout=self.timeout, headers=self._headers)
         return self._session
 
     async def resolve_all(self, service: str, fallback: Sequence[str] = ()) -> list[str]:
         """Base URLs of every healthy instance; the fallback when Consul is off or has none."""
         if self.consul_url is None:
-            if not fallback:
+            if not _strip(fallback):
                 raise DiscoveryError(f"no URL configured for {service!r} and no CONSUL_URL")
-            return [u.rstrip("/") for u in fallback]
+            return _strip(fallback)
+        now = time.monotonic()
         cached = self._cache.get(service)
-        if cached and time.monotonic() - cached[0] < self.cache_seconds:
+        if cached and now - cached[0] < self.cache_seconds:
+            urls = cached[1]
+        elif now - self._failed.get(service, -1e9) < self.cache_seconds:
+            urls = self._stale(service, now)
+        else:
+            urls = await self._lookup_once(service)
+        if urls:
+            return urls
+        if _strip(fallback):
+            return _strip(fallback)
+        raise DiscoveryError(f"no healthy instance of {service!r} in Consul at {self.consul_url}")
+
+    def _stale(self, service: str, now: float) -> list[str]:
+        cached = self._cache.get(service)
+        if cached and now - cached[0] < self.stale_seconds:
             return cached[1]
+        return []
+
+    async def _lookup_once(self, service: str) -> list[str]:
+        """One Consul request per service at a time; concurrent callers share its answer. The
+        request runs in a task the Discovery owns, so a caller that is cancelled does not
+        cancel it for the others."""
+        task = self._inflight.get(service)
+        if task is None:
+            task = asyncio.create_task(self._lookup(service), name=f"consul-lookup-{service}")
+            self._inflight[service] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(service, None))
+        return await asyncio.shield(task)
+
+    async def _lookup(self, service: str) -> list[str]:
         try:
             urls = await self._consul_lookup(service)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("consul lookup of %s failed: %r", service, exc)
-            urls = cached[1] if cached else []
-        if not urls:
-            if fallback:
-                return [u.rstrip("/") for u in fallback]
-            raise DiscoveryError(f"no healthy instance of {service!r} in Consul at {self.consul_url}")
+            log.warning(
+                "consul lookup of %s failed, using the last answer or the fallback: %r",
+                service,
+                exc,
+            )
+            self._failed[service] = time.monotonic()
+            return self._stale(service, time.monotonic())
         self._cache[service] = (time.monotonic(), urls)
+        self._failed.pop(service, None)
         return urls
 
     async def resolve(self, service: str, fallback: str | None = None) -> str:
@@ -100,15 +169,26 @@ class Discovery:
         url = f"{self.consul_url}/v1/health/service/{service}"
         async with self._client().get(url, params={"passing": "true"}) as resp:
             resp.raise_for_status()
-            entries: list[dict[str, Any]] = await resp.json()
+            entries: Any = await resp.json(content_type=None)
+        if not isinstance(entries, list):
+            raise ValueError(
+                f"unexpected answer from consul for {service!r}: {type(entries).__name__}"
+            )
         urls = []
         for entry in entries:
             svc = entry.get("Service") or {}
             address = svc.get("Address") or (entry.get("Node") or {}).get("Address")
             port = svc.get("Port")
             if address and port:
-                urls.append(f"http://{address}:{port}")
-        return urls
+                host = f"[{address}]" if ":" in address else address
+                urls.append(f"http://{host}:{port}")
+        return sorted(urls)
+
+
+def _backoff(attempt: int, base: float, cap: float) -> float:
+    """Capped exponential backoff with equal jitter."""
+    delay = min(cap, base * 2.0**attempt)
+    return delay / 2 + random.uniform(0, delay / 2)
 
 
 def registration_context(
@@ -119,12 +199,21 @@ def registration_context(
     consul_url: str | None,
     *,
     check_interval: str = "10s",
+    check_timeout: str = "5s",
     deregister_after: str = "1m",
     tags: Sequence[str] = (),
+    meta: dict[str, str] | None = None,
+    refresh_seconds: float = 30.0,
+    retry_base: float = 0.5,
+    retry_cap: float = 15.0,
+    token: str | None = None,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
-    """A cleanup context that registers this process in Consul at start and deregisters it at
-    shutdown. Without ``consul_url`` it does nothing. A Consul that does not answer at start is
-    logged, not fatal: the service works without discovery, and the env fallback still applies."""
+    """A cleanup context that registers this process in Consul and deregisters it at shutdown.
+
+    Without ``consul_url`` it does nothing. Registration runs in a task the context owns: a
+    Consul that does not answer at start is retried with capped, jittered backoff (the service
+    works meanwhile; the env fallback still applies), and every ``refresh_seconds`` the agent
+    is asked whether it still knows the service, which is registered again if not."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         if not consul_url:
@@ -138,28 +227,74 @@ def registration_context(
             "Address": address,
             "Port": port,
             "Tags": list(tags),
+            "Meta": dict(meta or {}),
             "Check": {
                 "HTTP": f"http://{address}:{port}/health",
                 "Interval": check_interval,
+                "Timeout": check_timeout,
                 "DeregisterCriticalServiceAfter": deregister_after,
             },
         }
-        timeout = aiohttp.ClientTimeout(total=3)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            try:
-                async with session.put(f"{base}/v1/agent/service/register", json=body) as resp:
-                    resp.raise_for_status()
-                log.info("registered %s in consul", service_id)
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("consul registration of %s failed: %r", service_id, exc)
-            try:
-                yield
-            finally:
+        headers = {"X-Consul-Token": token} if token else {}
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3), headers=headers)
+
+        async def register() -> None:
+            async with session.put(f"{base}/v1/agent/service/register", json=body) as resp:
+                if resp.status >= 400:
+                    raise aiohttp.ClientResponseError(
+                        resp.request_info,
+                        resp.history,
+                        status=resp.status,
+                        message=(await resp.text())[:200],
+                    )
+
+        async def known() -> bool:
+            async with session.get(f"{base}/v1/agent/service/{service_id}") as resp:
+                if resp.status == 404:
+                    return False
+                resp.raise_for_status()
+                return True
+
+        async def keep_registered() -> None:
+            attempt = 0
+            registered = False
+            while True:
                 try:
-                    async with session.put(f"{base}/v1/agent/service/deregister/{service_id}") as resp:
-                        resp.raise_for_status()
-                    log.info("deregistered %s from consul", service_id)
+                    if not registered or not await known():
+                        await register()
+                        log.info("registered %s in consul at %s", service_id, base)
+                        registered = True
+                    attempt = 0
+                    await asyncio.sleep(refresh_seconds)
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    log.warning("consul deregistration of %s failed: %r", service_id, exc)
+                    delay = _backoff(attempt, retry_base, retry_cap)
+                    (log.warning if attempt == 0 else log.debug)(
+                        "consul registration of %s failed (retrying in %.1fs): %r",
+                        service_id,
+                        delay,
+                        exc,
+                    )
+                    attempt += 1
+                    registered = False
+                    await asyncio.sleep(delay)
+
+        task = asyncio.create_task(keep_registered(), name=f"consul-registration-{service_id}")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            try:
+                async with session.put(f"{base}/v1/agent/service/deregister/{service_id}") as resp:
+                    if resp.status == 404:
+                        log.info("%s was not registered in consul", service_id)
+                    else:
+                        resp.raise_for_status()
+                        log.info("deregistered %s from consul", service_id)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("consul deregistration of %s failed: %r", service_id, exc)
+            finally:
+                await session.close()
 
     return ctx

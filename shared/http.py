@@ -62,6 +62,13 @@ async def read_json_body(request: web.Request) -> Any:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def _route(request: web.Request) -> str:
+    """The matched route's template (``/v1/sessions/{session_token}``), never the path itself:
+    paths can carry secrets (Traffic Cop's revoke puts the token there) and logs must not."""
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "<unmatched route>"
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -76,8 +83,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return json_error(exc.status, code, message, headers)
     except (RedisConnectionError, RedisTimeoutError) as exc:
-        log.warning("redis unavailable during %s %s: %r", request.method, request.path, exc)
+        log.warning("redis unavailable during %s %s: %r", request.method, _route(request), exc)
         return json_error(503, ErrorCode.UNAVAILABLE, "redis is unavailable; retry later", {"Retry-After": "1"})
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %s", request.method, _route(request))
         return json_error(500, ErrorCode.INTERNAL, "internal error")

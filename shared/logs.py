@@ -21,8 +21,22 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 _SECRET_WORDS = ("token", "password", "secret", "authorization", "key")
 
 
+def _redact(value: Any, depth: int = 0) -> Any:
+    """``value`` with every secret-looking key of nested mappings masked (headers, bodies)."""
+    if isinstance(value, dict) and depth < 8:
+        return {
+            k: "***" if _is_secret(k) else _redact(v, depth + 1) for k, v in value.items()
+        }
+    return value
+
+
+def _is_secret(name: object) -> bool:
+    lowered = str(name).lower()
+    return any(w in lowered for w in _SECRET_WORDS)
+
+
 class JsonFormatter(logging.Formatter):
-    converter = time.gmtime
+    converter = staticmethod(time.gmtime)
 
     def __init__(self, service: str, instance: str) -> None:
         super().__init__()
@@ -41,10 +55,17 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key in _RESERVED or key.startswith("_"):
                 continue
-            out[key] = "***" if any(w in key.lower() for w in _SECRET_WORDS) else value
+            out[key] = "***" if _is_secret(key) else _redact(value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(out, default=str).decode()
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        try:
+            return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+        except TypeError:
+            # A value orjson cannot encode (an int past 64 bits, say) must not lose the line.
+            safe = {k: v if isinstance(v, str) else repr(v) for k, v in out.items()}
+            return orjson.dumps(safe).decode()
 
 
 def setup_logging(service: str, instance: str, level: str = "INFO") -> None:

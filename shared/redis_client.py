@@ -25,8 +25,13 @@ def make_redis(
     connect_timeout: float = 2.0,
     retries: int = 2,
     name: str | None = None,
+    health_check_interval: int = 30,
 ) -> Redis:
-    """A pooled asyncio client. ``socket_timeout=None`` is for pub/sub connections that block."""
+    """A pooled asyncio client. ``socket_timeout=None`` is for pub/sub connections that block.
+
+    A pub/sub connection read by one task while another sends SUBSCRIBE needs
+    ``health_check_interval=0``: the health check's PING would read concurrently with the reader.
+    """
     retry = Retry(EqualJitterBackoff(cap=1.0, base=0.02), retries)
     return Redis.from_url(
         url,
@@ -34,7 +39,7 @@ def make_redis(
         socket_timeout=socket_timeout,
         socket_connect_timeout=connect_timeout,
         socket_keepalive=True,
-        health_check_interval=30,
+        health_check_interval=health_check_interval,
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError],
         decode_responses=False,

@@ -23,6 +23,7 @@ __all__ = [
     "gateway_instance",
     "queue",
     "session",
+    "session_by_id",
     "session_connections",
     "user_connections",
 ]
@@ -106,3 +107,9 @@ def session(token_hash: str) -> str:
 def session_connections(session_id: str) -> str:
     """session:<session_id>:connections — set with TTL: connections opened with the session."""
     return f"session:{session_id}:connections"
+
+
+def session_by_id(session_id: str) -> str:
+    """session:id:<session_id> — string with TTL: the sha256 of the session's token, so calls
+    that know only the session id (connection registration) find the session."""
+    return f"session:id:{session_id}"

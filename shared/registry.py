@@ -34,7 +34,9 @@ _UNREGISTER = """
 -- KEYS: 1 record hash, 2 last-seen zset, 3 events channel
 -- ARGV: 1 connection id, 2 event type, 3 reason, 4 stale cutoff ('' = unconditional),
 --       5 ISO timestamp, 6 user set tpl, 7 channel set tpl, 8 gateway set tpl, 9 session set tpl,
---       10 expected gateway ('' = any)
+--       10 expected gateway ('' = any), 11 optional gateway control channel tpl,
+--       12 optional close code: when both are given, the holding gateway is told to close the
+--       socket in the same script, so an evicted connection is closed exactly once
 local id = ARGV[1]
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], id)
@@ -60,6 +62,20 @@ end
 redis.call('PUBLISH', KEYS[3], cjson.encode({
   type = ARGV[2], connection_id = id, user_id = f[1] or '', gateway_instance = f[2] or '',
   session_id = f[3] or '', reason = ARGV[3], timestamp = ARGV[5]}))
+if ARGV[11] and ARGV[11] ~= '' and f[2] then
+  redis.call('PUBLISH', (string.gsub(ARGV[11], '{}', f[2])), cjson.encode({
+    op = 'close', connection_id = id, code = tonumber(ARGV[12]), reason = ARGV[3]}))
+end
+return 1
+"""
+
+_FORGET_GATEWAY = """
+-- KEYS: 1 instance liveness key, 2 instance connection set, 3 gateways set.  ARGV: 1 instance
+-- Forgets a dead instance only while its liveness key is still absent, so an instance that
+-- came back (same id) between the check and this call keeps its bookkeeping.
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -146,6 +162,7 @@ class Registry:
         self._unregister = redis.register_script(_UNREGISTER)
         self._publish_or_queue = redis.register_script(_PUBLISH_OR_QUEUE)
         self._drain = redis.register_script(_DRAIN_QUEUE)
+        self._forget_gateway = redis.register_script(_FORGET_GATEWAY)
 
     async def register(self, record: ConnectionRecord, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -205,6 +222,57 @@ class Registry:
             ],
         )
         return int(result)
+
+    async def unregister_many(
+        self,
+        connection_ids: Iterable[str],
+        *,
+        event: str = "evicted",
+        reason: str = "",
+        stale_before: float | None = None,
+        expected_gateway: str | None = None,
+        close_code: int | None = None,
+    ) -> list[int | Exception]:
+        """:meth:`unregister` for many connections in one pipelined round trip.
+
+        Each id gets its own atomic script run, so the exactly-once guarantees are those of
+        :meth:`unregister`. With ``close_code`` the script that removes a record also publishes
+        ``{"op": "close", "connection_id", "code", "reason"}`` on the holding gateway's control
+        channel. Results come back in order: the script's code, or the exception a failing
+        run raised (one bad id does not hide the others' outcomes).
+        """
+        ids = list(connection_ids)
+        if not ids:
+            return []
+        timestamp = iso_now()
+        common = [
+            names.user_connections(_T),
+            names.channel_connections(_T),
+            names.gateway_connections(_T),
+            names.session_connections(_T),
+            expected_gateway or "",
+            names.gateway_control(_T) if close_code is not None else "",
+            "" if close_code is None else str(int(close_code)),
+        ]
+        cutoff = "" if stale_before is None else repr(stale_before)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for cid in ids:
+                await self._unregister(
+                    keys=[names.connection(cid), names.LAST_SEEN, names.EVENTS],
+                    args=[cid, event, reason, cutoff, timestamp, *common],
+                    client=pipe,
+                )
+            raw = await pipe.execute(raise_on_error=False)
+        return [r if isinstance(r, Exception) else int(r) for r in raw]
+
+    async def forget_gateway(self, instance: str) -> bool:
+        """Drop a dead instance's connection set and its ``websocket:gateways`` membership,
+        unless its liveness key exists again. True when forgotten."""
+        result = await self._forget_gateway(
+            keys=[names.gateway_instance(instance), names.gateway_connections(instance), names.GATEWAYS],
+            args=[instance],
+        )
+        return bool(result)
 
     async def touch(
         self,

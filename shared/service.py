@@ -15,11 +15,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import prometheus_client
 from aiohttp import web
@@ -27,6 +27,7 @@ from redis.asyncio import Redis
 
 from shared.http import error_middleware, json_response
 from shared.redis_client import make_redis
+from shared.tracing import tracing_middleware
 
 __all__ = [
     "REDIS",
@@ -116,7 +117,11 @@ def base_app(
     middlewares: Iterable[Callable[..., Awaitable[web.StreamResponse]]] = (),
 ) -> web.Application:
     """An application with JSON errors and the three operational routes already in place."""
-    app = web.Application(client_max_size=client_max_size, middlewares=[error_middleware, *middlewares])
+    # Tracing outermost, so a request's span sees the status the error middleware settles on;
+    # it is a pass-through unless tracing_context turned tracing on.
+    app = web.Application(
+        client_max_size=client_max_size, middlewares=[tracing_middleware, error_middleware, *middlewares]
+    )
     app[SERVICE] = ServiceState(name=name, instance=instance)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
@@ -147,7 +152,7 @@ def redis_context(
 
 
 def background(
-    name: str, factory: Callable[[web.Application], Awaitable[None]]
+    name: str, factory: Callable[[web.Application], Coroutine[Any, Any, None]]
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context owning one background task: started with the app, cancelled and
     awaited at cleanup. A task that dies unexpectedly is logged, never silently lost."""
@@ -164,8 +169,9 @@ def background(
             yield
         finally:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            # wait() rather than awaiting the task: a task that already died must not raise
+            # again here (it was logged), and a cancellation of cleanup itself still propagates.
+            await asyncio.wait([task])
 
     return ctx
 
