@@ -1,0 +1,51 @@
+"""``create_app(settings)``: Traffic Cop's application, every resource in a cleanup context."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from services.traffic_cop_stub.handlers import service_key_middleware
+from services.traffic_cop_stub.keys import SETTINGS, STORE
+from services.traffic_cop_stub.routes import setup_routes
+from services.traffic_cop_stub.sessions import SessionStore
+from services.traffic_cop_stub.settings import Settings
+from shared.discovery import TRAFFIC_COP_SERVICE, registration_context
+from shared.service import REDIS, base_app, redis_context
+
+__all__ = ["create_app"]
+
+SERVICE_NAME = "traffic_cop"
+
+
+async def _session_store(app: web.Application) -> AsyncIterator[None]:
+    app[STORE] = SessionStore(app[REDIS])
+    yield
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = base_app(
+        SERVICE_NAME,
+        settings.instance,
+        client_max_size=settings.max_body_bytes,
+        middlewares=[service_key_middleware],
+    )
+    app[SETTINGS] = settings
+    app.cleanup_ctx.append(
+        redis_context(settings.redis_url, max_connections=settings.redis_max_connections)
+    )
+    app.cleanup_ctx.append(_session_store)
+    # Registered last so it is deregistered first: Consul stops sending callers here before
+    # Redis goes away.
+    app.cleanup_ctx.append(
+        registration_context(
+            TRAFFIC_COP_SERVICE,
+            settings.instance,
+            settings.host,
+            settings.port,
+            settings.consul_url or None,
+        )
+    )
+    setup_routes(app)
+    return app
