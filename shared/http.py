@@ -35,7 +35,9 @@ _STATUS_CODES: dict[int, ErrorCode] = {
 }
 
 
-def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    data: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         body=orjson.dumps(data), status=status, content_type="application/json", headers=headers
     )
@@ -53,9 +55,10 @@ async def read_json_body(request: web.Request) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        # text=, not body=: aiohttp deprecates body on HTTP exceptions.
+        error = {"code": str(ErrorCode.INVALID_JSON), "message": f"body is not JSON: {exc.msg}"}
         raise web.HTTPBadRequest(
-            body=orjson.dumps({"error": {"code": "invalid_json", "message": f"body is not JSON: {exc.msg}"}}),
-            content_type="application/json",
+            text=orjson.dumps({"error": error}).decode(), content_type="application/json"
         ) from None
 
 
@@ -79,12 +82,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         code = _STATUS_CODES.get(exc.status, ErrorCode.BAD_REQUEST)
         message = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else exc.reason
         if exc.status == 413:
-            message = f"request body is larger than the limit of {request.app._client_max_size} bytes"
+            limit = request.app._client_max_size
+            message = f"request body is larger than the limit of {limit} bytes"
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return json_error(exc.status, code, message, headers)
     except (RedisConnectionError, RedisTimeoutError) as exc:
         log.warning("redis unavailable during %s %s: %r", request.method, _route(request), exc)
-        return json_error(503, ErrorCode.UNAVAILABLE, "redis is unavailable; retry later", {"Retry-After": "1"})
+        return json_error(
+            503, ErrorCode.UNAVAILABLE, "redis is unavailable; retry later", {"Retry-After": "1"}
+        )
     except Exception:
         log.exception("unhandled error in %s %s", request.method, _route(request))
         return json_error(500, ErrorCode.INTERNAL, "internal error")

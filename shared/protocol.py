@@ -61,9 +61,10 @@ MAX_DEPTH = 32
 #: Client message ids are echoed back; keep them short.
 MAX_CLIENT_ID_LENGTH = 128
 
-_USER_ID_RE = re.compile(r"^[A-Za-z0-9._@-]{1,128}$")
-_CONNECTION_ID_RE = re.compile(r"^ws_[A-Za-z0-9._@-]{1,128}_[0-9a-f]{8}$")
-_TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "alice\n" through.
+_USER_ID_RE = re.compile(r"^[A-Za-z0-9._@-]{1,128}\Z")
+_CONNECTION_ID_RE = re.compile(r"^ws_[A-Za-z0-9._@-]{1,128}_[0-9a-f]{8}\Z")
+_TRACEPARENT_RE = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}\Z")
 
 
 class CloseCode(enum.IntEnum):
@@ -119,7 +120,11 @@ class ClientEnvelope:
     id: str | int | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"channel": self.channel, "intent": self.intent, "payload": self.payload}
+        out: dict[str, Any] = {
+            "channel": self.channel,
+            "intent": self.intent,
+            "payload": self.payload,
+        }
         if self.id is not None:
             out["id"] = self.id
         return out
@@ -231,7 +236,8 @@ def parse_client_frame(
             raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "intent must be a string")
         if intent not in INTENTS:
             raise ProtocolError(
-                ErrorCode.UNKNOWN_INTENT, f"unknown intent {intent[:64]!r}; use chat, query or command"
+                ErrorCode.UNKNOWN_INTENT,
+                f"unknown intent {intent[:64]!r}; use chat, query or command",
             )
         payload = raw.get("payload")
         if not isinstance(payload, dict):
@@ -240,7 +246,9 @@ def parse_client_frame(
             raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "payload.message must be a string")
         conversation_id = payload.get("conversation_id")
         if conversation_id is not None and not isinstance(conversation_id, str):
-            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "payload.conversation_id must be a string")
+            raise ProtocolError(
+                ErrorCode.INVALID_ENVELOPE, "payload.conversation_id must be a string"
+            )
         metadata = payload.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "payload.metadata must be an object")
@@ -275,7 +283,9 @@ def parse_delivery_body(data: bytes) -> tuple[dict[str, Any], str | None]:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "traceparent must be a W3C traceparent string")
     unknown = set(raw) - {"message", "traceparent"}
     if unknown:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"unknown field(s): {', '.join(sorted(unknown))[:200]}")
+        raise ProtocolError(
+            ErrorCode.BAD_REQUEST, f"unknown field(s): {', '.join(sorted(unknown))[:200]}"
+        )
     return message, traceparent
 
 
@@ -332,8 +342,12 @@ def _dumps(obj: dict[str, Any]) -> str:
     return orjson.dumps(obj).decode()
 
 
-def welcome_frame(connection_id: str, user_id: str, channels: Iterable[str], heartbeat_interval: float) -> str:
-    interval: float = int(heartbeat_interval) if float(heartbeat_interval).is_integer() else heartbeat_interval
+def welcome_frame(
+    connection_id: str, user_id: str, channels: Iterable[str], heartbeat_interval: float
+) -> str:
+    interval: float = (
+        int(heartbeat_interval) if float(heartbeat_interval).is_integer() else heartbeat_interval
+    )
     return _dumps(
         {
             "type": "welcome",

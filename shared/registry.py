@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
@@ -76,6 +76,26 @@ _FORGET_GATEWAY = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[3], ARGV[1])
+return 1
+"""
+
+_TOUCH = """
+-- KEYS: 1 record hash, 2 last-seen zset.
+-- ARGV: 1 connection id, 2 last activity ('' = not seen), 3 record TTL,
+--       4 full channel list as JSON ('' = unchanged), 5 channel set tpl, 6.. newly used channels
+-- Touches only a record that still exists: a gateway tick that lands just after the
+-- eviction worker removed the connection must not bring back a half record (no user_id)
+-- that lingers for the TTL, nor leave the id in channel sets.
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[2] ~= '' then
+  redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1])
+  redis.call('HSET', KEYS[1], 'last_heartbeat', ARGV[2])
+  redis.call('EXPIRE', KEYS[1], ARGV[3])
+end
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'channels', ARGV[4])
+  for i = 6, #ARGV do redis.call('SADD', (string.gsub(ARGV[5], '{}', ARGV[i])), ARGV[1]) end
+end
 return 1
 """
 
@@ -163,12 +183,15 @@ class Registry:
         self._publish_or_queue = redis.register_script(_PUBLISH_OR_QUEUE)
         self._drain = redis.register_script(_DRAIN_QUEUE)
         self._forget_gateway = redis.register_script(_FORGET_GATEWAY)
+        self._touch = redis.register_script(_TOUCH)
 
     async def register(self, record: ConnectionRecord, now: float | None = None) -> None:
         now = time.time() if now is None else now
         cid = record.connection_id
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(names.connection(cid), mapping=record.to_hash(now))
+            # redis-py's stubs want Mapping[EncodableT, EncodableT]; Mapping is invariant in
+            # its key type, so a dict[str, str] needs the cast.
+            pipe.hset(names.connection(cid), mapping=cast("dict[Any, Any]", record.to_hash(now)))
             pipe.expire(names.connection(cid), self.record_ttl)
             pipe.sadd(names.user_connections(record.user_id), cid)
             pipe.sadd(names.gateway_connections(record.gateway_instance), cid)
@@ -269,7 +292,11 @@ class Registry:
         """Drop a dead instance's connection set and its ``websocket:gateways`` membership,
         unless its liveness key exists again. True when forgotten."""
         result = await self._forget_gateway(
-            keys=[names.gateway_instance(instance), names.gateway_connections(instance), names.GATEWAYS],
+            keys=[
+                names.gateway_instance(instance),
+                names.gateway_connections(instance),
+                names.GATEWAYS,
+            ],
             args=[instance],
         )
         return bool(result)
@@ -285,41 +312,65 @@ class Registry:
         ``seen`` maps connection id to last activity; ``channels_used`` adds newly used
         channels to the channel indexes, with ``all_channels`` the full list to store.
         """
-        if not seen and not channels_used:
+        used = channels_used or {}
+        if not seen and not used:
             return
+        template = names.channel_connections(_T)
         async with self.redis.pipeline(transaction=False) as pipe:
-            if seen:
-                pipe.zadd(names.LAST_SEEN, dict(seen), xx=True)
-            for cid, ts in seen.items():
-                pipe.hset(names.connection(cid), "last_heartbeat", repr(ts))
-                pipe.expire(names.connection(cid), self.record_ttl)
-            for cid, new in (channels_used or {}).items():
-                for channel in new:
-                    pipe.sadd(names.channel_connections(channel), cid)
-                full = list((all_channels or {}).get(cid, new))
-                pipe.hset(names.connection(cid), "channels", orjson.dumps(full).decode())
+            for cid in {**seen, **used}:
+                ts = seen.get(cid)
+                new = list(used.get(cid, ()))
+                full = list((all_channels or {}).get(cid, new)) if cid in used else None
+                await self._touch(
+                    keys=[names.connection(cid), names.LAST_SEEN],
+                    args=[
+                        cid,
+                        "" if ts is None else repr(ts),
+                        self.record_ttl,
+                        "" if full is None else orjson.dumps(full).decode(),
+                        template,
+                        *new,
+                    ],
+                    client=pipe,
+                )
             await pipe.execute()
 
     async def get(self, connection_id: str) -> dict[str, Any] | None:
-        raw = await self.redis.hgetall(names.connection(connection_id))
+        # The client is built with decode_responses=False: keys and values are bytes.
+        raw = cast(
+            "dict[bytes, bytes]", await self.redis.hgetall(names.connection(connection_id))
+        )
         return ConnectionRecord.decode_hash(connection_id, raw) if raw else None
 
     async def stale(self, cutoff: float, limit: int) -> list[str]:
         """Up to ``limit`` connection ids last seen at or before ``cutoff`` (oldest first)."""
-        ids = await self.redis.zrangebyscore(names.LAST_SEEN, "-inf", cutoff, start=0, num=limit)
+        ids = cast(
+            "list[bytes]",
+            await self.redis.zrangebyscore(names.LAST_SEEN, "-inf", cutoff, start=0, num=limit),
+        )
         return [i.decode() for i in ids]
 
     async def publish_or_queue(self, channel: str, data: bytes, queue_bound: int) -> int:
         return int(
-            await self._publish_or_queue(keys=[names.agent_channel(channel), names.queue(channel)], args=[data, queue_bound])
+            await self._publish_or_queue(
+                keys=[names.agent_channel(channel), names.queue(channel)], args=[data, queue_bound]
+            )
         )
 
-    async def publish_or_queue_in(self, pipe: Any, channel: str, data: bytes, queue_bound: int) -> None:
+    async def publish_or_queue_in(
+        self, pipe: Any, channel: str, data: bytes, queue_bound: int
+    ) -> None:
         """Queue the same script on a pipeline (the gateway's batched publisher); the result
         comes back from ``pipe.execute()``."""
         await self._publish_or_queue(
-            keys=[names.agent_channel(channel), names.queue(channel)], args=[data, queue_bound], client=pipe
+            keys=[names.agent_channel(channel), names.queue(channel)],
+            args=[data, queue_bound],
+            client=pipe,
         )
 
     async def drain_queue(self, channel: str, batch: int) -> int:
-        return int(await self._drain(keys=[names.agent_channel(channel), names.queue(channel)], args=[batch]))
+        return int(
+            await self._drain(
+                keys=[names.agent_channel(channel), names.queue(channel)], args=[batch]
+            )
+        )

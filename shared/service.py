@@ -85,7 +85,12 @@ REDIS = web.AppKey("redis", Redis)
 async def _health(request: web.Request) -> web.Response:
     state = request.app[SERVICE]
     return json_response(
-        {"status": "ok", "service": state.name, "instance": state.instance, "uptime_seconds": round(state.uptime, 3)}
+        {
+            "status": "ok",
+            "service": state.name,
+            "instance": state.instance,
+            "uptime_seconds": round(state.uptime, 3),
+        }
     )
 
 
@@ -120,7 +125,8 @@ def base_app(
     # Tracing outermost, so a request's span sees the status the error middleware settles on;
     # it is a pass-through unless tracing_context turned tracing on.
     app = web.Application(
-        client_max_size=client_max_size, middlewares=[tracing_middleware, error_middleware, *middlewares]
+        client_max_size=client_max_size,
+        middlewares=[tracing_middleware, error_middleware, *middlewares],
     )
     app[SERVICE] = ServiceState(name=name, instance=instance)
     app.router.add_get("/health", _health)
@@ -131,7 +137,11 @@ def base_app(
 
 
 def redis_context(
-    url: str, key: web.AppKey[Redis] = REDIS, *, max_connections: int = 64, check_name: str = "redis"
+    url: str,
+    key: web.AppKey[Redis] = REDIS,
+    *,
+    max_connections: int = 64,
+    check_name: str = "redis",
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context that owns one pooled Redis client and registers its readiness check."""
 
@@ -176,7 +186,12 @@ def background(
     return ctx
 
 
-def run(app: web.Application | Awaitable[web.Application], host: str, port: int, shutdown_timeout: float) -> None:
+def run(
+    app: web.Application | Awaitable[web.Application],
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+) -> None:
     """Serve with uvloop until SIGTERM/SIGINT, then drain (see module docstring)."""
     import uvloop
 

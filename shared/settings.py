@@ -19,6 +19,7 @@ Exception tree::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -114,9 +115,13 @@ def _parse(raw: str, kind: Any, name: str) -> Any:
             raise SettingsError(f"{name}={raw!r}: expected an integer") from None
     if kind is float:
         try:
-            return float(raw.strip())
+            number = float(raw.strip())
         except ValueError:
             raise SettingsError(f"{name}={raw!r}: expected a number") from None
+        # nan slips past every minimum/maximum comparison and inf is no usable limit either.
+        if not math.isfinite(number):
+            raise SettingsError(f"{name}={raw!r}: expected a finite number")
+        return number
     if kind is str:
         return raw
     if origin is tuple:
@@ -151,7 +156,9 @@ def load(cls: type[T], prefix: str, environ: Mapping[str, str] | None = None) ->
         _check(value, field, used)
         values[field.name] = value
     unknown = sorted(
-        name for name in env if name.startswith(prefix) and name not in known and name not in COMMON_VARIABLES
+        name
+        for name in env
+        if name.startswith(prefix) and name not in known and name not in COMMON_VARIABLES
     )
     if unknown:
         raise SettingsError(
@@ -190,13 +197,17 @@ def format_help(cls: type[Any], prefix: str, description: str) -> str:
 
 
 def load_or_exit(cls: type[T], prefix: str, description: str, argv: list[str] | None = None) -> T:
-    """Entry-point helper: print ``--help`` or the validation error and exit, else return settings."""
+    """Entry-point helper: print ``--help`` or the validation error and exit, else return
+    settings."""
     args = sys.argv[1:] if argv is None else argv
     if "--help" in args or "-h" in args:
         print(format_help(cls, prefix, description))
         raise SystemExit(0)
     if args:
-        print(f"unexpected arguments {args!r}; settings come from the environment, see --help", file=sys.stderr)
+        print(
+            f"unexpected arguments {args!r}; settings come from the environment, see --help",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     try:
         return load(cls, prefix)

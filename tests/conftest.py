@@ -5,7 +5,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio import Redis
 
-from tests.helpers import RedisServer
+from tests.helpers import TRAFFIC_COP_KEY, RedisServer, ServiceProcess
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -35,3 +35,16 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
     client = Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+def traffic_cop(redis_url: str) -> Iterator[ServiceProcess]:
+    """A real Traffic Cop process on a free port, against the test Redis."""
+    service = ServiceProcess(
+        "services.traffic_cop_stub",
+        {"REDIS_URL": redis_url, "TRAFFIC_COP_SERVICE_KEY": TRAFFIC_COP_KEY},
+    )
+    service.env["TRAFFIC_COP_PORT"] = str(service.port)
+    service.start()
+    yield service
+    service.stop()

@@ -178,3 +178,23 @@ class ServiceProcess:
     def kill(self) -> None:
         """SIGKILL: a crash, with no chance to clean up."""
         self.stop(signal.SIGKILL)
+
+
+TRAFFIC_COP_KEY = "dev-traffic_cop"
+
+
+def create_session(traffic_cop_url: str, user_id: str, ttl_seconds: int | None = None) -> str:
+    """A fresh session token from a real Traffic Cop (``POST /v1/sessions``)."""
+    import json
+
+    body: dict[str, Any] = {"user_id": user_id}
+    if ttl_seconds is not None:
+        body["ttl_seconds"] = ttl_seconds
+    request = urllib.request.Request(
+        traffic_cop_url + "/v1/sessions",
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {TRAFFIC_COP_KEY}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=timeout(5)) as r:
+        return str(json.loads(r.read())["session_token"])

@@ -46,8 +46,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_SESSION_ID_RE = re.compile(r"^sess_[0-9a-f]{16}$")
-_GATEWAY_INSTANCE_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+# \Z, not $: "$" also matches before a trailing newline.
+_SESSION_ID_RE = re.compile(r"^sess_[0-9a-f]{16}\Z")
+_GATEWAY_INSTANCE_RE = re.compile(r"^[A-Za-z0-9._:@-]{1,128}\Z")
 #: A token longer than this cannot be one we issued (43 characters); refuse it before hashing.
 _MAX_TOKEN_LENGTH = 512
 
@@ -56,7 +57,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _bad_request(message: str) -> web.HTTPBadRequest:
     return web.HTTPBadRequest(
-        body=orjson.dumps({"error": {"code": str(ErrorCode.BAD_REQUEST), "message": message}}),
+        # text=, not body=: aiohttp deprecates body on HTTP exceptions.
+        text=orjson.dumps(
+            {"error": {"code": str(ErrorCode.BAD_REQUEST), "message": message}}
+        ).decode(),
         content_type="application/json",
     )
 

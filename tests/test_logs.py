@@ -1,0 +1,124 @@
+"""shared/logs.py: one JSON object per line, service and instance on each, secrets redacted."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from shared.logs import JsonFormatter, setup_logging
+
+
+@pytest.fixture
+def capture() -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter("gateway", "gw-7"))
+    logger = logging.getLogger("tests.logs.capture")
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield logger, stream
+    logger.removeHandler(handler)
+
+
+def lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    text = stream.getvalue()
+    assert text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_one_json_object_per_line_with_service_and_instance(capture):
+    logger, stream = capture
+    logger.info("hello %s, %d frames", "world", 3)
+    logger.warning("multi\nline message")
+    [first, second] = lines(stream)
+    assert first["msg"] == "hello world, 3 frames"
+    assert (first["service"], first["instance"]) == ("gateway", "gw-7")
+    assert first["level"] == "info" and first["logger"] == "tests.logs.capture"
+    assert first["ts"].endswith("Z") and "T" in first["ts"]
+    assert second["msg"] == "multi\nline message" and second["level"] == "warning"
+
+
+def test_extra_fields_are_their_own_keys(capture):
+    logger, stream = capture
+    logger.info("closed", extra={"connection_id": "ws_a_00000000", "code": 1001, "tags": ["x"]})
+    [line] = lines(stream)
+    assert line["connection_id"] == "ws_a_00000000"
+    assert line["code"] == 1001 and line["tags"] == ["x"]
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "token",
+        "session_token",
+        "password",
+        "client_secret",
+        "Authorization",
+        "service_key",
+        "api_key",
+        "REALM_KEYS",
+    ],
+)
+def test_secret_looking_fields_are_redacted(capture, field):
+    logger, stream = capture
+    logger.info("x", extra={field: "s3cr3t-value"})
+    out = stream.getvalue()
+    assert "s3cr3t-value" not in out
+    assert lines(stream)[0][field] == "***"
+
+
+def test_nested_secrets_are_redacted(capture):
+    logger, stream = capture
+    headers = {
+        "Authorization": "Bearer s3cr3t",
+        "X-Request-Id": "r1",
+        "inner": {"password": "p4ss", "ok": 1},
+    }
+    logger.info("request", extra={"headers": headers})
+    out = stream.getvalue()
+    assert "s3cr3t" not in out and "p4ss" not in out
+    line = lines(stream)[0]
+    assert line["headers"] == {
+        "Authorization": "***",
+        "X-Request-Id": "r1",
+        "inner": {"password": "***", "ok": 1},
+    }
+
+
+def test_exceptions_and_unencodable_values_keep_the_line(capture):
+    logger, stream = capture
+    try:
+        raise ValueError("bad thing")
+    except ValueError:
+        logger.exception("failed")
+    logger.info("big", extra={"n": 2**70, "obj": object()})
+    first, second = lines(stream)
+    assert first["level"] == "error" and "ValueError: bad thing" in first["exc"]
+    assert second["msg"] == "big" and str(2**70) in str(second["n"])
+
+
+def test_setup_logging_configures_the_root_logger(capsys):
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        setup_logging("traffic_cop", "tc-1", "debug")
+        assert root.level == logging.DEBUG
+        [handler] = root.handlers
+        assert isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr
+        logging.getLogger("some.module").debug("value %r", "v", extra={"token": "t0k3n"})
+        assert logging.getLogger("aiohttp.access").level == logging.WARNING
+    finally:
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    [line] = [json.loads(x) for x in err.splitlines() if x.startswith("{")]
+    assert line["service"] == "traffic_cop" and line["instance"] == "tc-1"
+    assert line["msg"] == "value 'v'" and line["token"] == "***"
+    assert "t0k3n" not in err

@@ -1,0 +1,280 @@
+"""shared/settings.py: typed env parsing, validation that names the variable, --help, exit 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from services.traffic_cop_stub.settings import PREFIX as TC_PREFIX
+from services.traffic_cop_stub.settings import Settings as TrafficCopSettings
+from shared.settings import (
+    COMMON_VARIABLES,
+    SettingsError,
+    format_help,
+    load,
+    load_or_exit,
+    masked_repr,
+    setting,
+)
+from tests.helpers import ROOT, timeout
+
+P = "DEMO_"
+
+
+@dataclass(frozen=True, repr=False)
+class Demo:
+    name: str = setting("demo", "a string")
+    count: int = setting(3, "an integer", minimum=1, maximum=10)
+    ratio: float = setting(0.5, "a number", minimum=0, maximum=1)
+    enabled: bool = setting(False, "a boolean")
+    tags: tuple[str, ...] = setting(("a", "b"), "a comma-separated list")
+    limit: int | None = setting(None, "an optional integer")
+    mode: str = setting("fast", "a choice", choices=("fast", "slow"))
+    password: str = setting("hunter2", "a secret", secret=True)
+    redis_url: str = setting("redis://default", "shared by the stack", common=True)
+
+    __repr__ = masked_repr
+
+
+def test_defaults_when_nothing_is_set():
+    s = load(Demo, P, {})
+    assert s == Demo()
+    assert (s.name, s.count, s.ratio, s.enabled, s.tags, s.limit, s.mode) == (
+        "demo",
+        3,
+        0.5,
+        False,
+        ("a", "b"),
+        None,
+        "fast",
+    )
+
+
+def test_every_type_is_parsed():
+    s = load(
+        Demo,
+        P,
+        {
+            "DEMO_NAME": "x y",
+            "DEMO_COUNT": " 1_0 ",
+            "DEMO_RATIO": "0.25",
+            "DEMO_ENABLED": "yes",
+            "DEMO_TAGS": " guide, pillar:content ,,",
+            "DEMO_LIMIT": "7",
+            "DEMO_MODE": "slow",
+            "DEMO_PASSWORD": "s3cret",
+        },
+    )
+    assert s.name == "x y"
+    assert s.count == 10
+    assert s.ratio == 0.25
+    assert s.enabled is True
+    assert s.tags == ("guide", "pillar:content")
+    assert s.limit == 7
+    assert s.mode == "slow"
+    assert s.password == "s3cret"
+    assert load(Demo, P, {"DEMO_LIMIT": ""}).limit is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("1", True),
+        ("true", True),
+        ("ON", True),
+        ("Yes", True),
+        ("0", False),
+        ("false", False),
+        ("off", False),
+        (" no ", False),
+    ],
+)
+def test_booleans(raw, expected):
+    assert load(Demo, P, {"DEMO_ENABLED": raw}).enabled is expected
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "fragment"),
+    [
+        ("DEMO_COUNT", "three", "expected an integer"),
+        ("DEMO_COUNT", "1.5", "expected an integer"),
+        ("DEMO_RATIO", "half", "expected a number"),
+        ("DEMO_RATIO", "nan", "expected a finite number"),
+        ("DEMO_RATIO", "inf", "expected a finite number"),
+        ("DEMO_ENABLED", "maybe", "expected a boolean"),
+        ("DEMO_LIMIT", "x", "expected an integer"),
+        ("DEMO_COUNT", "0", "must be at least 1"),
+        ("DEMO_COUNT", "11", "must be at most 10"),
+        ("DEMO_RATIO", "-0.1", "must be at least 0"),
+        ("DEMO_MODE", "medium", "must be one of fast, slow"),
+    ],
+)
+def test_bad_values_name_the_variable_and_value(var, raw, fragment):
+    with pytest.raises(SettingsError) as info:
+        load(Demo, P, {var: raw})
+    message = str(info.value)
+    assert var in message
+    assert fragment in message
+    assert repr(raw) in message or raw.strip() in message
+
+
+def test_bounds_are_inclusive():
+    assert load(Demo, P, {"DEMO_COUNT": "1"}).count == 1
+    assert load(Demo, P, {"DEMO_COUNT": "10"}).count == 10
+    assert load(Demo, P, {"DEMO_RATIO": "1"}).ratio == 1.0
+
+
+def test_unknown_prefixed_variable_is_refused():
+    with pytest.raises(SettingsError) as info:
+        load(Demo, P, {"DEMO_CUONT": "3", "DEMO_ZZZ": "1", "OTHER_THING": "ignored"})
+    message = str(info.value)
+    assert "DEMO_CUONT" in message and "DEMO_ZZZ" in message
+    assert "OTHER_THING" not in message
+    assert "--help" in message
+
+
+def test_common_variable_unprefixed_and_prefixed_wins():
+    assert load(Demo, P, {"REDIS_URL": "redis://common"}).redis_url == "redis://common"
+    both = {"REDIS_URL": "redis://common", "DEMO_REDIS_URL": "redis://own"}
+    assert load(Demo, P, both).redis_url == "redis://own"
+    # A non-common field does not read the unprefixed name.
+    assert load(Demo, P, {"COUNT": "9"}).count == 3
+
+
+def test_common_variables_with_the_service_prefix_are_not_unknown():
+    # TRAFFIC_COP_URL and TRAFFIC_COP_SERVICE_KEY are stack-wide; Traffic Cop must not choke.
+    assert "TRAFFIC_COP_URL" in COMMON_VARIABLES
+    s = load(TrafficCopSettings, TC_PREFIX, {"TRAFFIC_COP_URL": "http://127.0.0.1:8300"})
+    assert s.port == 8300
+
+
+def test_secrets_are_masked_in_repr():
+    s = load(Demo, P, {"DEMO_PASSWORD": "very-secret-value"})
+    text = repr(s)
+    assert "very-secret-value" not in text
+    assert "password='***'" in text
+    assert "name='demo'" in text
+    tc = load(TrafficCopSettings, TC_PREFIX, {"TRAFFIC_COP_SERVICE_KEY": "k-123456"})
+    assert "k-123456" not in repr(tc) and "k-123456" not in str(tc)
+
+
+def test_mutable_default_is_refused():
+    with pytest.raises(TypeError):
+        setting([], "a list")
+
+
+def test_cross_field_validation_names_both_variables():
+    with pytest.raises(SettingsError) as info:
+        load(
+            TrafficCopSettings,
+            TC_PREFIX,
+            {"TRAFFIC_COP_DEFAULT_TTL_SECONDS": "100", "TRAFFIC_COP_MAX_TTL_SECONDS": "10"},
+        )
+    assert "TRAFFIC_COP_DEFAULT_TTL_SECONDS" in str(info.value)
+    assert "TRAFFIC_COP_MAX_TTL_SECONDS" in str(info.value)
+    with pytest.raises(SettingsError, match="LOG_LEVEL"):
+        load(TrafficCopSettings, TC_PREFIX, {"LOG_LEVEL": "LOUD"})
+    with pytest.raises(SettingsError, match="TRAFFIC_COP_SERVICE_KEY"):
+        load(TrafficCopSettings, TC_PREFIX, {"TRAFFIC_COP_SERVICE_KEY": ""})
+
+
+def test_production_refuses_development_keys_without_showing_them():
+    env = {"ENVIRONMENT": "production", "TRAFFIC_COP_SERVICE_KEY": "dev-traffic_cop"}
+    with pytest.raises(SettingsError) as info:
+        load(TrafficCopSettings, TC_PREFIX, env)
+    assert "TRAFFIC_COP_SERVICE_KEY" in str(info.value)
+    assert "dev-traffic_cop" not in str(info.value)
+    # The default key is a development key too.
+    with pytest.raises(SettingsError):
+        load(TrafficCopSettings, TC_PREFIX, {"ENVIRONMENT": "production"})
+    ok = load(TrafficCopSettings, TC_PREFIX, {**env, "TRAFFIC_COP_SERVICE_KEY": "a-real-key"})
+    assert ok.environment == "production"
+    with pytest.raises(SettingsError, match="must be one of development, production"):
+        load(TrafficCopSettings, TC_PREFIX, {"ENVIRONMENT": "staging"})
+
+
+def test_format_help_lists_every_field():
+    text = format_help(Demo, P, "Demo service.")
+    assert text.startswith("Demo service.")
+    for field in dataclasses.fields(Demo):
+        assert P + field.name.upper() in text
+        assert field.metadata["help"] in text
+    assert "DEMO_REDIS_URL (or REDIS_URL)" in text
+    assert "'a,b'" in text  # tuples shown as the env value that produces them
+    assert "hunter2" not in text  # secret defaults are not printed
+
+
+def test_load_or_exit_arguments(capsys):
+    with pytest.raises(SystemExit) as info:
+        load_or_exit(Demo, P, "Demo.", ["--help"])
+    assert info.value.code == 0
+    assert "DEMO_COUNT" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        load_or_exit(Demo, P, "Demo.", ["--port", "1"])
+    assert info.value.code == 2
+    assert "unexpected arguments" in capsys.readouterr().err
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(TC_PREFIX) and k not in COMMON_VARIABLES
+    }
+    env["PYTHONPATH"] = str(ROOT)
+    env.update(extra)
+    return env
+
+
+def _run_traffic_cop(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.traffic_cop_stub", *args],
+        env=_clean_env(**env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout(30),
+        check=False,
+    )
+
+
+def test_help_subprocess_lists_every_setting_with_default_and_meaning():
+    result = _run_traffic_cop("--help")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    for field in dataclasses.fields(TrafficCopSettings):
+        var = TC_PREFIX + field.name.upper()
+        line = next((ln for ln in out.splitlines() if ln.strip().startswith(var + " ")), None)
+        assert line is not None, f"{var} missing from --help:\n{out}"
+        assert "default" in line
+        if not field.metadata.get("secret"):
+            assert repr(field.default) in line
+        assert field.metadata["help"] in out
+    assert "(or REDIS_URL)" in out
+    assert "dev-traffic_cop" not in out
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"TRAFFIC_COP_PORT": "eighty"}, "TRAFFIC_COP_PORT='eighty': expected an integer"),
+        ({"TRAFFIC_COP_PORT": "70000"}, "TRAFFIC_COP_PORT=70000: must be at most 65535"),
+        ({"TRAFFIC_COP_MAX_TTL": "5"}, "unknown setting(s) TRAFFIC_COP_MAX_TTL"),
+        (
+            {"ENVIRONMENT": "production", "TRAFFIC_COP_SERVICE_KEY": "dev-traffic_cop"},
+            "TRAFFIC_COP_SERVICE_KEY: a development key",
+        ),
+    ],
+)
+def test_bad_environment_exits_2_with_a_clear_message(env, fragment):
+    result = _run_traffic_cop(**env)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert "invalid settings:" in result.stderr
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "dev-traffic_cop" not in result.stderr
