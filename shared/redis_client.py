@@ -8,7 +8,7 @@ to the caller, which decides (the gateway opens its circuit breaker, HTTP handle
 
 from __future__ import annotations
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -21,11 +21,12 @@ def make_redis(
     url: str,
     *,
     max_connections: int = 64,
-    socket_timeout: float = 5.0,
+    socket_timeout: float | None = 5.0,
     connect_timeout: float = 2.0,
     retries: int = 2,
     name: str | None = None,
     health_check_interval: int = 30,
+    pool_timeout: float = 5.0,
 ) -> Redis:
     """A pooled asyncio client. ``socket_timeout=None`` is for pub/sub connections that block.
 
@@ -33,9 +34,13 @@ def make_redis(
     ``health_check_interval=0``: the health check's PING would read concurrently with the reader.
     """
     retry = Retry(EqualJitterBackoff(cap=1.0, base=0.02), retries)
-    return Redis.from_url(
+    # A blocking pool: past ``max_connections`` a caller waits (up to ``pool_timeout``) for a
+    # connection instead of failing at once with "Too many connections", so a burst of
+    # requests larger than the pool queues briefly rather than answering 503.
+    pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
+        timeout=pool_timeout,
         socket_timeout=socket_timeout,
         socket_connect_timeout=connect_timeout,
         socket_keepalive=True,
@@ -45,3 +50,4 @@ def make_redis(
         decode_responses=False,
         client_name=name,
     )
+    return Redis.from_pool(pool)
