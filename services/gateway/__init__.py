@@ -1,0 +1,1 @@
+"""The Post Office gateway: the only WebSocket ingress, ``/ws`` (docs/protocol.md)."""

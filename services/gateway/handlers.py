@@ -1,0 +1,342 @@
+"""The gateway's HTTP and WebSocket handlers.
+
+``/ws`` follows docs/architecture.md, "Life of a connection": refuse before the socket opens
+when not ready (503) or from a foreign origin (403); accept, then validate the token with
+Traffic Cop (4401 when invalid, 1013 when Traffic Cop cannot answer); subscribe the process's
+pub/sub connection to the connection's channel, register it, tie it to its session, welcome it;
+then read frames until it leaves, and unregister it exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any
+
+import aiohttp_jinja2
+import orjson
+from aiohttp import WSMsgType, web
+from redis.exceptions import RedisError
+
+from services.gateway import metrics
+from services.gateway.connection import Connection, TokenBucket
+from services.gateway.core import Gateway
+from services.gateway.hub import PubSubUnavailable
+from services.gateway.keys import GATEWAY, ORIGINS
+from services.gateway.publisher import Item
+from shared import redis_names as names
+from shared.http import json_error, json_response
+from shared.protocol import (
+    CloseCode,
+    ErrorCode,
+    ProtocolError,
+    ack_frame,
+    agent_message,
+    error_frame,
+    is_pong,
+    new_connection_id,
+    new_message_id,
+    parse_client_frame,
+    welcome_frame,
+)
+from shared.registry import ConnectionRecord, PublishResult
+from shared.service import SERVICE
+from shared.tracing import message_traceparent
+from shared.traffic_cop_client import TrafficCopError, TrafficCopRejected
+
+__all__ = ["health_detailed", "health_summary", "index", "legacy", "websocket"]
+
+log = logging.getLogger(__name__)
+
+
+def _token(request: web.Request) -> str | None:
+    token = request.query.get("session_token")
+    if token:
+        return token
+    auth = request.headers.get("Authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+async def _refuse(ws: web.WebSocketResponse, code: int, reason: str) -> web.WebSocketResponse:
+    """Close an accepted socket that never became a connection."""
+    metrics.CLOSES.labels(str(code)).inc()
+    await ws.close(code=code, message=reason.encode())
+    return ws
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    gw = request.app[GATEWAY]
+    s = gw.settings
+    if not gw.ready or not gw.hub.connected:
+        metrics.UPGRADES_REFUSED.labels("not_ready").inc()
+        return json_error(
+            503,
+            ErrorCode.UNAVAILABLE,
+            "the gateway is not ready; retry shortly",
+            {"Retry-After": "1"},
+        )
+    origin = request.headers.get("Origin")
+    if not request.app[ORIGINS].allows(origin, request.headers.get("Host")):
+        metrics.UPGRADES_REFUSED.labels("origin").inc()
+        return json_error(
+            403, ErrorCode.FORBIDDEN, f"origin {(origin or '')[:100]!r} may not open /ws"
+        )
+    token = _token(request)
+    ws = web.WebSocketResponse(
+        heartbeat=s.heartbeat_interval,
+        autoping=False,  # protocol pongs are liveness: the loop sees them
+        max_msg_size=s.max_frame_bytes,
+        compress=s.compress,
+        timeout=s.close_timeout,
+    )
+    await ws.prepare(request)
+    gw.sockets.add(ws)
+    if not token:
+        return await _refuse(ws, CloseCode.SESSION_INVALID, "missing session token")
+    try:
+        session = await gw.traffic_cop.validate(token)
+    except TrafficCopRejected as exc:
+        log.error("traffic cop refused the gateway: %s", exc)
+        return await _refuse(ws, CloseCode.INTERNAL_ERROR, "session check failed")
+    except TrafficCopError as exc:
+        log.warning("traffic cop unavailable: %s", exc)
+        return await _refuse(ws, CloseCode.TRY_AGAIN_LATER, "session service unavailable")
+    if session is None:
+        return await _refuse(ws, CloseCode.SESSION_INVALID, "invalid or expired session")
+    if not gw.ready or ws.closed:  # the drain began while Traffic Cop answered
+        return await _refuse(ws, CloseCode.GOING_AWAY, "server shutting down")
+
+    cid = new_connection_id(session.user_id)
+    conn = Connection(
+        ws,
+        cid,
+        session.user_id,
+        session.session_id,
+        queue_size=s.send_queue_frames,
+        bucket=TokenBucket(s.rate_limit_per_second, s.rate_limit_burst),
+        close_timeout=s.close_timeout,
+    )
+    # First in the queue, so it is the first frame even if a delivery races the registration.
+    conn.send(welcome_frame(cid, session.user_id, s.channels, s.heartbeat_interval))
+    gw.connections.add(conn)
+    registered = tied = False
+    try:
+        try:
+            await gw.hub.subscribe(
+                names.connection_messages(cid), functools.partial(gw.deliver, conn)
+            )
+            async with gw.redis_slots:
+                await gw.registry.register(
+                    ConnectionRecord(
+                        cid, session.user_id, session.session_id, gw.instance, time.time()
+                    )
+                )
+            registered = True
+            tied = await gw.traffic_cop.register_connection(
+                cid, session.session_id, session.user_id, gw.instance
+            )
+            if not tied:
+                conn.close(CloseCode.SESSION_INVALID, "session revoked")
+            elif not gw.ready:
+                conn.close(CloseCode.GOING_AWAY, "server shutting down")
+        except (PubSubUnavailable, RedisError, OSError) as exc:
+            log.warning("registration failed: %r", exc, extra={"connection_id": cid})
+            conn.close(CloseCode.TRY_AGAIN_LATER, "gateway unavailable")
+        except TrafficCopRejected as exc:
+            log.error("traffic cop refused the registration: %s", exc, extra={"connection_id": cid})
+            conn.close(CloseCode.INTERNAL_ERROR, "session check failed")
+        except TrafficCopError as exc:
+            log.warning("traffic cop unavailable: %s", exc, extra={"connection_id": cid})
+            conn.close(CloseCode.TRY_AGAIN_LATER, "session service unavailable")
+        if not conn.closing:
+            conn.start_writer()
+            metrics.CONNECTIONS_TOTAL.inc()
+            log.info("connected", extra={"connection_id": cid})
+            await _read(gw, conn)
+    finally:
+        await _leave(gw, conn, registered=registered, tied=tied)
+    return ws
+
+
+async def _read(gw: Gateway, conn: Connection) -> None:
+    ws = conn.ws
+    async for msg in ws:
+        conn.seen()
+        kind = msg.type
+        if kind is WSMsgType.TEXT:
+            data: str = msg.data
+            if is_pong(data):
+                continue
+            _on_text(gw, conn, data)
+        elif kind is WSMsgType.BINARY:
+            if _admit(gw, conn, None):
+                _error(
+                    conn,
+                    None,
+                    ErrorCode.INVALID_ENVELOPE,
+                    "binary frames are not accepted; send JSON text",
+                )
+        elif kind is WSMsgType.PING:
+            await ws.pong(msg.data)
+        elif kind is WSMsgType.ERROR:
+            # aiohttp already closed the socket (1009 for an oversized frame).
+            code = ws.close_code or CloseCode.INTERNAL_ERROR
+            metrics.CLOSES.labels(str(code)).inc()
+            conn.close_reason = "frame too large" if code == CloseCode.MESSAGE_TOO_BIG else "error"
+            log.info(
+                "socket error %r, closed with %s", msg.data, code, extra={"connection_id": conn.id}
+            )
+            break
+        if conn.closing:
+            break
+
+
+def _error(conn: Connection, client_id: Any, code: ErrorCode, message: str) -> None:
+    metrics.ERRORS.labels(str(code)).inc()
+    conn.send(error_frame(client_id, code, message))
+
+
+def _admit(gw: Gateway, conn: Connection, data: str | None) -> bool:
+    """The rate limit: False when the frame was refused (and answered, or the socket closed)."""
+    gw.frames_in += 1
+    metrics.FRAMES_IN.inc()
+    if conn.bucket.take(time.monotonic()):
+        conn.limited_in_a_row = 0
+        return True
+    conn.limited_in_a_row += 1
+    if conn.limited_in_a_row >= gw.settings.rate_limit_close_after:
+        log.info("rate limit exceeded repeatedly, closing", extra={"connection_id": conn.id})
+        conn.close(CloseCode.RATE_LIMITED, "rate limit exceeded")
+        return False
+    _error(conn, _client_id(data), ErrorCode.RATE_LIMITED, "too many messages; slow down")
+    return False
+
+
+def _client_id(data: str | None) -> Any:
+    """The client's ``id`` when the frame is a JSON object that has a plain one (best effort)."""
+    if data is None:
+        return None
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    value = raw.get("id") if isinstance(raw, dict) else None
+    return value if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+
+
+def _on_text(gw: Gateway, conn: Connection, data: str) -> None:
+    if not _admit(gw, conn, data):
+        return
+    try:
+        envelope = parse_client_frame(data, gw.channels, gw.settings.max_frame_bytes)
+    except ProtocolError as exc:
+        _error(conn, exc.client_id, exc.code, exc.message)
+        return
+    conn.messages_in += 1
+    message_id = new_message_id()
+    conn.use_channel(envelope.channel)
+    metadata = envelope.payload.get("metadata")
+    parent = metadata.get("traceparent") if isinstance(metadata, dict) else None
+    body = agent_message(
+        envelope,
+        message_id=message_id,
+        connection_id=conn.id,
+        user_id=conn.user_id,
+        gateway_instance=gw.instance,
+        traceparent=message_traceparent(parent if isinstance(parent, str) else None),
+    ).to_bytes()
+    client_id = envelope.id
+
+    def done(result: int) -> None:
+        if result == PublishResult.PUBLISHED:
+            metrics.ACKS.labels("published").inc()
+            conn.send(ack_frame(client_id, message_id, "published"))
+        elif result == PublishResult.QUEUED:
+            metrics.ACKS.labels("queued").inc()
+            conn.send(ack_frame(client_id, message_id, "queued"))
+        else:
+            _error(
+                conn,
+                client_id,
+                ErrorCode.UNAVAILABLE,
+                "the message could not be taken; retry later",
+            )
+
+    if not gw.publisher.submit(Item(envelope.channel, body, done)):
+        _error(conn, client_id, ErrorCode.UNAVAILABLE, "the gateway is overloaded; retry later")
+
+
+async def _leave(gw: Gateway, conn: Connection, *, registered: bool, tied: bool) -> None:
+    """Unregister exactly once, whatever ended the connection. Never raises."""
+    gw.connections.remove(conn)
+    await conn.wait_closed()
+    await gw.hub.unsubscribe(names.connection_messages(conn.id))
+    if registered:
+        # Out of the table already, so no later flush includes it; wait out one in flight.
+        async with gw.flush_lock:
+            pass
+        event = "evicted" if conn.evicted else "disconnected"
+        reason = conn.close_reason or f"closed by client ({conn.ws.close_code})"
+        try:
+            async with gw.redis_slots:
+                await gw.registry.unregister(conn.id, event=event, reason=reason)
+        except (RedisError, OSError) as exc:
+            # The record's TTL and the eviction worker clean up what this could not.
+            log.warning("unregister failed: %r", exc, extra={"connection_id": conn.id})
+    if tied:
+        try:
+            await gw.traffic_cop.unregister_connection(conn.id)
+        except TrafficCopError as exc:
+            log.warning("traffic cop unregister failed: %s", exc, extra={"connection_id": conn.id})
+    log.info(
+        "disconnected (%s %s)",
+        conn.ws.close_code,
+        conn.close_reason,
+        extra={"connection_id": conn.id},
+    )
+
+
+# -- HTTP -------------------------------------------------------------------------------------
+
+
+@aiohttp_jinja2.template("index.html")
+async def index(request: web.Request) -> dict[str, Any]:
+    return {"ws_path": "/ws"}
+
+
+async def legacy(request: web.Request) -> web.Response:
+    return json_error(404, ErrorCode.NOT_FOUND, "this endpoint is gone; open a WebSocket on /ws")
+
+
+async def health_summary(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    return json_response(
+        {
+            "status": "ok" if gw.ready else "starting_or_draining",
+            "service": "websocket-gateway",
+            "instance": gw.instance,
+            "connections": len(gw.connections),
+        }
+    )
+
+
+async def health_detailed(request: web.Request) -> web.Response:
+    gw = request.app[GATEWAY]
+    state = request.app[SERVICE]
+    failing = await state.failing()
+    dependencies = {name: failing.get(name, "ok") for name in state.checks}
+    healthy = gw.ready and not failing
+    return json_response(
+        {
+            "status": "healthy" if healthy else "degraded",
+            "service": "websocket-gateway",
+            "ready": gw.ready,
+            "dependencies": dependencies,
+            **gw.snapshot(),
+        },
+        200 if healthy else 503,
+    )

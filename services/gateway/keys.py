@@ -1,0 +1,15 @@
+"""Every ``web.AppKey`` of the gateway (no string app keys)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from services.gateway.core import Gateway
+from services.gateway.origins import OriginPolicy
+from services.gateway.settings import Settings
+
+__all__ = ["GATEWAY", "ORIGINS", "SETTINGS"]
+
+SETTINGS = web.AppKey("settings", Settings)
+GATEWAY = web.AppKey("gateway", Gateway)
+ORIGINS = web.AppKey("origin_policy", OriginPolicy)

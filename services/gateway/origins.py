@@ -1,0 +1,73 @@
+"""Which browser origins may open ``/ws`` (a pure policy: no I/O, tested without sockets).
+
+A cross-site page could otherwise open a socket with its visitor's cookies or a token it got
+hold of (cross-site WebSocket hijacking). Allowed, in order:
+
+* a request with no ``Origin`` header: not a browser, so token validation is the whole check;
+* the gateway's own origin (``Origin`` host equals the request's ``Host``) and the origin of
+  ``PUBLIC_WS_URL`` (the public edge, ``wss://`` becoming ``https://``);
+* with ``ALLOWED_ORIGINS`` set: exactly those origins (``*`` allows any);
+* with it unset: ``http(s)://localhost``, ``127.0.0.1`` and ``[::1]`` on any port.
+"""
+
+from __future__ import annotations
+
+from yarl import URL
+
+__all__ = ["OriginPolicy"]
+
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+_WS_TO_HTTP = {"ws": "http", "wss": "https", "http": "http", "https": "https"}
+
+
+def _normalise(origin: str) -> str | None:
+    """``scheme://host[:port]`` in lower case without a default port, or None when unusable."""
+    try:
+        url = URL(origin.strip())
+    except (ValueError, TypeError):
+        return None
+    scheme = _WS_TO_HTTP.get(url.scheme.lower())
+    if scheme is None or not url.host:
+        return None
+    host = url.host.lower()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    if url.explicit_port is not None and url.explicit_port != (443 if scheme == "https" else 80):
+        return f"{scheme}://{host}:{url.explicit_port}"
+    return f"{scheme}://{host}"
+
+
+class OriginPolicy:
+    def __init__(self, allowed: tuple[str, ...], public_ws_url: str = "") -> None:
+        self.any = "*" in allowed
+        self.allowed = {n for n in (_normalise(a) for a in allowed if a != "*") if n}
+        public = _normalise(public_ws_url) if public_ws_url else None
+        if public:
+            self.allowed.add(public)
+        self.local_default = not allowed
+
+    def allows(self, origin: str | None, host: str | None) -> bool:
+        if origin is None:
+            return True
+        if self.any:
+            return True
+        normalised = _normalise(origin)
+        if normalised is None:
+            return False  # "null" (sandboxed frames, file://) and garbage
+        if host and normalised.split("://", 1)[1] == _authority(host):
+            return True
+        if normalised in self.allowed:
+            return True
+        if self.local_default:
+            url = URL(normalised)
+            return (url.host or "").lower() in _LOCAL_HOSTS
+        return False
+
+
+def _authority(host: str) -> str:
+    """The request's ``Host`` in the same form as a normalised origin's authority."""
+    host = host.strip().lower()
+    for default in (":80", ":443"):
+        if host.endswith(default):
+            return host[: -len(default)]
+    return host

@@ -1,0 +1,24 @@
+"""The gateway's routes (the operational ones, /health /ready /metrics, come from base_app)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiohttp import web
+
+from services.gateway import handlers
+
+__all__ = ["STATIC_DIR", "setup_routes"]
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/ws", handlers.websocket)
+    app.router.add_get("/", handlers.index)
+    app.router.add_static("/static/", STATIC_DIR, append_version=False)
+    app.router.add_get("/health/websocket-gateway", handlers.health_summary)
+    app.router.add_get("/health/websocket-gateway/detailed", handlers.health_detailed)
+    # The pre-/ws endpoints answer a JSON 404 saying where to go; any other path gets the
+    # error middleware's JSON 404.
+    app.router.add_route("*", "/api/ws/{tail:.*}", handlers.legacy)

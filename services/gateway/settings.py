@@ -1,0 +1,199 @@
+"""Gateway settings: environment variables ``GATEWAY_*`` (``--help`` lists them)."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from shared.protocol import DEFAULT_CHANNELS
+from shared.settings import SettingsError, masked_repr, setting
+
+__all__ = ["DESCRIPTION", "PREFIX", "Settings"]
+
+PREFIX = "GATEWAY_"
+DESCRIPTION = "Post Office gateway: the WebSocket ingress /ws (python -m services.gateway)."
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+@dataclass(frozen=True, repr=False)
+class Settings:
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(8100, "port to listen on", minimum=1, maximum=65535)
+    advertise_host: str = setting(
+        "", "address registered in Consul (default: HOST, or the hostname when HOST is 0.0.0.0)"
+    )
+    instance_id: str = setting(
+        "", "this instance's id in Redis, logs and Consul; empty: gateway-<hostname>-<port>"
+    )
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL", common=True)
+    redis_max_connections: int = setting(
+        64,
+        "Redis connection pool size (pub/sub has its own); connects and disconnects use at most "
+        "all but 8 of them at once, the rest stay for the publisher and housekeeping",
+        minimum=12,
+    )
+    traffic_cop_url: str = setting(
+        "http://127.0.0.1:8300",
+        "Traffic Cop base URL (Consul wins when CONSUL_URL is set)",
+        common=True,
+    )
+    traffic_cop_service_key: str = setting(
+        "dev-traffic_cop", "bearer key for Traffic Cop's internal API", secret=True, common=True
+    )
+    traffic_cop_timeout_seconds: float = setting(
+        2.0, "timeout of one Traffic Cop call", minimum=0.05
+    )
+    traffic_cop_max_connections: int = setting(
+        32, "most concurrent calls to Traffic Cop (more wait for a free connection)", minimum=1
+    )
+    consul_url: str = setting(
+        "", "Consul agent to register with; empty: no registration", common=True
+    )
+    public_ws_url: str = setting(
+        "", "public WebSocket URL (ws[s]://edge/ws); its origin is allowed too", common=True
+    )
+    allowed_origins: tuple[str, ...] = setting(
+        (),
+        "comma-separated browser origins allowed to open /ws ('*' allows any); empty: the "
+        "gateway's own origin, PUBLIC_WS_URL's, and http(s)://localhost|127.0.0.1|[::1] on any "
+        "port. "
+        "A request without Origin (not a browser) is always let through to token validation",
+        common=True,
+    )
+    channels: tuple[str, ...] = setting(
+        DEFAULT_CHANNELS, "comma-separated logical channels clients may use"
+    )
+    max_frame_bytes: int = setting(
+        65536, "largest client frame; a larger one closes the socket with 1009", minimum=256
+    )
+    rate_limit_per_second: float = setting(
+        50.0,
+        "client frames per second a connection may send on average (token bucket)",
+        minimum=0.001,
+    )
+    rate_limit_burst: int = setting(
+        100, "token bucket size: frames a connection may send at once", minimum=1
+    )
+    rate_limit_close_after: int = setting(
+        20, "consecutive rate-limited frames after which the socket is closed with 4429", minimum=1
+    )
+    send_queue_frames: int = setting(
+        1024,
+        "frames waiting to be written to one socket; past it the socket is closed with 1013",
+        minimum=1,
+    )
+    heartbeat_interval: float = setting(
+        30.0,
+        "seconds between app pings (and protocol pings); announced in the welcome frame",
+        minimum=0.05,
+    )
+    max_idle_seconds: float = setting(
+        300.0,
+        "a connection silent this long is closed with 1008 'idle' and evicted",
+        common=True,
+        minimum=0.1,
+    )
+    liveness_flush_seconds: float = setting(
+        5.0, "how often last-seen times are written to Redis (one pipeline per tick)", minimum=0.01
+    )
+    record_ttl_seconds: float = setting(
+        0.0,
+        "TTL of a connection record, refreshed by the liveness flush; 0: 2 x MAX_IDLE_SECONDS",
+        minimum=0,
+    )
+    instance_ttl_seconds: float = setting(
+        30.0, "TTL of websocket:gateway:<instance>; refreshed every third of it", minimum=0.3
+    )
+    publish_batch: int = setting(256, "most messages published in one Redis round trip", minimum=1)
+    publish_queue: int = setting(
+        10000,
+        "messages waiting for the publisher; past it clients get error 'unavailable'",
+        minimum=1,
+    )
+    queue_bound: int = setting(
+        10000,
+        "length bound of websocket:queue:<channel> (messages held while no agent listens); "
+        "past it clients get error 'unavailable'",
+        minimum=0,
+    )
+    breaker_buffer: int = setting(
+        10000,
+        "messages held in memory while Redis is down (acked 'queued'); past it 'unavailable'",
+        minimum=0,
+    )
+    breaker_backoff_base: float = setting(
+        0.1, "first wait before probing Redis again", minimum=0.001
+    )
+    breaker_backoff_cap: float = setting(5.0, "longest wait between Redis probes", minimum=0.001)
+    pubsub_backoff_base: float = setting(
+        0.05, "first wait before reconnecting pub/sub", minimum=0.001
+    )
+    pubsub_backoff_cap: float = setting(
+        5.0, "longest wait between pub/sub reconnects", minimum=0.001
+    )
+    compress: bool = setting(False, "permessage-deflate on sockets (costs CPU per frame)")
+    startup_wait_seconds: float = setting(
+        30.0, "how long start waits for Redis and Traffic Cop before exiting non-zero", minimum=0
+    )
+    close_timeout: float = setting(
+        5.0, "seconds a close handshake may take before the transport is dropped", minimum=0.05
+    )
+    shutdown_timeout: float = setting(
+        10.0, "seconds SIGTERM waits for in-flight handlers before exiting", minimum=0
+    )
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL", common=True)
+    otel_exporter_otlp_endpoint: str = setting(
+        "", "OTLP/HTTP endpoint for traces; empty: no export", common=True
+    )
+    environment: str = setting(
+        "development",
+        "development or production",
+        common=True,
+        choices=("development", "production"),
+    )
+
+    __repr__ = masked_repr
+
+    def validate(self) -> None:
+        """Cross-field checks; raise :class:`SettingsError` naming the variable."""
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise SettingsError(
+                f"{PREFIX}LOG_LEVEL={self.log_level!r}: must be one of {', '.join(_LOG_LEVELS)}"
+            )
+        if not self.channels:
+            raise SettingsError(f"{PREFIX}CHANNELS is empty: clients need at least one channel")
+        if self.breaker_backoff_base > self.breaker_backoff_cap:
+            raise SettingsError(
+                f"{PREFIX}BREAKER_BACKOFF_BASE must not exceed {PREFIX}BREAKER_BACKOFF_CAP"
+            )
+        if self.pubsub_backoff_base > self.pubsub_backoff_cap:
+            raise SettingsError(
+                f"{PREFIX}PUBSUB_BACKOFF_BASE must not exceed {PREFIX}PUBSUB_BACKOFF_CAP"
+            )
+        if 0 < self.record_ttl_seconds < 2 * self.liveness_flush_seconds:
+            raise SettingsError(
+                f"{PREFIX}RECORD_TTL_SECONDS={self.record_ttl_seconds!r}: must be at least twice "
+                f"{PREFIX}LIVENESS_FLUSH_SECONDS, or records expire between two flushes"
+            )
+        if self.environment == "production" and self.traffic_cop_service_key.startswith("dev-"):
+            raise SettingsError(
+                "TRAFFIC_COP_SERVICE_KEY: a development key ('dev-...') is refused when "
+                "ENVIRONMENT=production"
+            )
+
+    @property
+    def instance(self) -> str:
+        return self.instance_id or f"gateway-{socket.gethostname()}-{self.port}"
+
+    @property
+    def advertised_host(self) -> str:
+        if self.advertise_host:
+            return self.advertise_host
+        return socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
+
+    @property
+    def record_ttl(self) -> float:
+        return self.record_ttl_seconds or max(
+            2 * self.max_idle_seconds, 4 * self.liveness_flush_seconds
+        )
