@@ -1,0 +1,72 @@
+"""Settings of the guide agent, read from ``GUIDE_AGENT_*`` environment variables."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shared.protocol import DEFAULT_CHANNELS
+from shared.settings import SettingsError, masked_repr, setting
+
+__all__ = ["DESCRIPTION", "PREFIX", "GuideSettings"]
+
+PREFIX = "GUIDE_AGENT_"
+DESCRIPTION = (
+    "Guide agent: subscribes to the guide channel through the Post Office API (Server-Sent "
+    "Events) and answers each message to its connection (python -m agents.guide)."
+)
+
+
+@dataclass(frozen=True, repr=False)
+class GuideSettings:
+    post_office_url: str = setting(
+        "http://127.0.0.1:8200", "base URL of the Post Office API", common=True
+    )
+    realm_key: str = setting(
+        "dev-smart_city",
+        "realm key for the API (needs agent_channel_subscribe and connection_messaging); "
+        "keys starting with dev- are refused when ENVIRONMENT=production",
+        secret=True,
+    )
+    channel: str = setting("guide", "the agent channel to answer")
+    channels: tuple[str, ...] = setting(DEFAULT_CHANNELS, "channels that 'help' lists")
+    backoff_min_seconds: float = setting(
+        0.1, "first pause before re-subscribing after the stream broke", minimum=0.001
+    )
+    backoff_max_seconds: float = setting(
+        5.0, "cap of the jittered exponential re-subscribe backoff", minimum=0.001
+    )
+    idle_timeout_seconds: float = setting(
+        60.0,
+        "a stream silent this long (no event, no keep-alive comment) counts as broken",
+        minimum=0.1,
+    )
+    request_timeout_seconds: float = setting(
+        10.0, "timeout of each delivery call to the API", minimum=0.1
+    )
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", common=True)
+    environment: str = setting(
+        "development",
+        "development or production (production refuses dev- keys)",
+        common=True,
+        choices=("development", "production"),
+    )
+
+    __repr__ = masked_repr
+
+    def validate(self) -> None:
+        if not self.post_office_url.startswith(("http://", "https://")):
+            raise SettingsError(
+                f"{PREFIX}POST_OFFICE_URL={self.post_office_url!r}: must start with http(s)://"
+            )
+        if not self.realm_key:
+            raise SettingsError(f"{PREFIX}REALM_KEY is empty")
+        if self.environment == "production" and self.realm_key.startswith("dev-"):
+            raise SettingsError(
+                f"{PREFIX}REALM_KEY: a development key is refused when ENVIRONMENT=production"
+            )
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError(f"{PREFIX}LOG_LEVEL={self.log_level!r}: unknown level")
+        if self.backoff_min_seconds > self.backoff_max_seconds:
+            raise SettingsError(
+                f"{PREFIX}BACKOFF_MIN_SECONDS is larger than {PREFIX}BACKOFF_MAX_SECONDS"
+            )

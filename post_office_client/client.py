@@ -1,0 +1,416 @@
+"""An async client of the Post Office HTTP API, for agents written in Python.
+
+::
+
+    async with PostOfficeClient("http://127.0.0.1:8200", "dev-smart_city") as po:
+        async for msg in po.subscribe("guide"):
+            await po.send_to_connection(msg.connection_id, {"type": "response", ...})
+
+One ``aiohttp.ClientSession`` per client (keep-alive), every answer typed, every failure a
+:class:`~post_office_client.errors.PostOfficeError` subclass carrying the status and the API's
+error code. :meth:`PostOfficeClient.subscribe` reads the Server-Sent Events stream of a
+channel and, unless told not to, reconnects with capped, jittered exponential backoff when the
+stream breaks (the API restarts, the network drops, the server found the reader too slow),
+sending ``Last-Event-ID``. Pub/sub keeps no history: messages published while no stream was
+open are not replayed (the gateway queues client messages while no agent listens at all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from post_office_client.errors import PostOfficeError, StreamError, Unavailable, error_for
+from post_office_client.models import (
+    AgentMessage,
+    BroadcastResult,
+    PublishResult,
+    UserDelivery,
+    WebSocketEndpoint,
+)
+
+__all__ = ["PostOfficeClient", "Subscription"]
+
+log = logging.getLogger(__name__)
+
+#: Statuses that retrying cannot fix: a subscription raises them instead of reconnecting.
+_FATAL = frozenset({400, 401, 403, 404, 405, 410, 413})
+
+
+def _segment(value: str) -> str:
+    return quote(value, safe="")
+
+
+class PostOfficeClient:
+    """Calls of ``/v1`` as a realm (``Authorization: Bearer <realm_key>``)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        realm_key: str,
+        *,
+        timeout: float = 10.0,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {realm_key}"}
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session = session
+        self._own_session = session is None
+
+    def __repr__(self) -> str:  # the realm key stays out of reprs and logs
+        return f"PostOfficeClient({self.base_url!r})"
+
+    async def __aenter__(self) -> PostOfficeClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._own_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            self._own_session = True
+        return self._session
+
+    def url(self, path: str) -> URL:
+        return URL(self.base_url + path, encoded=True)
+
+    # -- calls --------------------------------------------------------------------------------
+
+    async def publish(
+        self, channel: str, message: dict[str, Any], *, traceparent: str | None = None
+    ) -> PublishResult:
+        """Publish an agent message on ``channel`` (queued while no agent listens)."""
+        body = await self._call(
+            "POST", f"/v1/channels/{_segment(channel)}/messages", _body(message, traceparent)
+        )
+        return PublishResult(message_id=str(body["message_id"]), status=str(body["status"]))
+
+    async def send_to_connection(
+        self, connection_id: str, message: dict[str, Any], *, traceparent: str | None = None
+    ) -> int:
+        """Deliver ``message`` to one connection; the number of gateways that received it.
+        Raises :class:`~post_office_client.errors.Gone` when the connection no longer exists."""
+        body = await self._call(
+            "POST",
+            f"/v1/connections/{_segment(connection_id)}/messages",
+            _body(message, traceparent),
+        )
+        return int(body["delivered"])
+
+    async def send_to_user(
+        self, user_id: str, message: dict[str, Any], *, traceparent: str | None = None
+    ) -> UserDelivery:
+        body = await self._call(
+            "POST", f"/v1/users/{_segment(user_id)}/messages", _body(message, traceparent)
+        )
+        return UserDelivery(
+            delivered=int(body["delivered"]),
+            connections=int(body["connections"]),
+            stale_removed=int(body["stale_removed"]),
+        )
+
+    async def broadcast(
+        self, channel: str, message: dict[str, Any], *, traceparent: str | None = None
+    ) -> BroadcastResult:
+        body = await self._call(
+            "POST", f"/v1/channels/{_segment(channel)}/broadcast", _body(message, traceparent)
+        )
+        return BroadcastResult(gateways=int(body["gateways"]), connections=int(body["connections"]))
+
+    async def get_connection(self, connection_id: str) -> dict[str, Any]:
+        body = await self._call("GET", f"/v1/connections/{_segment(connection_id)}")
+        return body
+
+    async def close_connection(
+        self, connection_id: str, *, code: int = 1000, reason: str | None = None
+    ) -> dict[str, Any]:
+        params: dict[str, str] = {"code": str(code)}
+        if reason is not None:
+            params["reason"] = reason
+        return await self._call(
+            "DELETE", f"/v1/connections/{_segment(connection_id)}", params=params
+        )
+
+    async def websocket_endpoint(self, session_token: str) -> WebSocketEndpoint:
+        body = await self._call(
+            "GET", "/v1/websocket-endpoint", params={"session_token": session_token}
+        )
+        return WebSocketEndpoint(
+            websocket_url=str(body["websocket_url"]),
+            channels=tuple(body["channels"]),
+            message_format=dict(body["message_format"]),
+        )
+
+    def subscribe(
+        self,
+        channel: str,
+        *,
+        reconnect: bool = True,
+        backoff_min: float = 0.1,
+        backoff_max: float = 10.0,
+        idle_timeout: float = 60.0,
+    ) -> Subscription:
+        """The channel's agent messages as an async iterator (also an async context manager,
+        whose entry waits until the stream is open). ``idle_timeout``: a stream silent for that
+        long (no event, no keep-alive) counts as broken."""
+        return Subscription(
+            self,
+            channel,
+            reconnect=reconnect,
+            backoff_min=backoff_min,
+            backoff_max=backoff_max,
+            idle_timeout=idle_timeout,
+        )
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        json_body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        data = None if json_body is None else orjson.dumps(json_body)
+        headers = {"Content-Type": "application/json"} if data is not None else None
+        try:
+            async with self.session.request(
+                method, self.url(path), data=data, params=params, headers=headers
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise _error(resp.status, raw)
+        except aiohttp.ClientError as exc:
+            raise Unavailable(0, "connection_failed", f"{method} {path}: {exc!r}") from exc
+        except TimeoutError as exc:
+            raise Unavailable(0, "timeout", f"{method} {path} timed out") from exc
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise PostOfficeError(resp.status, "invalid_response", "answer is not JSON") from exc
+        if not isinstance(body, dict):
+            raise PostOfficeError(resp.status, "invalid_response", "answer is not an object")
+        return body
+
+
+def _body(message: dict[str, Any], traceparent: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"message": message}
+    if traceparent is not None:
+        body["traceparent"] = traceparent
+    return body
+
+
+def _error(status: int, raw: bytes) -> PostOfficeError:
+    code, message = "http_error", raw[:200].decode("utf-8", "replace")
+    try:
+        parsed = orjson.loads(raw)
+        error = parsed.get("error") if isinstance(parsed, dict) else None
+        if isinstance(error, dict):
+            code = str(error.get("code", code))
+            message = str(error.get("message", message))
+    except orjson.JSONDecodeError:
+        pass
+    return error_for(status, code, message)
+
+
+class Subscription:
+    """A channel's SSE stream; iterate it for :class:`AgentMessage` objects.
+
+    ``reconnects`` counts re-opened streams; ``last_event_id`` is the id of the last event
+    read (sent as ``Last-Event-ID`` when reconnecting). ``connected`` is set while a stream is
+    open. Fatal answers (400, 401, 403, 404) are raised, never retried.
+    """
+
+    def __init__(
+        self,
+        client: PostOfficeClient,
+        channel: str,
+        *,
+        reconnect: bool,
+        backoff_min: float,
+        backoff_max: float,
+        idle_timeout: float,
+    ) -> None:
+        self.client = client
+        self.channel = channel
+        self.reconnect = reconnect
+        self.backoff_min = backoff_min
+        self.backoff_max = max(backoff_min, backoff_max)
+        self.idle_timeout = idle_timeout
+        self.last_event_id: str | None = None
+        self.reconnects = 0
+        self.connected = asyncio.Event()
+        self._response: aiohttp.ClientResponse | None = None
+        self._opened_once = False
+        self._closed = False
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __aenter__(self) -> Subscription:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def open(self) -> None:
+        """Open the stream now (retrying while the API is unreachable, if reconnecting)."""
+        if self._response is None:
+            await self._connect_with_retry()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        await self._drop()
+
+    async def __anext__(self) -> AgentMessage:
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            if self._response is None:
+                await self._connect_with_retry()
+            try:
+                event = await self._read_event()
+            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+                log.info("stream of %s broke: %r", self.channel, exc)
+                event = None
+            if event is None:
+                await self._drop()
+                if self._closed:
+                    raise StopAsyncIteration
+                if not self.reconnect:
+                    raise Unavailable(0, "stream_ended", f"the stream of {self.channel!r} ended")
+                continue
+            kind, data = event
+            if kind == "message":
+                try:
+                    return AgentMessage.from_json(data)
+                except ValueError as exc:
+                    log.warning(
+                        "skipped an event of %s that is not an agent message: %s", self.channel, exc
+                    )
+                    continue
+            if kind == "error":
+                code, message = "stream_error", data[:200]
+                try:
+                    parsed = orjson.loads(data)
+                    code = str(parsed.get("code", code))
+                    message = str(parsed.get("message", message))
+                except (orjson.JSONDecodeError, AttributeError):
+                    pass
+                await self._drop()
+                if not self.reconnect:
+                    raise StreamError(200, code, message)
+                log.warning(
+                    "stream of %s ended with %s (%s); reconnecting", self.channel, code, message
+                )
+                continue
+            # Other event types are for other readers; skip them.
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _backoff(self, attempt: int) -> float:
+        ceiling = min(self.backoff_max, self.backoff_min * 2.0 ** min(attempt, 32))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+    async def _connect_with_retry(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._connect()
+            except PostOfficeError as exc:
+                if exc.status in _FATAL or not self.reconnect:
+                    raise
+                delay = self._backoff(attempt)
+                attempt += 1
+                log.info(
+                    "subscribing to %s failed (%s); retrying in %.2fs", self.channel, exc, delay
+                )
+                await asyncio.sleep(delay)
+                continue
+            if self._opened_once:
+                self.reconnects += 1
+            self._opened_once = True
+            return
+
+    async def _connect(self) -> None:
+        headers = {"Accept": "text/event-stream"}
+        if self.last_event_id:
+            headers["Last-Event-ID"] = self.last_event_id
+        url = self.client.url(f"/v1/channels/{_segment(self.channel)}/events")
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.idle_timeout)
+        try:
+            resp = await self.client.session.get(url, headers=headers, timeout=timeout)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Unavailable(
+                0, "connection_failed", f"subscribe {self.channel!r}: {exc!r}"
+            ) from exc
+        if resp.status != 200:
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, TimeoutError):
+                raw = b""
+            resp.release()
+            raise _error(resp.status, raw)
+        self._response = resp
+        self.connected.set()
+
+    async def _drop(self) -> None:
+        self.connected.clear()
+        resp, self._response = self._response, None
+        if resp is not None:
+            resp.close()
+
+    async def _read_event(self) -> tuple[str, str] | None:
+        """The next (event type, data) of the stream, or None at its end."""
+        resp = self._response
+        if resp is None:
+            return None
+        kind = "message"
+        data: list[str] = []
+        while True:
+            raw = await resp.content.readline()
+            if not raw:
+                return None
+            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if not line:
+                if data:
+                    return kind, "\n".join(data)
+                kind = "message"
+                continue
+            if line.startswith(":"):
+                continue
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "data":
+                data.append(value)
+            elif name == "event":
+                kind = value or "message"
+            elif name == "id" and "\0" not in value:
+                self.last_event_id = value or None

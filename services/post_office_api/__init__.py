@@ -1,0 +1,1 @@
+"""The Post Office HTTP API: the ``/v1`` calls realms and agents use (docs/api.md)."""

@@ -1,0 +1,407 @@
+"""HTTP handlers of the Post Office API, and its realm and metrics middlewares.
+
+Every refusal is a JSON error ``{"error": {"code", "message"}}`` (docs/api.md lists them):
+
+* 400 ``bad_request`` / ``invalid_json``: a malformed id, query parameter or body;
+* 401 ``unauthorized``: no ``Authorization: Bearer`` realm key, or an unknown one;
+* 403 ``forbidden``: the realm lacks the capability, which the message names;
+* 404 ``not_found`` / ``unknown_channel``: an unknown connection, or a channel that is not
+  configured;
+* 410 ``gone``: the connection no longer exists on any gateway;
+* 429 ``rate_limited``: the realm is over ``RATE_LIMIT_PER_SECOND`` (with ``Retry-After``);
+* 413 ``too_large``: the body is larger than ``MAX_BODY_BYTES`` (aiohttp refuses it while
+  reading; the skeleton's error middleware words it);
+* 503 ``unavailable``: Redis is down (skeleton), an agent queue is full, no gateway is known,
+  or the SSE hub cannot subscribe.
+
+Realm keys and session tokens never reach a log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, NoReturn
+
+import orjson
+from aiohttp import web
+from aiohttp_sse import EventSourceResponse
+
+from services.post_office_api import metrics
+from services.post_office_api.auth import PUBLIC_ROUTES, RealmKeys, missing_capability
+from services.post_office_api.delivery import CloseOutcome, SendOutcome
+from services.post_office_api.endpoint import message_format
+from services.post_office_api.hub import HubFull, HubUnavailable
+from services.post_office_api.keys import (
+    DELIVERIES,
+    ENDPOINTS,
+    HUB,
+    OPENAPI,
+    RATE_LIMITER,
+    REALM,
+    REALM_KEYS,
+    REGISTRY,
+    SETTINGS,
+)
+from shared import redis_names as names
+from shared.discovery import DiscoveryError
+from shared.http import json_response
+from shared.protocol import (
+    ErrorCode,
+    ProtocolError,
+    is_valid_connection_id,
+    is_valid_user_id,
+    parse_delivery_body,
+)
+from shared.tracing import message_traceparent
+
+__all__ = [
+    "MAX_CLOSE_REASON_BYTES",
+    "MAX_SESSION_TOKEN_LENGTH",
+    "UNKNOWN_CHANNEL_STATUS",
+    "broadcast_to_channel",
+    "close_connection",
+    "get_connection",
+    "metrics_middleware",
+    "openapi",
+    "publish_to_channel",
+    "realm_middleware",
+    "send_to_connection",
+    "send_to_user",
+    "subscribe_to_channel",
+    "websocket_endpoint",
+]
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: A session token longer than this is not one Traffic Cop issued (43 characters).
+MAX_SESSION_TOKEN_LENGTH = 512
+#: WebSocket close reasons are at most 123 bytes of UTF-8 (RFC 6455 5.5).
+MAX_CLOSE_REASON_BYTES = 123
+#: Unknown channels are 404 (the channel is part of the resource path).
+UNKNOWN_CHANNEL_STATUS = 404
+
+_ERRORS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest,
+    401: web.HTTPUnauthorized,
+    403: web.HTTPForbidden,
+    404: web.HTTPNotFound,
+    410: web.HTTPGone,
+    429: web.HTTPTooManyRequests,
+    503: web.HTTPServiceUnavailable,
+}
+
+
+def fail(
+    status: int, code: ErrorCode | str, message: str, headers: dict[str, str] | None = None
+) -> NoReturn:
+    """Raise the JSON error; the skeleton's error middleware lets JSON errors through as is."""
+    raise _ERRORS[status](
+        text=orjson.dumps({"error": {"code": str(code), "message": message}}).decode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+# -- middlewares ------------------------------------------------------------------------------
+
+
+def _operation(request: web.Request) -> str:
+    name = request.match_info.route.name
+    return name or "unmatched"
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Requests by operation and status; latency for every call but the SSE streams."""
+    operation = _operation(request)
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        metrics.REQUESTS.labels(operation=operation, status=str(status)).inc()
+        if operation != "subscribe_to_channel":
+            metrics.REQUEST_SECONDS.labels(operation=operation).observe(time.perf_counter() - start)
+
+
+@web.middleware
+async def realm_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """401 without a known realm key, 403 when the realm lacks the route's capability, 429
+    when it is over its rate limit."""
+    route = request.match_info.route.name
+    if route is None or route in PUBLIC_ROUTES or not request.path.startswith("/v1/"):
+        # Unmatched paths and methods fall through to aiohttp's 404/405 (as JSON).
+        return await handler(request)
+    token = RealmKeys.bearer(request.headers.get("Authorization"))
+    if token is None:
+        fail(
+            401,
+            ErrorCode.UNAUTHORIZED,
+            "missing realm key: send Authorization: Bearer <realm key>",
+            {"WWW-Authenticate": 'Bearer realm="post-office"'},
+        )
+    realm = request.app[REALM_KEYS].realm_for(token)
+    if realm is None:
+        fail(
+            401,
+            ErrorCode.UNAUTHORIZED,
+            "unknown realm key",
+            {"WWW-Authenticate": 'Bearer realm="post-office", error="invalid_token"'},
+        )
+    missing = missing_capability(realm, route)
+    if missing is not None:
+        fail(
+            403,
+            ErrorCode.FORBIDDEN,
+            f"realm {realm!r} lacks the capability {missing} needed by {route}",
+        )
+    wait = request.app[RATE_LIMITER].take(realm)
+    if wait > 0:
+        fail(
+            429,
+            ErrorCode.RATE_LIMITED,
+            f"realm {realm!r} is over its rate limit; retry in {wait:.2f}s",
+            {"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+    request[REALM] = realm
+    return await handler(request)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _channel(request: web.Request) -> str:
+    channel = request.match_info["channel"]
+    channels = request.app[SETTINGS].channels
+    if channel not in channels:
+        fail(
+            UNKNOWN_CHANNEL_STATUS,
+            ErrorCode.UNKNOWN_CHANNEL,
+            f"unknown channel {channel[:64]!r}; channels: {', '.join(channels)}",
+        )
+    return channel
+
+
+def _connection_id(request: web.Request) -> str:
+    connection_id = request.match_info["connection_id"]
+    if not is_valid_connection_id(connection_id):
+        fail(
+            400,
+            ErrorCode.BAD_REQUEST,
+            f"malformed connection id {connection_id[:80]!r}: expected ws_<user_id>_<8 hex>",
+        )
+    return connection_id
+
+
+async def _delivery_body(request: web.Request) -> tuple[dict[str, Any], str | None]:
+    data = await request.read()
+    try:
+        return parse_delivery_body(data)
+    except ProtocolError as exc:
+        fail(400, exc.code, exc.message)
+
+
+# -- handlers ---------------------------------------------------------------------------------
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+async def websocket_endpoint(request: web.Request) -> web.Response:
+    token = request.query.get("session_token", "")
+    if not token:
+        fail(400, ErrorCode.BAD_REQUEST, "the session_token query parameter is required")
+    if len(token) > MAX_SESSION_TOKEN_LENGTH:
+        fail(400, ErrorCode.BAD_REQUEST, "session_token is too long to be a session token")
+    settings = request.app[SETTINGS]
+    try:
+        url = await request.app[ENDPOINTS].url(token)
+    except DiscoveryError as exc:
+        log.warning("no gateway for websocket-endpoint: %s", exc)
+        fail(
+            503, ErrorCode.UNAVAILABLE, "no gateway is available; retry later", {"Retry-After": "1"}
+        )
+    return json_response(
+        {
+            "websocket_url": url,
+            "channels": list(settings.channels),
+            "message_format": message_format(settings.channels),
+        }
+    )
+
+
+async def publish_to_channel(request: web.Request) -> web.Response:
+    channel = _channel(request)
+    message, parent = await _delivery_body(request)
+    outcome = await request.app[DELIVERIES].publish(
+        channel, message, message_traceparent(parent), request[REALM]
+    )
+    metrics.PUBLISHED.labels(outcome=outcome.status).inc()
+    if outcome.status == "refused":
+        fail(
+            503,
+            ErrorCode.UNAVAILABLE,
+            f"no agent listens on {channel!r} and its queue is full; retry later",
+            {"Retry-After": "1"},
+        )
+    return json_response({"message_id": outcome.message_id, "status": outcome.status}, 202)
+
+
+async def send_to_connection(request: web.Request) -> web.Response:
+    connection_id = _connection_id(request)
+    message, _parent = await _delivery_body(request)
+    result = await request.app[DELIVERIES].to_connection(connection_id, orjson.dumps(message))
+    if result > 0:
+        metrics.DELIVERIES.labels(kind="connection", outcome="delivered").inc()
+        return json_response({"delivered": result}, 202)
+    metrics.DELIVERIES.labels(kind="connection", outcome="gone").inc()
+    why = {
+        SendOutcome.NO_RECORD: "is unknown or has disconnected",
+        SendOutcome.STALE: "has no live gateway; its record was removed",
+        SendOutcome.GATEWAY_ALIVE_NOT_RECEIVED: "was not received by any gateway",
+    }.get(SendOutcome(result), "is gone")
+    fail(410, ErrorCode.GONE, f"connection {connection_id!r} {why}")
+
+
+async def get_connection(request: web.Request) -> web.Response:
+    connection_id = _connection_id(request)
+    record = await request.app[REGISTRY].get(connection_id)
+    if record is None:
+        fail(404, ErrorCode.NOT_FOUND, f"connection {connection_id!r} is unknown")
+    return json_response(record)
+
+
+def _close_code(request: web.Request) -> int:
+    raw = request.query.get("code", "1000")
+    try:
+        code = int(raw)
+    except ValueError:
+        fail(400, ErrorCode.BAD_REQUEST, f"code={raw[:20]!r}: expected an integer")
+    if code != 1000 and not 3000 <= code <= 4999:
+        fail(400, ErrorCode.BAD_REQUEST, f"code={code}: use 1000 or an application code 3000-4999")
+    return code
+
+
+async def close_connection(request: web.Request) -> web.Response:
+    connection_id = _connection_id(request)
+    code = _close_code(request)
+    reason = request.query.get("reason", "closed by the Post Office API")
+    if len(reason.encode("utf-8", "surrogatepass")) > MAX_CLOSE_REASON_BYTES:
+        fail(400, ErrorCode.BAD_REQUEST, f"reason is longer than {MAX_CLOSE_REASON_BYTES} bytes")
+    outcome, instance = await request.app[DELIVERIES].close(connection_id, code, reason)
+    metrics.DELIVERIES.labels(kind="close", outcome=outcome.value).inc()
+    if outcome is CloseOutcome.NOT_FOUND:
+        fail(404, ErrorCode.NOT_FOUND, f"connection {connection_id!r} is unknown")
+    if outcome is CloseOutcome.GATEWAY_GONE:
+        fail(410, ErrorCode.GONE, f"connection {connection_id!r} had no live gateway; removed")
+    if outcome is CloseOutcome.NOT_RECEIVED:
+        fail(
+            503,
+            ErrorCode.UNAVAILABLE,
+            f"gateway {instance!r} did not receive the close command; retry later",
+            {"Retry-After": "1"},
+        )
+    return json_response(
+        {
+            "status": "closing",
+            "connection_id": connection_id,
+            "gateway_instance": instance,
+            "code": code,
+        },
+        202,
+    )
+
+
+async def send_to_user(request: web.Request) -> web.Response:
+    user_id = request.match_info["user_id"]
+    if not is_valid_user_id(user_id):
+        fail(400, ErrorCode.BAD_REQUEST, f"malformed user id {user_id[:80]!r}")
+    message, _parent = await _delivery_body(request)
+    outcome = await request.app[DELIVERIES].to_user(user_id, orjson.dumps(message))
+    metrics.DELIVERIES.labels(
+        kind="user", outcome="delivered" if outcome.delivered else "none"
+    ).inc()
+    return json_response(
+        {
+            "delivered": outcome.delivered,
+            "connections": outcome.connections,
+            "stale_removed": outcome.stale_removed,
+        },
+        202,
+    )
+
+
+async def broadcast_to_channel(request: web.Request) -> web.Response:
+    channel = _channel(request)
+    message, _parent = await _delivery_body(request)
+    outcome = await request.app[DELIVERIES].broadcast(channel, orjson.dumps(message))
+    metrics.DELIVERIES.labels(kind="broadcast", outcome="sent").inc()
+    return json_response({"gateways": outcome.gateways, "connections": outcome.connections}, 202)
+
+
+async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: every agent message published on the channel from now on.
+
+    Headers are sent only once Redis confirmed the subscription, so a client that got them
+    receives everything published afterwards. Each event's ``id`` is the message id. The stream
+    ends with ``event: error`` (code ``too_slow``) when the client reads too slowly for its
+    bounded buffer, and ends cleanly when the process drains.
+    """
+    channel = _channel(request)
+    settings = request.app[SETTINGS]
+    hub = request.app[HUB]
+    try:
+        sub = await hub.join(names.agent_channel(channel))
+    except HubFull as exc:
+        fail(503, ErrorCode.UNAVAILABLE, str(exc), {"Retry-After": "5"})
+    except HubUnavailable as exc:
+        fail(503, ErrorCode.UNAVAILABLE, str(exc), {"Retry-After": "1"})
+    watcher: asyncio.Task[None] | None = None
+    stream = EventSourceResponse(
+        ping_interval=settings.sse_keepalive_seconds,
+        send_timeout=settings.sse_send_timeout_seconds,
+    )
+    try:
+        await stream.prepare(request)
+        async with stream:
+            # The keep-alive task ends when a write fails: the client has gone. Closing the
+            # subscriber then wakes the loop below instead of waiting for the next event.
+            watcher = asyncio.create_task(stream.wait(), name="sse-client-watch")
+            watcher.add_done_callback(lambda _t: sub.close("client_gone"))
+            await stream.write(
+                f"retry: {settings.sse_retry_ms}\r\n: subscribed to {channel}\r\n\r\n".encode()
+            )
+            while (event := await sub.get()) is not None:
+                sse_id, data = event
+                await stream.send(data, id=sse_id)
+            if sub.closed == "too_slow":
+                await stream.send(
+                    orjson.dumps(
+                        {
+                            "code": "too_slow",
+                            "message": f"more than {settings.sse_queue_size} events were "
+                            "waiting for this stream; reconnect",
+                        }
+                    ).decode(),
+                    event="error",
+                )
+    except (ConnectionResetError, TimeoutError) as exc:
+        log.info("SSE stream on %s ended: %r", channel, exc)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+            await asyncio.wait([watcher])
+        await hub.leave(sub)
+    return stream

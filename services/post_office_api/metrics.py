@@ -1,0 +1,58 @@
+"""Prometheus metrics of the Post Office API (``postoffice_api_*``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+__all__ = [
+    "DELIVERIES",
+    "PUBLISHED",
+    "PUBSUB_RECONNECTS",
+    "REQUESTS",
+    "REQUEST_SECONDS",
+    "SSE_DROPPED",
+    "SSE_EVENTS",
+    "SSE_INVALID",
+    "SSE_SUBSCRIBERS",
+    "STALE_REMOVED",
+]
+
+REQUESTS = Counter(
+    "postoffice_api_requests_total",
+    "API requests by operation and status",
+    ["operation", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "postoffice_api_request_seconds",
+    "API request latency by operation (SSE streams excluded)",
+    ["operation"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+PUBLISHED = Counter(
+    "postoffice_api_channel_messages_total",
+    "messages published to agent channels, by outcome (published, queued, refused)",
+    ["outcome"],
+)
+DELIVERIES = Counter(
+    "postoffice_api_deliveries_total",
+    "delivery calls by kind (connection, user, broadcast, close) and outcome",
+    ["kind", "outcome"],
+)
+STALE_REMOVED = Counter(
+    "postoffice_api_stale_connections_removed_total",
+    "registry records removed because no gateway held the connection any more",
+)
+SSE_SUBSCRIBERS = Gauge("postoffice_api_sse_subscribers", "open SSE streams")
+SSE_EVENTS = Counter("postoffice_api_sse_events_total", "events handed to SSE subscribers")
+SSE_DROPPED = Counter(
+    "postoffice_api_sse_dropped_subscribers_total",
+    "SSE subscribers dropped by the server, by reason",
+    ["reason"],
+)
+SSE_INVALID = Counter(
+    "postoffice_api_sse_invalid_messages_total",
+    "messages on agent channels that were not JSON objects (not forwarded)",
+)
+PUBSUB_RECONNECTS = Counter(
+    "postoffice_api_pubsub_reconnects_total", "reconnections of the pub/sub listener to Redis"
+)

@@ -1,0 +1,131 @@
+"""The guide agent: its answers (pure), and the real agent process against a real API process,
+answering a message published on websocket:guide as a gateway would."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from agents.guide.agent import answer
+from shared import redis_names as names
+from shared.protocol import DEFAULT_CHANNELS, agent_message, new_message_id, parse_client_frame
+from shared.registry import ConnectionRecord, Registry
+from tests.api_util import Listener, listening, numsub
+from tests.helpers import RedisServer, ServiceProcess, free_port, wait_for, wait_for_sync
+
+
+def test_answers() -> None:
+    assert "pillar:content" in answer("help", DEFAULT_CHANNELS)
+    assert "time" in answer(" HELP ", DEFAULT_CHANNELS)
+    moment = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+    assert answer("time", DEFAULT_CHANNELS, now=moment) == "It is 2026-01-02T03:04:05Z."
+    assert answer("hello there", DEFAULT_CHANNELS) == "You said: hello there"
+    assert "help" in answer("   ", DEFAULT_CHANNELS)
+
+
+def api_process(redis_url: str, port: int | None = None) -> ServiceProcess:
+    service = ServiceProcess(
+        "services.post_office_api",
+        {"REDIS_URL": redis_url, "POST_OFFICE_SSE_KEEPALIVE_SECONDS": "0.2"},
+        port=port,
+    )
+    service.env["POST_OFFICE_PORT"] = str(service.port)
+    return service
+
+
+@pytest.fixture
+def stack(redis_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
+    port = free_port()
+    api = api_process(redis_url, port).start()
+    agent = ServiceProcess(
+        "agents.guide",
+        {
+            "POST_OFFICE_URL": api.url,
+            "GUIDE_AGENT_BACKOFF_MIN_SECONDS": "0.05",
+            "GUIDE_AGENT_BACKOFF_MAX_SECONDS": "0.2",
+            "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": "2",
+        },
+    ).start(wait_ready=False)
+    yield api, agent
+    agent.stop()
+    api.stop()
+
+
+async def agent_listening(redis: Redis) -> bool:
+    return await numsub(redis, names.agent_channel("guide")) == 1
+
+
+async def ask(redis: Redis, gateway: Listener, cid: str, text: str) -> dict[str, object]:
+    envelope = parse_client_frame(
+        orjson.dumps({"channel": "guide", "payload": {"message": text, "conversation_id": "c1"}})
+    )
+    msg = agent_message(
+        envelope,
+        message_id=new_message_id(),
+        connection_id=cid,
+        user_id="alice",
+        gateway_instance="gw-1",
+    )
+    assert await redis.publish(names.agent_channel("guide"), msg.to_bytes()) == 1
+    channel, frame = await gateway.next(10)
+    assert channel == names.connection_messages(cid)
+    reply: dict[str, object] = orjson.loads(frame)
+    assert reply["in_reply_to"] == msg.message_id
+    return reply
+
+
+async def test_guide_agent_answers_and_survives_an_api_restart(
+    redis: Redis, redis_server: RedisServer, stack: tuple[ServiceProcess, ServiceProcess]
+) -> None:
+    api, agent = stack
+    cid = "ws_alice_0000beef"
+    await Registry(redis, 60).register(
+        ConnectionRecord(cid, "alice", "sess_0123456789abcdef", "gw-1", time.time(), ("guide",))
+    )
+    await redis.set(names.gateway_instance("gw-1"), "1", ex=60)
+    await wait_for(lambda: agent_listening(redis), 15, what="guide agent subscribed")
+    async with listening(redis, names.connection_messages(cid)) as gateway:
+        reply = await ask(redis, gateway, cid, "hello")
+        assert reply == {
+            "type": "response",
+            "agent_type": "guide",
+            "in_reply_to": reply["in_reply_to"],
+            "message": "You said: hello",
+            "conversation_id": "c1",
+        }
+        assert "pillar:insights" in str((await ask(redis, gateway, cid, "help"))["message"])
+        assert str((await ask(redis, gateway, cid, "time"))["message"]).startswith("It is ")
+
+        # The API restarts: the agent re-subscribes with backoff and answers again.
+        assert api.stop() == 0
+        api = api_process(redis_server.url, api.port).start()
+        stack_api = api
+        try:
+            await wait_for(lambda: agent_listening(redis), 15, what="agent re-subscribed")
+            reply = await ask(redis, gateway, cid, "again")
+            assert reply["message"] == "You said: again"
+        finally:
+            stack_api.stop()
+    assert agent.stop() == 0, agent.log()[-3000:]
+    assert "dev-smart_city" not in agent.log()
+
+
+def test_a_refused_realm_key_stops_the_agent_with_1(redis_url: str) -> None:
+    api = api_process(redis_url).start()
+    try:
+        agent = ServiceProcess(
+            "agents.guide",
+            {"POST_OFFICE_URL": api.url, "GUIDE_AGENT_REALM_KEY": "wrong-key"},
+        ).start(wait_ready=False)
+        assert agent.proc is not None
+        wait_for_sync(lambda: agent.proc is not None and agent.proc.poll() is not None, 15)
+        log = agent.log()
+        assert agent.stop() == 1
+        assert "unauthorized" in log and "wrong-key" not in log
+    finally:
+        api.stop()
