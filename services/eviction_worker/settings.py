@@ -1,0 +1,134 @@
+"""Settings of the eviction worker, read from ``EVICTION_*`` environment variables."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+from shared.protocol import DEFAULT_CHANNELS
+from shared.settings import SettingsError, masked_repr, setting
+
+__all__ = ["PREFIX", "EvictionSettings"]
+
+PREFIX = "EVICTION_"
+DESCRIPTION = (
+    "Post Office eviction worker: evicts idle connections, cleans up after dead gateways and "
+    "drains the agent-channel queues. Serves /health, /ready and /metrics only."
+)
+
+
+@dataclass(frozen=True, repr=False)
+class EvictionSettings:
+    host: str = setting("127.0.0.1", "address to bind /health, /ready and /metrics to")
+    port: int = setting(8400, "port of /health, /ready and /metrics", minimum=0, maximum=65535)
+    advertise_host: str = setting(
+        "", "address registered in Consul (default: HOST, or the hostname when HOST is 0.0.0.0)"
+    )
+    instance_id: str = setting("", "this worker's id in logs and Consul (default: host-pid)")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL", common=True)
+    traffic_cop_url: str = setting(
+        "http://127.0.0.1:8300", "Traffic Cop base URL (Consul wins when set)", common=True
+    )
+    traffic_cop_service_key: str = setting(
+        "dev-traffic_cop", "bearer key for Traffic Cop's internal API", secret=True, common=True
+    )
+    traffic_cop_timeout_seconds: float = setting(
+        2.0, "timeout of one Traffic Cop call", minimum=0.05
+    )
+    traffic_cop_pending_limit: int = setting(
+        100_000,
+        "evicted connections waiting to be reported to Traffic Cop; past it the oldest report "
+        "is dropped (counted and logged; the session's own TTL then cleans Traffic Cop's side)",
+        minimum=1,
+    )
+    traffic_cop_retry_base_seconds: float = setting(
+        0.1, "first pause before retrying reports while Traffic Cop is unavailable", minimum=0.001
+    )
+    traffic_cop_retry_cap_seconds: float = setting(
+        5.0,
+        "longest pause between report retries while Traffic Cop stays unavailable (doubling, "
+        "jittered)",
+        minimum=0.001,
+    )
+    consul_url: str = setting("", "Consul agent URL; empty: no registration", common=True)
+    max_idle_seconds: float = setting(
+        300.0,
+        "a connection with no frame or pong for this long is evicted",
+        common=True,
+        minimum=0.1,
+    )
+    interval_seconds: float = setting(5.0, "pause between two passes", minimum=0.01)
+    batch_size: int = setting(
+        1000, "stale ids read and evicted per round trip (one page of a pass)", minimum=1
+    )
+    pass_limit: int = setting(
+        100_000,
+        "most connections one pass looks at (stale ones, and each dead gateway's); the rest "
+        "waits for the next pass",
+        minimum=1,
+    )
+    concurrency: int = setting(
+        4,
+        "pages in flight to Redis at once, and Traffic Cop calls in flight",
+        minimum=1,
+        maximum=256,
+    )
+    queue_drain_batch: int = setting(
+        500, "most queued messages moved per channel per round trip", minimum=1
+    )
+    queue_drain_limit: int = setting(
+        50_000, "most queued messages moved per channel per pass", minimum=1
+    )
+    channels: tuple[str, ...] = setting(
+        DEFAULT_CHANNELS, "agent channels whose queues are drained (comma-separated)"
+    )
+    error_backoff_seconds: float = setting(
+        5.0, "longest pause between two passes while passes fail (Redis down)", minimum=0.01
+    )
+    run_once: bool = setting(
+        False, "run one pass, print its JSON summary on stdout and exit 0 (tests, cron)"
+    )
+    shutdown_timeout: float = setting(
+        10.0, "on SIGTERM, how long the current pass may take to finish", minimum=0.0
+    )
+    log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING or ERROR", common=True)
+
+    __repr__ = masked_repr
+
+    def validate(self) -> None:
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise SettingsError(
+                f"{PREFIX}LOG_LEVEL={self.log_level!r}: must be one of DEBUG, INFO, WARNING, ERROR"
+            )
+        if not self.channels:
+            raise SettingsError(f"{PREFIX}CHANNELS: at least one channel is required")
+        if self.batch_size > self.pass_limit:
+            raise SettingsError(
+                f"{PREFIX}BATCH_SIZE={self.batch_size!r} is larger than "
+                f"{PREFIX}PASS_LIMIT={self.pass_limit!r}"
+            )
+        if self.traffic_cop_retry_base_seconds > self.traffic_cop_retry_cap_seconds:
+            raise SettingsError(
+                f"{PREFIX}TRAFFIC_COP_RETRY_BASE_SECONDS={self.traffic_cop_retry_base_seconds!r} "
+                f"is larger than {PREFIX}TRAFFIC_COP_RETRY_CAP_SECONDS="
+                f"{self.traffic_cop_retry_cap_seconds!r}"
+            )
+        if self.queue_drain_batch > self.queue_drain_limit:
+            raise SettingsError(
+                f"{PREFIX}QUEUE_DRAIN_BATCH={self.queue_drain_batch!r} is larger than "
+                f"{PREFIX}QUEUE_DRAIN_LIMIT={self.queue_drain_limit!r}"
+            )
+
+    @property
+    def instance(self) -> str:
+        return self.instance_id or f"eviction-{socket.gethostname()}-{os.getpid()}"
+
+    @property
+    def advertised_host(self) -> str:
+        """The address other processes (Consul's check) reach this one at."""
+        if self.advertise_host:
+            return self.advertise_host
+        if self.host in ("0.0.0.0", "::", ""):
+            return socket.gethostname()
+        return self.host

@@ -1,0 +1,379 @@
+"""One eviction pass, and the loop that runs a pass every interval.
+
+A pass does three things, each in pages of pipelined Redis work, never a key scan:
+
+1. **Idle connections.** Ids come from the stale end of ``websocket:connections:last_seen``
+   (``ZRANGEBYSCORE -inf cutoff LIMIT``), a page at a time. Each page is one pipeline of
+   :meth:`shared.registry.Registry.unregister_many` scripts (split over ``concurrency``
+   connections). The script is the claim: it re-checks the score, removes the record and its
+   index entries, announces ``evicted`` on ``websocket:events`` and tells the holding gateway
+   to close the socket with 1008 ``idle`` — all atomically, and only for the one caller that
+   removed the record, so several workers can run at once and each eviction happens once.
+   Ids without a record only lose their last-seen entry.
+2. **Dead gateways.** Members of ``websocket:gateways`` whose liveness key is gone: every
+   connection in the instance's set is unregistered (``gateway_lost``, only if the record still
+   names that instance), then the instance is forgotten, unless its key came back meanwhile.
+3. **Queues.** One pipelined ``LLEN`` finds the configured channels with queued messages; each
+   of those queues is drained to its subscribers, oldest first; a message leaves the queue only
+   once a subscriber got it.
+
+Evicted ids go to the :class:`~services.eviction_worker.reporter.TrafficCopReporter`, which
+tells Traffic Cop in the background so an unreachable Traffic Cop never holds a pass up.
+
+A stop request (SIGTERM) is honoured between pages: the page in flight finishes (its scripts
+are atomic anyway), the rest waits for the next worker's pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from services.eviction_worker import metrics
+from services.eviction_worker.reporter import TrafficCopReporter
+from services.eviction_worker.settings import EvictionSettings
+from shared import redis_names as names
+from shared.protocol import CloseCode
+from shared.registry import Registry
+
+__all__ = ["Evictor", "PassSummary"]
+
+log = logging.getLogger(__name__)
+
+IDLE = "idle"
+GATEWAY_LOST = "gateway_lost"
+#: Below this many ids a page is not split over several connections: the split costs more
+#: round trips than it saves.
+_MIN_CHUNK = 64
+
+
+def _text(value: Any) -> str:
+    """A member as returned by the client (bytes: the clients never decode responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass
+class PassSummary:
+    """What one pass did; printed by run-once mode and served on ``/status``."""
+
+    started_at: float
+    cutoff: float
+    duration_seconds: float = 0.0
+    complete: bool = True
+    stale_found: int = 0
+    evicted: dict[str, int] = field(default_factory=lambda: {IDLE: 0, GATEWAY_LOST: 0})
+    still_alive: int = 0
+    already_gone: int = 0
+    held_elsewhere: int = 0
+    errors: int = 0
+    dead_gateways: list[str] = field(default_factory=list)
+    drained: dict[str, int] = field(default_factory=dict)
+    round_trips: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def eventful(self) -> bool:
+        return bool(
+            sum(self.evicted.values())
+            or self.dead_gateways
+            or sum(self.drained.values())
+            or self.errors
+            or not self.complete
+        )
+
+
+class Evictor:
+    """Runs passes against one Redis client. Safe to run in several processes at once."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        max_idle_seconds: float,
+        batch_size: int = 1000,
+        pass_limit: int = 100_000,
+        concurrency: int = 4,
+        channels: Sequence[str] = (),
+        queue_drain_batch: int = 500,
+        queue_drain_limit: int = 50_000,
+        reporter: TrafficCopReporter | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> None:
+        self.redis = redis
+        # The worker never writes a record, so the TTL Registry would give one is unused.
+        self.registry = Registry(redis, record_ttl=max_idle_seconds)
+        self.max_idle_seconds = max_idle_seconds
+        self.batch_size = batch_size
+        self.pass_limit = pass_limit
+        self.concurrency = concurrency
+        self.channels = tuple(channels)
+        self.queue_drain_batch = queue_drain_batch
+        self.queue_drain_limit = queue_drain_limit
+        self.reporter = reporter
+        self.stop = stop or asyncio.Event()
+        self.last_summary: PassSummary | None = None
+        self.last_error: str | None = None
+
+    @classmethod
+    def from_settings(
+        cls,
+        redis: Redis,
+        settings: EvictionSettings,
+        reporter: TrafficCopReporter | None = None,
+        stop: asyncio.Event | None = None,
+    ) -> Evictor:
+        return cls(
+            redis,
+            max_idle_seconds=settings.max_idle_seconds,
+            batch_size=settings.batch_size,
+            pass_limit=settings.pass_limit,
+            concurrency=settings.concurrency,
+            channels=settings.channels,
+            queue_drain_batch=settings.queue_drain_batch,
+            queue_drain_limit=settings.queue_drain_limit,
+            reporter=reporter,
+            stop=stop,
+        )
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self, interval: float, error_backoff_cap: float = 5.0) -> None:
+        """A pass every ``interval`` seconds until :attr:`stop` is set. A failing pass (Redis
+        down) is logged and retried with capped, jittered backoff; nothing here crashes the
+        process, and cancellation propagates."""
+        failures = 0
+        while not self.stop.is_set():
+            try:
+                await self.run_pass()
+            except RedisError as exc:
+                failures += 1
+                self._failed(exc)
+                log.warning("pass failed (%d in a row): %r", failures, exc)
+            except Exception as exc:  # a bug must not end eviction for good: log, retry
+                failures += 1
+                self._failed(exc)
+                log.exception("pass failed unexpectedly (%d in a row)", failures)
+            else:
+                failures = 0
+            delay = interval
+            if failures:
+                ceiling = min(max(interval, error_backoff_cap), interval * 2**failures)
+                delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+
+    def _failed(self, exc: BaseException) -> None:
+        metrics.PASS_ERRORS.inc()
+        self.last_error = f"{type(exc).__name__}: {exc}"[:300]
+
+    async def run_pass(self, now: float | None = None) -> PassSummary:
+        """One pass; raises :class:`redis.exceptions.RedisError` when Redis fails mid-way
+        (whatever was done stays done: each step is atomic per connection)."""
+        started = time.time() if now is None else now
+        clock = time.perf_counter()
+        summary = PassSummary(started_at=started, cutoff=started - self.max_idle_seconds)
+        with metrics.PASS_DURATION.time():
+            await self._evict_stale(summary)
+            await self._clean_dead_gateways(summary)
+            await self._drain_queues(summary)
+        summary.duration_seconds = round(time.perf_counter() - clock, 6)
+        self.last_summary = summary
+        self.last_error = None
+        metrics.LAST_PASS.set(time.time())
+        level = logging.INFO if summary.eventful else logging.DEBUG
+        log.log(
+            level,
+            "pass: %d stale, evicted %r, %d dead gateways, drained %r in %.3fs (%d round trips)",
+            summary.stale_found,
+            summary.evicted,
+            len(summary.dead_gateways),
+            summary.drained,
+            summary.duration_seconds,
+            summary.round_trips,
+        )
+        return summary
+
+    # -- step 1: idle connections ---------------------------------------------------------
+
+    async def _evict_stale(self, summary: PassSummary) -> None:
+        cutoff = summary.cutoff
+        looked = 0
+        # Ids whose script failed keep their place at the very front of the stale range (all
+        # others of their page left it), so the next page starts after them.
+        skip = 0
+        while True:
+            if looked >= self.pass_limit or self.stop.is_set():
+                summary.complete = False
+                return
+            want = min(self.batch_size, self.pass_limit - looked)
+            raw = await self.redis.zrangebyscore(
+                names.LAST_SEEN, "-inf", cutoff, start=skip, num=want
+            )
+            summary.round_trips += 1
+            ids = [_text(i) for i in raw]
+            looked += len(ids)
+            summary.stale_found += len(ids)
+            metrics.STALE_FOUND.inc(len(ids))
+            if ids:
+                results = await self._unregister(
+                    summary,
+                    ids,
+                    reason=IDLE,
+                    stale_before=cutoff,
+                    close_code=int(CloseCode.POLICY_VIOLATION),
+                )
+                skip += self._tally(summary, ids, results, IDLE)
+            if len(ids) < want:
+                return
+
+    # -- step 2: dead gateways ------------------------------------------------------------
+
+    async def _clean_dead_gateways(self, summary: PassSummary) -> None:
+        members = sorted(_text(m) for m in await self.redis.smembers(names.GATEWAYS))
+        summary.round_trips += 1
+        if not members:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for instance in members:
+                pipe.exists(names.gateway_instance(instance))
+            alive = await pipe.execute()
+        summary.round_trips += 1
+        budget = self.pass_limit
+        for instance, is_alive in zip(members, alive, strict=True):
+            if is_alive:
+                continue
+            if self.stop.is_set() or budget <= 0:
+                summary.complete = False
+                return
+            cursor: int = 0
+            while True:
+                cursor, raw = await self.redis.sscan(
+                    names.gateway_connections(instance), cursor, count=self.batch_size
+                )
+                summary.round_trips += 1
+                ids = [_text(i) for i in raw]
+                budget -= len(ids)
+                if ids:
+                    results = await self._unregister(
+                        summary, ids, reason=GATEWAY_LOST, expected_gateway=instance
+                    )
+                    self._tally(summary, ids, results, GATEWAY_LOST)
+                if cursor == 0:
+                    break
+                if self.stop.is_set() or budget <= 0:
+                    # Not forgotten yet: the next pass picks this instance up again.
+                    summary.complete = False
+                    return
+            forgotten = await self.registry.forget_gateway(instance)
+            summary.round_trips += 1
+            if forgotten:
+                summary.dead_gateways.append(instance)
+                metrics.DEAD_GATEWAYS.inc()
+                log.info("gateway %s is gone: its records were removed", instance)
+
+    # -- step 3: queues -------------------------------------------------------------------
+
+    async def _drain_queues(self, summary: PassSummary) -> None:
+        # One pipelined LLEN round trip first: queues are empty almost always, and a script
+        # run per channel per pass would be the idle worker's largest cost.
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for channel in self.channels:
+                pipe.llen(names.queue(channel))
+            lengths = await pipe.execute()
+        summary.round_trips += 1
+        waiting = [c for c, n in zip(self.channels, lengths, strict=True) if int(n)]
+        for channel in self.channels:
+            summary.drained[channel] = 0
+
+        async def drain(channel: str) -> int:
+            moved = 0
+            while moved < self.queue_drain_limit and not self.stop.is_set():
+                want = min(self.queue_drain_batch, self.queue_drain_limit - moved)
+                sent = await self.registry.drain_queue(channel, want)
+                summary.round_trips += 1
+                moved += sent
+                if sent < want:
+                    break
+            return moved
+
+        counts = await asyncio.gather(*(drain(c) for c in waiting))
+        for channel, moved in zip(waiting, counts, strict=True):
+            summary.drained[channel] = moved
+            if moved:
+                metrics.QUEUE_DRAINED.labels(channel).inc(moved)
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _unregister(
+        self,
+        summary: PassSummary,
+        ids: list[str],
+        *,
+        reason: str,
+        stale_before: float | None = None,
+        expected_gateway: str | None = None,
+        close_code: int | None = None,
+    ) -> list[int | Exception]:
+        """The page's scripts, pipelined over up to ``concurrency`` connections at once."""
+        parts = max(1, min(self.concurrency, len(ids) // _MIN_CHUNK))
+        size = -(-len(ids) // parts)
+        chunks = [ids[i : i + size] for i in range(0, len(ids), size)]
+        answers = await asyncio.gather(
+            *(
+                self.registry.unregister_many(
+                    chunk,
+                    event="evicted",
+                    reason=reason,
+                    stale_before=stale_before,
+                    expected_gateway=expected_gateway,
+                    close_code=close_code,
+                )
+                for chunk in chunks
+            )
+        )
+        summary.round_trips += len(chunks)
+        return [result for answer in answers for result in answer]
+
+    def _tally(
+        self, summary: PassSummary, ids: list[str], results: list[int | Exception], reason: str
+    ) -> int:
+        """Count the outcomes, hand the evicted ids to the reporter; return the failures."""
+        evicted: list[str] = []
+        failed = gone = 0
+        for cid, result in zip(ids, results, strict=True):
+            if isinstance(result, Exception):
+                failed += 1
+                log.error("could not unregister: %r", result, extra={"connection_id": cid})
+            elif result == 1:
+                evicted.append(cid)
+            elif result == 0:
+                gone += 1
+            elif result == -1:
+                summary.still_alive += 1
+            else:
+                summary.held_elsewhere += 1
+        summary.errors += failed
+        summary.already_gone += gone
+        metrics.ALREADY_GONE.inc(gone)
+        summary.evicted[reason] += len(evicted)
+        if failed:
+            metrics.UNREGISTER_ERRORS.inc(failed)
+        if evicted:
+            metrics.EVICTIONS.labels(reason).inc(len(evicted))
+            if log.isEnabledFor(logging.DEBUG):
+                for cid in evicted:
+                    log.debug("evicted (%s)", reason, extra={"connection_id": cid})
+            if self.reporter is not None:
+                self.reporter.submit(evicted)
+        return failed

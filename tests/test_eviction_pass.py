@@ -1,0 +1,260 @@
+"""One eviction pass in-process (:class:`services.eviction_worker.worker.Evictor`), against a
+real redis-server and, where Traffic Cop is involved, a real Traffic Cop process.
+
+What a running worker process does with these passes (the loop, several copies, SIGTERM,
+readiness) is in ``test_eviction_worker.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from services.eviction_worker.app import traffic_cop_reporter
+from services.eviction_worker.settings import PREFIX, EvictionSettings
+from services.eviction_worker.worker import Evictor
+from shared import redis_names as names
+from shared.registry import PublishResult, Registry
+from shared.settings import load
+from shared.traffic_cop_client import TrafficCopClient
+from tests.eviction_util import Subscriber, gateway_alive, gone, register, stale_time, traces
+from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, timeout, wait_for
+
+MAX_IDLE = 30.0
+
+
+def settings(
+    redis_url: str, traffic_cop_url: str = "http://127.0.0.1:1", **env: str
+) -> EvictionSettings:
+    return load(
+        EvictionSettings,
+        PREFIX,
+        {
+            "REDIS_URL": redis_url,
+            "TRAFFIC_COP_URL": traffic_cop_url,
+            "MAX_IDLE_SECONDS": str(MAX_IDLE),
+            **env,
+        },
+    )
+
+
+@pytest.fixture
+async def registry(redis: Redis) -> Registry:
+    return Registry(redis, record_ttl=3600)
+
+
+@pytest.fixture
+async def traffic_cop_client(traffic_cop: ServiceProcess) -> AsyncIterator[TrafficCopClient]:
+    client = TrafficCopClient(traffic_cop.url, TRAFFIC_COP_KEY, timeout=timeout(5))
+    yield client
+    await client.close()
+
+
+async def test_stale_connections_are_evicted_and_fresh_ones_kept(
+    redis: Redis,
+    redis_url: str,
+    registry: Registry,
+    traffic_cop: ServiceProcess,
+    traffic_cop_client: TrafficCopClient,
+) -> None:
+    await gateway_alive(redis, "gw-a")
+    await gateway_alive(redis, "gw-b")
+    stale: dict[str, tuple[str, str]] = {}
+    fresh: dict[str, tuple[str, str]] = {}
+    now = time.time()
+    for i in range(6):
+        user, gateway = f"alice{i}", ("gw-a", "gw-b")[i % 2]
+        session = await traffic_cop_client.create_session(user)
+        seen = stale_time(MAX_IDLE) if i < 4 else now
+        cid = await register(
+            registry,
+            user,
+            gateway,
+            seen,
+            session_id=session["session_id"],
+            channels=("guide", "pillar:content"),
+        )
+        assert await traffic_cop_client.register_connection(
+            cid, session["session_id"], user, gateway
+        )
+        (stale if i < 4 else fresh)[cid] = (user, gateway)
+
+    control = [names.gateway_control("gw-a"), names.gateway_control("gw-b")]
+    async with Subscriber(redis_url, names.EVENTS, *control) as sub:
+        async with traffic_cop_reporter(
+            settings(redis_url, traffic_cop.url), timeout(10)
+        ) as reporter:
+            summary = await Evictor.from_settings(
+                redis, settings(redis_url, traffic_cop.url), reporter
+            ).run_pass()
+            assert await reporter.flush(timeout(10))
+            assert reporter.summary()["unregistered"] == 4
+
+        assert summary.evicted == {"idle": 4, "gateway_lost": 0}
+        assert summary.stale_found == 4 and summary.complete
+        await wait_for(lambda: len(sub.received) >= 8, what="4 events and 4 close commands")
+
+        events = sub.json(names.EVENTS)
+        assert sorted(e["connection_id"] for e in events) == sorted(stale)
+        for e in events:
+            assert e["type"] == "evicted" and e["reason"] == "idle"
+            assert (e["user_id"], e["gateway_instance"]) == stale[e["connection_id"]]
+        for channel in control:
+            gateway = channel.split(":")[2]
+            closes = sub.json(channel)
+            assert sorted(c["connection_id"] for c in closes) == sorted(
+                cid for cid, (_, gw) in stale.items() if gw == gateway
+            )
+            assert all(
+                c
+                == {
+                    "op": "close",
+                    "connection_id": c["connection_id"],
+                    "code": 1008,
+                    "reason": "idle",
+                }
+                for c in closes
+            )
+
+    for cid, (user, gateway) in stale.items():
+        assert gone(await traces(redis, cid, user, gateway, ("guide", "pillar:content")))
+        assert not await redis.hexists(names.SESSION_CONNECTION_INDEX, cid)
+    for cid, (user, gateway) in fresh.items():
+        t = await traces(redis, cid, user, gateway, ("guide", "pillar:content"))
+        assert (
+            t["record"]
+            and t["last_seen"]
+            and t["user_index"]
+            and t["gateway_index"]
+            and all(t["channel_index"])
+        )
+        assert await redis.hexists(names.SESSION_CONNECTION_INDEX, cid)
+
+    # A second pass finds nothing to do and announces nothing.
+    async with Subscriber(redis_url, names.EVENTS) as sub:
+        again = await Evictor.from_settings(redis, settings(redis_url)).run_pass()
+        assert again.stale_found == 0 and again.evicted == {"idle": 0, "gateway_lost": 0}
+        assert again.round_trips == 4  # stale page, gateways, their liveness, queue lengths
+        await redis.publish(names.EVENTS, b'{"type": "marker"}')
+        await wait_for(lambda: sub.received, what="the marker")
+        assert sub.json() == [{"type": "marker"}]
+
+
+class TouchedMidPass(Evictor):
+    """A pass during which the gateway reports activity for some connections after their ids
+    were read stale and before the claim: the race the script's re-check exists for."""
+
+    touch: dict[str, float]
+
+    async def _unregister(self, summary, ids, **kwargs):  # type: ignore[no-untyped-def]
+        if self.touch:
+            await self.registry.touch(self.touch)
+            self.touch = {}
+        return await super()._unregister(summary, ids, **kwargs)
+
+
+async def test_a_connection_seen_after_it_was_read_stale_is_not_evicted(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    at = stale_time(MAX_IDLE)
+    ids = [await register(registry, f"bob{i}", "gw-a", at) for i in range(3)]
+    evictor = TouchedMidPass.from_settings(redis, settings(redis_url))
+    assert isinstance(evictor, TouchedMidPass)
+    evictor.touch = {ids[1]: time.time()}
+    async with Subscriber(redis_url, names.EVENTS) as sub:
+        summary = await evictor.run_pass()
+        assert summary.stale_found == 3
+        assert summary.evicted["idle"] == 2 and summary.still_alive == 1
+        await wait_for(lambda: len(sub.received) >= 2)
+        assert sorted(e["connection_id"] for e in sub.json()) == sorted([ids[0], ids[2]])
+    t = await traces(redis, ids[1], "bob1", "gw-a")
+    assert t["record"] and t["user_index"] and t["gateway_index"] and t["last_seen"] > at
+
+
+async def test_pass_limit_leaves_the_rest_for_the_next_pass(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    at = stale_time(MAX_IDLE)
+    for i in range(25):
+        await register(registry, f"carol{i}", "gw-a", at + i)
+    evictor = Evictor.from_settings(
+        redis, settings(redis_url, EVICTION_PASS_LIMIT="10", EVICTION_BATCH_SIZE="4")
+    )
+    first = await evictor.run_pass()
+    assert first.evicted["idle"] == 10 and not first.complete
+    assert await redis.zcard(names.LAST_SEEN) == 15
+    # Oldest first: the survivors are the 15 seen last.
+    assert await redis.zcount(names.LAST_SEEN, "-inf", at + 9.5) == 0
+    second, third = await evictor.run_pass(), await evictor.run_pass()
+    assert (second.evicted["idle"], second.complete) == (10, False)
+    assert (third.evicted["idle"], third.complete) == (5, True)
+    assert await redis.zcard(names.LAST_SEEN) == 0
+
+
+async def test_a_dead_gateway_that_came_back_is_not_forgotten(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    """Its records go (they are the dead process's), but a live instance keeps its bookkeeping."""
+    now = time.time()
+    await gateway_alive(redis, "gw-back")
+    await redis.delete(names.gateway_instance("gw-back"))
+    old = await register(registry, "dave", "gw-back", now)
+
+    class ComesBack(Evictor):
+        async def _unregister(self, summary, ids, **kwargs):  # type: ignore[no-untyped-def]
+            await gateway_alive(self.redis, "gw-back")
+            return await super()._unregister(summary, ids, **kwargs)
+
+    summary = await ComesBack.from_settings(redis, settings(redis_url)).run_pass()
+    assert summary.evicted["gateway_lost"] == 1 and summary.dead_gateways == []
+    assert gone(await traces(redis, old, "dave", "gw-back"))
+    assert await redis.sismember(names.GATEWAYS, "gw-back")
+
+
+async def test_queue_drain_keeps_order_and_respects_its_limit(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    channel = "pillar:insights"
+    queued = [f"m{i}".encode() for i in range(7)]
+    for data in queued:
+        assert await registry.publish_or_queue(channel, data, 100) == PublishResult.QUEUED
+    evictor = Evictor.from_settings(
+        redis, settings(redis_url, EVICTION_QUEUE_DRAIN_BATCH="2", EVICTION_QUEUE_DRAIN_LIMIT="5")
+    )
+    # Nobody listens: nothing leaves the queue.
+    assert (await evictor.run_pass()).drained[channel] == 0
+    assert await redis.llen(names.queue(channel)) == 7
+
+    async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
+        first = await evictor.run_pass()
+        assert first.drained[channel] == 5
+        assert await redis.llen(names.queue(channel)) == 2
+        # Newer messages keep queueing behind the older ones until the queue is empty.
+        assert await registry.publish_or_queue(channel, b"late", 100) == PublishResult.QUEUED
+        second = await evictor.run_pass()
+        assert second.drained[channel] == 3
+        assert await registry.publish_or_queue(channel, b"direct", 100) == PublishResult.PUBLISHED
+        await wait_for(lambda: len(sub.received) >= 9)
+        assert sub.data(names.agent_channel(channel)) == [*queued, b"late", b"direct"]
+
+
+async def test_a_stop_request_ends_the_pass_after_the_page_in_flight(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    """SIGTERM sets the stop event: the page in flight finishes, no further page is taken."""
+    at = stale_time(MAX_IDLE)
+    for i in range(12):
+        await register(registry, f"kim{i}", "gw-a", at + i)
+
+    class StoppedMidPass(Evictor):
+        async def _unregister(self, summary, ids, **kwargs):  # type: ignore[no-untyped-def]
+            self.stop.set()
+            return await super()._unregister(summary, ids, **kwargs)
+
+    evictor = StoppedMidPass.from_settings(redis, settings(redis_url, EVICTION_BATCH_SIZE="5"))
+    summary = await evictor.run_pass()
+    assert (summary.evicted["idle"], summary.complete) == (5, False)
+    assert await redis.zcard(names.LAST_SEEN) == 7
