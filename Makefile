@@ -47,11 +47,17 @@ typecheck: $(STAMP)  ## mypy (strict)
 bench: install  ## benchmarks (bench/), figures printed and written to bench/results/
 	$(PY) -m bench.run_all
 
-up:  ## the full stack in Docker Compose
-	docker compose -f compose/docker-compose.yml up --build -d
+COMPOSE := docker compose -f compose/docker-compose.yml
 
-down:  ## stop the Docker Compose stack
-	docker compose -f compose/docker-compose.yml down
+up:  ## the full stack in Docker Compose (first run: compose/.env with fresh random secrets)
+	@docker compose version >/dev/null 2>&1 || \
+		{ echo "make up needs Docker with the compose plugin ('docker compose'): see docs/deployment.md"; exit 1; }
+	@$(PYTHON) compose/gen_env.py
+	$(COMPOSE) up --build --detach --wait
+	@echo "edge: http://localhost/ (chat page; /ws, /v1)  grafana: http://127.0.0.1:3000  prometheus: http://127.0.0.1:9090  consul: http://127.0.0.1:8500"
+
+down:  ## stop the Docker Compose stack (each service drains on SIGTERM; volumes are kept)
+	$(COMPOSE) down
 
 lock: $(STAMP)  ## re-pin requirements after changing pyproject.toml
 	$(PY) -m pip freeze --exclude-editable > /tmp/po-freeze.txt && echo "review /tmp/po-freeze.txt and split into the two lock files"
