@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import shutil
 import signal
@@ -20,7 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALE = float(os.environ.get("PO_TEST_TIMEOUT_SCALE", "1"))
@@ -39,32 +40,49 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@overload
 async def wait_for(
-    predicate: Callable[[], Awaitable[T] | T], seconds: float = 5.0, interval: float = 0.02, what: str = ""
-) -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout(seconds)``."""
+    predicate: Callable[[], Awaitable[T]],
+    seconds: float = ...,
+    interval: float = ...,
+    what: str = ...,
+) -> T: ...
+@overload
+async def wait_for(
+    predicate: Callable[[], T], seconds: float = ..., interval: float = ..., what: str = ...
+) -> T: ...
+async def wait_for(
+    predicate: Callable[[], Any], seconds: float = 5.0, interval: float = 0.02, what: str = ""
+) -> Any:
+    """Poll ``predicate`` (sync or async) until it returns something truthy; fail after
+    ``timeout(seconds)``, showing the last value seen."""
     deadline = time.monotonic() + timeout(seconds)
-    last: Any = None
     while True:
         result = predicate()
-        if asyncio.iscoroutine(result) or isinstance(result, Awaitable):
-            result = await result  # type: ignore[misc]
+        if inspect.isawaitable(result):
+            result = await result
         if result:
-            return result  # type: ignore[return-value]
-        last = result
+            return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout(seconds):.1f}s: {what or predicate!r} (last {last!r})")
+            raise AssertionError(
+                f"condition not met within {timeout(seconds):.1f}s: "
+                f"{what or predicate!r} (last {result!r})"
+            )
         await asyncio.sleep(interval)
 
 
-def wait_for_sync(predicate: Callable[[], T], seconds: float = 5.0, interval: float = 0.02, what: str = "") -> T:
+def wait_for_sync(
+    predicate: Callable[[], T], seconds: float = 5.0, interval: float = 0.02, what: str = ""
+) -> T:
     deadline = time.monotonic() + timeout(seconds)
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout(seconds):.1f}s: {what or predicate!r}")
+            raise AssertionError(
+                f"condition not met within {timeout(seconds):.1f}s: {what or predicate!r}"
+            )
         time.sleep(interval)
 
 
@@ -85,8 +103,21 @@ class RedisServer:
         if exe is None:
             raise RuntimeError("redis-server is not installed: run `make install` (it installs it)")
         self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.dir, "--loglevel", "warning"],
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+                "--loglevel",
+                "warning",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -123,13 +154,21 @@ class ServiceProcess:
     exit code. The process's stderr (JSON log lines) goes to a file, shown when start fails.
     """
 
-    def __init__(self, module: str, env: Mapping[str, str], port: int | None = None, ready_path: str = "/ready") -> None:
+    def __init__(
+        self,
+        module: str,
+        env: Mapping[str, str],
+        port: int | None = None,
+        ready_path: str = "/ready",
+    ) -> None:
         self.module = module
         self.port = port or free_port()
         self.env = dict(env)
         self.ready_path = ready_path
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix=f"po-{module.rsplit('.', 1)[-1]}-", suffix=".log")[1])
+        self.log_path = Path(
+            tempfile.mkstemp(prefix=f"po-{module.rsplit('.', 1)[-1]}-", suffix=".log")[1]
+        )
 
     @property
     def url(self) -> str:
@@ -138,19 +177,30 @@ class ServiceProcess:
     def start(self, wait_ready: bool = True) -> ServiceProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", **self.env}
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=env, cwd=ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            env=env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
         if wait_ready:
             try:
-                wait_for_sync(self._ready, 20, interval=0.05, what=f"{self.module} {self.ready_path}")
+                wait_for_sync(
+                    self._ready, 20, interval=0.05, what=f"{self.module} {self.ready_path}"
+                )
             except AssertionError:
                 self.stop()
-                raise AssertionError(f"{self.module} never became ready; its log:\n{self.log()[-4000:]}") from None
+                raise AssertionError(
+                    f"{self.module} never became ready; its log:\n{self.log()[-4000:]}"
+                ) from None
         return self
 
     def _ready(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
-            raise AssertionError(f"{self.module} exited with {self.proc.returncode}:\n{self.log()[-4000:]}")
+            raise AssertionError(
+                f"{self.module} exited with {self.proc.returncode}:\n{self.log()[-4000:]}"
+            )
         try:
             with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as r:
                 return bool(r.status == 200)
