@@ -100,10 +100,9 @@ def _script_pipeline(
         for start in range(0, len(data), batch):
             chunk = data[start : start + batch]
             t0 = time.perf_counter()
-            async with redis.pipeline(transaction=False) as pipe:
-                for item in chunk:
-                    await registry.publish_or_queue_in(pipe, CHANNEL, item, QUEUE_BOUND)
-                results = await pipe.execute()
+            results = await registry.run_scripts(
+                [registry.publish_or_queue_call(CHANNEL, item, QUEUE_BOUND) for item in chunk]
+            )
             took = time.perf_counter() - t0
             if any(int(r) != PublishResult.PUBLISHED for r in results):
                 raise RuntimeError("a pipelined script did not publish")

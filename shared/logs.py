@@ -24,9 +24,7 @@ _SECRET_WORDS = ("token", "password", "secret", "authorization", "key")
 def _redact(value: Any, depth: int = 0) -> Any:
     """``value`` with every secret-looking key of nested mappings masked (headers, bodies)."""
     if isinstance(value, dict) and depth < 8:
-        return {
-            k: "***" if _is_secret(k) else _redact(v, depth + 1) for k, v in value.items()
-        }
+        return {k: "***" if _is_secret(k) else _redact(v, depth + 1) for k, v in value.items()}
     return value
 
 

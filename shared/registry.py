@@ -22,11 +22,13 @@ from typing import Any, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from shared import redis_names as names
 from shared.protocol import iso_now
 
-__all__ = ["ConnectionRecord", "PublishResult", "Registry"]
+__all__ = ["ConnectionRecord", "PublishResult", "Registry", "ScriptCall"]
 
 _T = "{}"  # the placeholder the scripts substitute
 
@@ -173,6 +175,10 @@ class ConnectionRecord:
         return out
 
 
+#: One script run for :meth:`Registry.run_scripts`: the script, its KEYS and its ARGV.
+ScriptCall = tuple[AsyncScript, list[str], list[Any]]
+
+
 class Registry:
     """Registry operations on one Redis client. Cheap to build; holds no state but scripts."""
 
@@ -184,6 +190,38 @@ class Registry:
         self._drain = redis.register_script(_DRAIN_QUEUE)
         self._forget_gateway = redis.register_script(_FORGET_GATEWAY)
         self._touch = redis.register_script(_TOUCH)
+
+    async def run_scripts(self, calls: list[ScriptCall]) -> list[Any]:
+        """Many script runs in one pipelined round trip; results (or exceptions) in order.
+
+        redis-py's pipelines send ``SCRIPT EXISTS`` before every ``execute`` that holds a
+        script, doubling the round trips of each batch. This sends bare ``EVALSHA`` commands
+        instead; a script Redis does not know (a restart, ``SCRIPT FLUSH``) fails that command
+        with NOSCRIPT without running it, so only those runs are repeated, once, after loading.
+        """
+        results = await self._evalsha_all(calls)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            for script in {calls[i][0].sha: calls[i][0] for i in missing}.values():
+                await self.redis.script_load(script.script)
+            retried = await self._evalsha_all([calls[i] for i in missing])
+            for i, result in zip(missing, retried, strict=True):
+                results[i] = result
+        return results
+
+    async def _evalsha_all(self, calls: list[ScriptCall]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for script, keys, args in calls:
+                pipe.evalsha(script.sha, len(keys), *keys, *args)
+            return list(await pipe.execute(raise_on_error=False))
+
+    def publish_or_queue_call(self, channel: str, data: bytes, queue_bound: int) -> ScriptCall:
+        """One :meth:`publish_or_queue` for :meth:`run_scripts` (the gateway's batches)."""
+        return (
+            self._publish_or_queue,
+            [names.agent_channel(channel), names.queue(channel)],
+            [data, queue_bound],
+        )
 
     async def register(self, record: ConnectionRecord, now: float | None = None) -> None:
         now = time.time() if now is None else now
@@ -278,14 +316,16 @@ class Registry:
             "" if close_code is None else str(int(close_code)),
         ]
         cutoff = "" if stale_before is None else repr(stale_before)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for cid in ids:
-                await self._unregister(
-                    keys=[names.connection(cid), names.LAST_SEEN, names.EVENTS],
-                    args=[cid, event, reason, cutoff, timestamp, *common],
-                    client=pipe,
+        raw = await self.run_scripts(
+            [
+                (
+                    self._unregister,
+                    [names.connection(cid), names.LAST_SEEN, names.EVENTS],
+                    [cid, event, reason, cutoff, timestamp, *common],
                 )
-            raw = await pipe.execute(raise_on_error=False)
+                for cid in ids
+            ]
+        )
         return [r if isinstance(r, Exception) else int(r) for r in raw]
 
     async def forget_gateway(self, instance: str) -> bool:
@@ -316,14 +356,16 @@ class Registry:
         if not seen and not used:
             return
         template = names.channel_connections(_T)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for cid in {**seen, **used}:
-                ts = seen.get(cid)
-                new = list(used.get(cid, ()))
-                full = list((all_channels or {}).get(cid, new)) if cid in used else None
-                await self._touch(
-                    keys=[names.connection(cid), names.LAST_SEEN],
-                    args=[
+        calls: list[ScriptCall] = []
+        for cid in {**seen, **used}:
+            ts = seen.get(cid)
+            new = list(used.get(cid, ()))
+            full = list((all_channels or {}).get(cid, new)) if cid in used else None
+            calls.append(
+                (
+                    self._touch,
+                    [names.connection(cid), names.LAST_SEEN],
+                    [
                         cid,
                         "" if ts is None else repr(ts),
                         self.record_ttl,
@@ -331,15 +373,15 @@ class Registry:
                         template,
                         *new,
                     ],
-                    client=pipe,
                 )
-            await pipe.execute()
+            )
+        for result in await self.run_scripts(calls):
+            if isinstance(result, Exception):
+                raise result
 
     async def get(self, connection_id: str) -> dict[str, Any] | None:
         # The client is built with decode_responses=False: keys and values are bytes.
-        raw = cast(
-            "dict[bytes, bytes]", await self.redis.hgetall(names.connection(connection_id))
-        )
+        raw = cast("dict[bytes, bytes]", await self.redis.hgetall(names.connection(connection_id)))
         return ConnectionRecord.decode_hash(connection_id, raw) if raw else None
 
     async def stale(self, cutoff: float, limit: int) -> list[str]:
@@ -355,17 +397,6 @@ class Registry:
             await self._publish_or_queue(
                 keys=[names.agent_channel(channel), names.queue(channel)], args=[data, queue_bound]
             )
-        )
-
-    async def publish_or_queue_in(
-        self, pipe: Any, channel: str, data: bytes, queue_bound: int
-    ) -> None:
-        """Queue the same script on a pipeline (the gateway's batched publisher); the result
-        comes back from ``pipe.execute()``."""
-        await self._publish_or_queue(
-            keys=[names.agent_channel(channel), names.queue(channel)],
-            args=[data, queue_bound],
-            client=pipe,
         )
 
     async def drain_queue(self, channel: str, batch: int) -> int:

@@ -290,11 +290,33 @@ async def test_drain_queue_moves_only_when_a_subscriber_exists(redis, registry):
         await agent.aclose()
 
 
-async def test_publish_or_queue_in_a_pipeline(redis, registry):
-    async with redis.pipeline(transaction=False) as pipe:
-        await registry.publish_or_queue_in(pipe, "guide", b"a", 1)
-        await registry.publish_or_queue_in(pipe, "guide", b"b", 1)
-        assert await pipe.execute() == [PublishResult.QUEUED, PublishResult.REFUSED]
+async def test_publish_or_queue_batched_in_one_round_trip(redis, registry):
+    calls = [registry.publish_or_queue_call("guide", data, 1) for data in (b"a", b"b")]
+    assert await registry.run_scripts(calls) == [PublishResult.QUEUED, PublishResult.REFUSED]
+    assert await redis.lrange(names.queue("guide"), 0, -1) == [b"a"]
+
+
+async def test_run_scripts_reloads_scripts_redis_forgot_and_runs_each_once(redis, registry):
+    # A Redis restart or SCRIPT FLUSH forgets loaded scripts: EVALSHA then fails with
+    # NOSCRIPT without running, and only those runs are repeated after loading.
+    await redis.script_flush()
+    calls = [registry.publish_or_queue_call("guide", data, 10) for data in (b"a", b"b", b"c")]
+    assert await registry.run_scripts(calls) == [PublishResult.QUEUED] * 3
+    assert await redis.lrange(names.queue("guide"), 0, -1) == [b"a", b"b", b"c"]
+    await redis.script_flush()
+    await registry.register(record(cid="ws_u_0000aaaa"))
+    assert await registry.unregister_many(["ws_u_0000aaaa"]) == [1]
+
+
+async def test_run_scripts_sends_no_script_exists(redis, registry):
+    # redis-py pipelines with scripts send SCRIPT EXISTS on every execute; run_scripts must not.
+    await registry.run_scripts([registry.publish_or_queue_call("guide", b"warm", 10)])
+    before = await redis.info("commandstats")
+    await registry.run_scripts([registry.publish_or_queue_call("guide", b"x", 10)] * 5)
+    after = await redis.info("commandstats")
+    exists = "cmdstat_script|exists"
+    assert after.get(exists, {}).get("calls", 0) == before.get(exists, {}).get("calls", 0)
+    assert after["cmdstat_evalsha"]["calls"] == before["cmdstat_evalsha"]["calls"] + 5
 
 
 async def test_forget_gateway_respects_a_revived_liveness_key(redis, registry):

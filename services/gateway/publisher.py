@@ -124,12 +124,12 @@ class Publisher:
 
     async def _publish(self, batch: list[Item]) -> list[int]:
         metrics.PUBLISH_BATCH.observe(len(batch))
-        async with self.registry.redis.pipeline(transaction=False) as pipe:
-            for item in batch:
-                await self.registry.publish_or_queue_in(
-                    pipe, item.channel, item.data, self.queue_bound
-                )
-            raw = await pipe.execute(raise_on_error=False)
+        raw = await self.registry.run_scripts(
+            [
+                self.registry.publish_or_queue_call(item.channel, item.data, self.queue_bound)
+                for item in batch
+            ]
+        )
         out: list[int] = []
         for value in raw:
             if isinstance(value, _REDIS_DOWN):
