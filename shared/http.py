@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared.protocol import ErrorCode
@@ -90,6 +91,16 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         log.warning("redis unavailable during %s %s: %r", request.method, _route(request), exc)
         return json_error(
             503, ErrorCode.UNAVAILABLE, "redis is unavailable; retry later", {"Retry-After": "1"}
+        )
+    except RedisError as exc:
+        # Redis answered but refused (out of memory, read-only replica, busy script): a
+        # dependency failure, not a bug in the request, so 503 rather than 500.
+        log.error("redis refused a command during %s %s: %r", request.method, _route(request), exc)
+        return json_error(
+            503,
+            ErrorCode.UNAVAILABLE,
+            "redis refused the command; retry later",
+            {"Retry-After": "1"},
         )
     except Exception:
         log.exception("unhandled error in %s %s", request.method, _route(request))

@@ -9,16 +9,29 @@ name says it holds a secret.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import Any
 
 import orjson
 
-__all__ = ["JsonFormatter", "setup_logging"]
+__all__ = ["JsonFormatter", "scrub", "setup_logging"]
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 _SECRET_WORDS = ("token", "password", "secret", "authorization", "key")
+# Secrets that arrive inside free text: aiohttp's HTTP parser puts the offending request line
+# or header into its exception message, so a malformed request could carry a realm key
+# (``Authorization: Bearer ...``) or a session token (``?session_token=...``) into a log line.
+_SECRET_TEXT = re.compile(
+    r"(?i)((?:authorization:\s*)?(?:bearer|basic)\s+|authorization:\s*"
+    r"|(?:session_token|token|key)=)[^\s&'\"\\,;)]+"
+)
+
+
+def scrub(text: str) -> str:
+    """``text`` with bearer credentials and token query parameters masked."""
+    return _SECRET_TEXT.sub(r"\1***", text)
 
 
 def _redact(value: Any, depth: int = 0) -> Any:
@@ -48,16 +61,16 @@ class JsonFormatter(logging.Formatter):
             "service": self.service,
             "instance": self.instance,
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": scrub(record.getMessage()),
         }
         for key, value in record.__dict__.items():
             if key in _RESERVED or key.startswith("_"):
                 continue
             out[key] = "***" if _is_secret(key) else _redact(value)
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            out["exc"] = scrub(self.formatException(record.exc_info))
         if record.stack_info:
-            out["stack"] = self.formatStack(record.stack_info)
+            out["stack"] = scrub(self.formatStack(record.stack_info))
         try:
             return orjson.dumps(out, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
         except TypeError:

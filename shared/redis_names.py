@@ -11,7 +11,6 @@ __all__ = [
     "EVENTS",
     "GATEWAYS",
     "LAST_SEEN",
-    "SESSION_CONNECTION_INDEX",
     "SESSION_REVOCATIONS",
     "agent_channel",
     "channel_broadcast",
@@ -25,6 +24,7 @@ __all__ = [
     "session",
     "session_by_id",
     "session_connections",
+    "session_of_connection",
     "user_connections",
 ]
 
@@ -39,10 +39,6 @@ LAST_SEEN = f"{_PREFIX}:connections:last_seen"
 
 # websocket:gateways — set: every gateway instance that registered and has not been cleaned up
 GATEWAYS = f"{_PREFIX}:gateways"
-
-# session:connection_index — hash: connection id -> session id (Traffic Cop's bookkeeping, so
-# unregistering a connection needs only its id)
-SESSION_CONNECTION_INDEX = "session:connection_index"
 
 # session:revocations — pub/sub: {"session_id": ...} when Traffic Cop revokes a session
 SESSION_REVOCATIONS = "session:revocations"
@@ -113,3 +109,10 @@ def session_by_id(session_id: str) -> str:
     """session:id:<session_id> — string with TTL: the sha256 of the session's token, so calls
     that know only the session id (connection registration) find the session."""
     return f"session:id:{session_id}"
+
+
+def session_of_connection(connection_id: str) -> str:
+    """session:connection:<connection_id> — string with the session's TTL: the session id a
+    connection was registered against (Traffic Cop's bookkeeping, so unregistering needs only
+    the connection id, and an entry never outlives its session)."""
+    return f"session:connection:{connection_id}"

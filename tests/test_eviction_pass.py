@@ -121,7 +121,7 @@ async def test_stale_connections_are_evicted_and_fresh_ones_kept(
 
     for cid, (user, gateway) in stale.items():
         assert gone(await traces(redis, cid, user, gateway, ("guide", "pillar:content")))
-        assert not await redis.hexists(names.SESSION_CONNECTION_INDEX, cid)
+        assert not await redis.exists(names.session_of_connection(cid))
     for cid, (user, gateway) in fresh.items():
         t = await traces(redis, cid, user, gateway, ("guide", "pillar:content"))
         assert (
@@ -131,7 +131,7 @@ async def test_stale_connections_are_evicted_and_fresh_ones_kept(
             and t["gateway_index"]
             and all(t["channel_index"])
         )
-        assert await redis.hexists(names.SESSION_CONNECTION_INDEX, cid)
+        assert await redis.exists(names.session_of_connection(cid))
 
     # A second pass finds nothing to do and announces nothing.
     async with Subscriber(redis_url, names.EVENTS) as sub:

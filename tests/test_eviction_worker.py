@@ -301,7 +301,7 @@ async def test_traffic_cop_down_does_not_stop_evictions(redis: Redis, redis_url:
         assert (tc["pending"], tc["dropped"]) == (0, 2)
         # The two oldest reports were dropped: Traffic Cop still has those two connections.
         # (A page is in last-seen order, ties broken by id, so the oldest are the lowest ids.)
-        left = [cid for cid in ids if await redis.hexists(names.SESSION_CONNECTION_INDEX, cid)]
+        left = [cid for cid in ids if await redis.exists(names.session_of_connection(cid))]
         assert sorted(left) == sorted(ids)[:2]
     finally:
         assert worker.stop() == 0

@@ -122,3 +122,26 @@ def test_setup_logging_configures_the_root_logger(capsys):
     assert line["service"] == "traffic_cop" and line["instance"] == "tc-1"
     assert line["msg"] == "value 'v'" and line["token"] == "***"
     assert "t0k3n" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        ("Invalid header: Authorization: Bearer SECRETKEY123\x01", "SECRETKEY123"),
+        ("bad request line GET /ws?session_token=abc-DEF_123&x=1 HTTP/1.1", "abc-DEF_123"),
+        ("Authorization: Basic dXNlcjpwYXNz", "dXNlcjpwYXNz"),
+        ("unknown key=dev-smart_city", "dev-smart_city"),
+    ],
+)
+def test_secrets_inside_free_text_are_scrubbed(capture, text, secret):
+    # aiohttp's parser errors quote the offending request line or header in their message.
+    logger, stream = capture
+    try:
+        raise ValueError(text)
+    except ValueError:
+        logger.exception("Error handling request: %s", text)
+    raw = stream.getvalue()
+    assert secret not in raw
+    (line,) = lines(stream)
+    assert "***" in line["msg"]
+    assert "***" in line["exc"]

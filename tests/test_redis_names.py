@@ -37,7 +37,7 @@ def test_spec_table_formats():
 def test_internal_names():
     assert names.LAST_SEEN == "websocket:connections:last_seen"
     assert names.GATEWAYS == "websocket:gateways"
-    assert names.SESSION_CONNECTION_INDEX == "session:connection_index"
+    assert names.session_of_connection("ws_u_0000abcd") == "session:connection:ws_u_0000abcd"
     assert names.SESSION_REVOCATIONS == "session:revocations"
     assert names.channel_broadcast("guide") == "websocket:channel:guide:broadcast"
     assert names.gateway_connections("gw-1") == "websocket:gateway:gw-1:connections"
@@ -68,7 +68,6 @@ def test_internal_names_do_not_collide_with_spec_names():
     # The session hash of a sha256 can never look like the internal session names.
     digest = hashlib.sha256(b"x").hexdigest()
     assert names.session(digest) not in {
-        names.SESSION_CONNECTION_INDEX,
         names.SESSION_REVOCATIONS,
     }
 

@@ -264,8 +264,14 @@ async def test_connection_register_and_unregister(client, redis: Redis):
     members = await redis.smembers(names.session_connections(session["session_id"]))
     assert members == {b"ws_alice_0123abcd"}
     assert 0 < await redis.ttl(names.session_connections(session["session_id"])) <= 300
+    # The bookkeeping carries the session's TTL: a connection nobody unregisters (a gateway
+    # that could not reach Traffic Cop) is forgotten with its session, not kept forever.
+    index = names.session_of_connection("ws_alice_0123abcd")
+    assert await redis.get(index) == session["session_id"].encode()
+    assert 0 < await redis.ttl(index) <= 300
     status, _ = await call(client, "DELETE", "/v1/connections/ws_alice_0123abcd")
     assert status == 204
+    assert not await redis.exists(index)
     assert await redis.smembers(names.session_connections(session["session_id"])) == set()
     status, err = await call(client, "DELETE", "/v1/connections/ws_alice_0123abcd")
     assert (status, err["error"]["code"]) == (404, "not_found")
@@ -288,7 +294,7 @@ async def test_connection_refused_for_revoked_unknown_or_foreign_session(client,
     # Registered, then the session is revoked: its bookkeeping goes with it.
     assert (await call(client, "POST", "/v1/connections", _conn(session)))[0] == 201
     assert (await call(client, "DELETE", f"/v1/sessions/{session['session_token']}"))[0] == 204
-    assert await redis.hlen(names.SESSION_CONNECTION_INDEX) == 0
+    assert not await redis.exists(names.session_of_connection("ws_alice_0123abcd"))
     status, err = await call(
         client, "POST", "/v1/connections", _conn(session, cid="ws_alice_0123abce")
     )

@@ -8,8 +8,9 @@ Layout (names from :mod:`shared.redis_names`):
   created_at, expires_at (unix seconds), metadata (JSON). The token itself is never stored.
 * ``session:id:<session_id>`` — the token hash, same TTL: connection registration knows only
   the session id.
-* ``session:<session_id>:connections`` — set of connection ids, TTL = the session's remaining
-  TTL; ``session:connection_index`` — hash connection id -> session id.
+* ``session:<session_id>:connections`` — set of connection ids, and
+  ``session:connection:<connection_id>`` — the session id, both with the session's remaining
+  TTL, so no bookkeeping outlives its session even when nobody unregisters the connection.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ __all__ = ["NewSession", "Registration", "Session", "SessionStore", "hash_token"
 _T = "{}"  # the placeholder the scripts substitute (see shared.registry)
 
 _REGISTER = """
--- KEYS: 1 session-by-id key, 2 session connection set, 3 connection index.
+-- KEYS: 1 session-by-id key, 2 session connection set, 3 the connection's session key.
 -- ARGV: 1 session hash template, 2 session id, 3 user id, 4 connection id.
 -- Returns 1 registered, 0 session gone, -1 session belongs to another user.
 local token_hash = redis.call('GET', KEYS[1])
@@ -43,32 +44,38 @@ if f[2] ~= ARGV[3] then return -1 end
 local ttl = redis.call('PTTL', session)
 if ttl == -2 then return 0 end
 redis.call('SADD', KEYS[2], ARGV[4])
-if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
-redis.call('HSET', KEYS[3], ARGV[4], ARGV[2])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('SET', KEYS[3], ARGV[2], 'PX', ttl)
+else
+  redis.call('SET', KEYS[3], ARGV[2])
+end
 return 1
 """
 
 _REVOKE = """
--- KEYS: 1 session hash, 2 connection index, 3 revocations channel.
--- ARGV: 1 session-by-id template, 2 session connection set template.
+-- KEYS: 1 session hash, 2 revocations channel.
+-- ARGV: 1 session-by-id template, 2 session connection set template,
+--       3 connection's session key template.
 -- Returns the revoked session id, or false when the session does not exist.
 local sid = redis.call('HGET', KEYS[1], 'session_id')
 if not sid then return false end
 local conns = (string.gsub(ARGV[2], '{}', sid))
 for _, id in ipairs(redis.call('SMEMBERS', conns)) do
-  if redis.call('HGET', KEYS[2], id) == sid then redis.call('HDEL', KEYS[2], id) end
+  local key = (string.gsub(ARGV[3], '{}', id))
+  if redis.call('GET', key) == sid then redis.call('DEL', key) end
 end
 redis.call('DEL', KEYS[1], (string.gsub(ARGV[1], '{}', sid)), conns)
-redis.call('PUBLISH', KEYS[3], cjson.encode({session_id = sid}))
+redis.call('PUBLISH', KEYS[2], cjson.encode({session_id = sid}))
 return sid
 """
 
 _UNREGISTER = """
--- KEYS: 1 connection index.  ARGV: 1 session connection set template, 2 connection id.
--- Returns 1 removed, 0 unknown.
-local sid = redis.call('HGET', KEYS[1], ARGV[2])
+-- KEYS: 1 the connection's session key.  ARGV: 1 session connection set template,
+-- 2 connection id.  Returns 1 removed, 0 unknown.
+local sid = redis.call('GET', KEYS[1])
 if not sid then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[2])
+redis.call('DEL', KEYS[1])
 redis.call('SREM', (string.gsub(ARGV[1], '{}', sid)), ARGV[2])
 return 1
 """
@@ -171,10 +178,13 @@ class SessionStore:
         result = await self._revoke(
             keys=[
                 names.session(hash_token(token)),
-                names.SESSION_CONNECTION_INDEX,
                 names.SESSION_REVOCATIONS,
             ],
-            args=[names.session_by_id(_T), names.session_connections(_T)],
+            args=[
+                names.session_by_id(_T),
+                names.session_connections(_T),
+                names.session_of_connection(_T),
+            ],
         )
         if result is None:
             return None
@@ -187,7 +197,7 @@ class SessionStore:
             keys=[
                 names.session_by_id(session_id),
                 names.session_connections(session_id),
-                names.SESSION_CONNECTION_INDEX,
+                names.session_of_connection(connection_id),
             ],
             args=[names.session(_T), session_id, user_id, connection_id],
         )
@@ -195,7 +205,7 @@ class SessionStore:
 
     async def unregister_connection(self, connection_id: str) -> bool:
         result = await self._unregister(
-            keys=[names.SESSION_CONNECTION_INDEX],
+            keys=[names.session_of_connection(connection_id)],
             args=[names.session_connections(_T), connection_id],
         )
         return bool(result)
