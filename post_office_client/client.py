@@ -13,6 +13,9 @@ channel and, unless told not to, reconnects with capped, jittered exponential ba
 stream breaks (the API restarts, the network drops, the server found the reader too slow),
 sending ``Last-Event-ID``. Pub/sub keeps no history: messages published while no stream was
 open are not replayed (the gateway queues client messages while no agent listens at all).
+
+One bad event never ends a subscription: an event that is not an agent message, or larger
+than ``max_event_bytes``, is skipped (and logged), and the stream goes on.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import orjson
+from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
 from post_office_client.errors import PostOfficeError, StreamError, Unavailable, error_for
@@ -42,7 +47,20 @@ __all__ = ["PostOfficeClient", "Subscription"]
 log = logging.getLogger(__name__)
 
 #: Statuses that retrying cannot fix: a subscription raises them instead of reconnecting.
-_FATAL = frozenset({400, 401, 403, 404, 405, 410, 413})
+_FATAL = frozenset({400, 401, 403, 404, 405})
+#: Default largest SSE event a subscription reads; the API forwards at most 4 MiB.
+DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
+#: A stream that lasted this long (or delivered an event) was healthy: the reconnect backoff
+#: starts over. A stream that opens and ends at once keeps the backoff growing.
+HEALTHY_STREAM_SECONDS = 5.0
+#: The longest ``Retry-After`` a subscription honours.
+MAX_RETRY_AFTER = 300.0
+#: What an over-long line is replaced with by the line reader.
+_OVERSIZED = object()
+
+
+class _Invalid(Exception):
+    """An answer of the wrong shape (a 2xx whose body lacks a field)."""
 
 
 def _segment(value: str) -> str:
@@ -61,10 +79,12 @@ class PostOfficeClient:
         session: aiohttp.ClientSession | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        # Sent with every request (not set on the session): a caller's session gets them too.
         self._headers = {"Authorization": f"Bearer {realm_key}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session = session
         self._own_session = session is None
+        self._closed = False
 
     def __repr__(self) -> str:  # the realm key stays out of reprs and logs
         return f"PostOfficeClient({self.base_url!r})"
@@ -81,16 +101,29 @@ class PostOfficeClient:
         await self.close()
 
     async def close(self) -> None:
+        """Close the client (and its session, unless the caller gave one). Calls made after
+        this raise ``RuntimeError``."""
+        self._closed = True
         if self._own_session and self._session is not None:
             await self._session.close()
         self._session = None
 
     @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
     def session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
-            self._own_session = True
+        if self._closed:
+            raise RuntimeError("this PostOfficeClient is closed")
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        elif self._session.closed:
+            raise RuntimeError("the aiohttp session given to PostOfficeClient is closed")
         return self._session
+
+    def headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+        return {**self._headers, **extra} if extra else dict(self._headers)
 
     def url(self, path: str) -> URL:
         return URL(self.base_url + path, encoded=True)
@@ -104,7 +137,10 @@ class PostOfficeClient:
         body = await self._call(
             "POST", f"/v1/channels/{_segment(channel)}/messages", _body(message, traceparent)
         )
-        return PublishResult(message_id=str(body["message_id"]), status=str(body["status"]))
+        return _typed(
+            body,
+            lambda: PublishResult(message_id=_str(body, "message_id"), status=_str(body, "status")),
+        )
 
     async def send_to_connection(
         self, connection_id: str, message: dict[str, Any], *, traceparent: str | None = None
@@ -116,7 +152,7 @@ class PostOfficeClient:
             f"/v1/connections/{_segment(connection_id)}/messages",
             _body(message, traceparent),
         )
-        return int(body["delivered"])
+        return _typed(body, lambda: _int(body, "delivered"))
 
     async def send_to_user(
         self, user_id: str, message: dict[str, Any], *, traceparent: str | None = None
@@ -124,10 +160,13 @@ class PostOfficeClient:
         body = await self._call(
             "POST", f"/v1/users/{_segment(user_id)}/messages", _body(message, traceparent)
         )
-        return UserDelivery(
-            delivered=int(body["delivered"]),
-            connections=int(body["connections"]),
-            stale_removed=int(body["stale_removed"]),
+        return _typed(
+            body,
+            lambda: UserDelivery(
+                delivered=_int(body, "delivered"),
+                connections=_int(body, "connections"),
+                stale_removed=_int(body, "stale_removed"),
+            ),
         )
 
     async def broadcast(
@@ -136,7 +175,12 @@ class PostOfficeClient:
         body = await self._call(
             "POST", f"/v1/channels/{_segment(channel)}/broadcast", _body(message, traceparent)
         )
-        return BroadcastResult(gateways=int(body["gateways"]), connections=int(body["connections"]))
+        return _typed(
+            body,
+            lambda: BroadcastResult(
+                gateways=_int(body, "gateways"), connections=_int(body, "connections")
+            ),
+        )
 
     async def get_connection(self, connection_id: str) -> dict[str, Any]:
         body = await self._call("GET", f"/v1/connections/{_segment(connection_id)}")
@@ -156,11 +200,19 @@ class PostOfficeClient:
         body = await self._call(
             "GET", "/v1/websocket-endpoint", params={"session_token": session_token}
         )
-        return WebSocketEndpoint(
-            websocket_url=str(body["websocket_url"]),
-            channels=tuple(body["channels"]),
-            message_format=dict(body["message_format"]),
-        )
+
+        def build() -> WebSocketEndpoint:
+            channels = body.get("channels")
+            message_format = body.get("message_format")
+            if not isinstance(channels, list) or not isinstance(message_format, dict):
+                raise _Invalid("channels or message_format")
+            return WebSocketEndpoint(
+                websocket_url=_str(body, "websocket_url"),
+                channels=tuple(str(c) for c in channels),
+                message_format=message_format,
+            )
+
+        return _typed(body, build)
 
     def subscribe(
         self,
@@ -170,10 +222,12 @@ class PostOfficeClient:
         backoff_min: float = 0.1,
         backoff_max: float = 10.0,
         idle_timeout: float = 60.0,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> Subscription:
         """The channel's agent messages as an async iterator (also an async context manager,
         whose entry waits until the stream is open). ``idle_timeout``: a stream silent for that
-        long (no event, no keep-alive) counts as broken."""
+        long (no event, no keep-alive) counts as broken. ``max_event_bytes``: larger events
+        are skipped."""
         return Subscription(
             self,
             channel,
@@ -181,6 +235,7 @@ class PostOfficeClient:
             backoff_min=backoff_min,
             backoff_max=backoff_max,
             idle_timeout=idle_timeout,
+            max_event_bytes=max_event_bytes,
         )
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -193,14 +248,19 @@ class PostOfficeClient:
         params: dict[str, str] | None = None,
     ) -> dict[str, Any]:
         data = None if json_body is None else orjson.dumps(json_body)
-        headers = {"Content-Type": "application/json"} if data is not None else None
+        headers = self.headers({"Content-Type": "application/json"} if data is not None else None)
         try:
             async with self.session.request(
-                method, self.url(path), data=data, params=params, headers=headers
+                method,
+                self.url(path),
+                data=data,
+                params=params,
+                headers=headers,
+                timeout=self._timeout,
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
-                    raise _error(resp.status, raw)
+                    raise _error(resp.status, raw, resp.headers.get("Retry-After"))
         except aiohttp.ClientError as exc:
             raise Unavailable(0, "connection_failed", f"{method} {path}: {exc!r}") from exc
         except TimeoutError as exc:
@@ -221,7 +281,45 @@ def _body(message: dict[str, Any], traceparent: str | None) -> dict[str, Any]:
     return body
 
 
-def _error(status: int, raw: bytes) -> PostOfficeError:
+def _str(body: dict[str, Any], name: str) -> str:
+    value = body.get(name)
+    if not isinstance(value, str):
+        raise _Invalid(name)
+    return value
+
+
+def _int(body: dict[str, Any], name: str) -> int:
+    value = body.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Invalid(name)
+    return value
+
+
+T = TypeVar("T")
+
+
+def _typed(body: dict[str, Any], build: Callable[[], T]) -> T:
+    """``build()``, or :class:`PostOfficeError` ``invalid_response`` when a field is missing or
+    of the wrong type (an API of another version, a proxy's page)."""
+    try:
+        return build()
+    except _Invalid as exc:
+        raise PostOfficeError(
+            200, "invalid_response", f"answer lacks a valid {exc}: {str(body)[:200]}"
+        ) from None
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of a ``Retry-After`` header (delta-seconds form; an HTTP date is ignored)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdigit()):
+        return None
+    return float(min(int(value), 86400))
+
+
+def _error(status: int, raw: bytes, retry_after: str | None = None) -> PostOfficeError:
     code, message = "http_error", raw[:200].decode("utf-8", "replace")
     try:
         parsed = orjson.loads(raw)
@@ -231,15 +329,21 @@ def _error(status: int, raw: bytes) -> PostOfficeError:
             message = str(error.get("message", message))
     except orjson.JSONDecodeError:
         pass
-    return error_for(status, code, message)
+    return error_for(status, code, message, retry_after=_retry_after(retry_after))
 
 
 class Subscription:
     """A channel's SSE stream; iterate it for :class:`AgentMessage` objects.
 
     ``reconnects`` counts re-opened streams; ``last_event_id`` is the id of the last event
-    read (sent as ``Last-Event-ID`` when reconnecting). ``connected`` is set while a stream is
-    open. Fatal answers (400, 401, 403, 404) are raised, never retried.
+    read (sent as ``Last-Event-ID`` when reconnecting); ``skipped`` counts events that were
+    not agent messages or were larger than ``max_event_bytes``. ``connected`` is set while a
+    stream is open. Fatal answers (400, 401, 403, 404, 405) are raised, never retried.
+
+    Every re-open waits a capped, jittered exponential backoff (or the server's
+    ``Retry-After``, when longer); the backoff starts over only after a stream that delivered
+    an event or lasted :data:`HEALTHY_STREAM_SECONDS`, so a stream that opens and ends at
+    once cannot make the client spin.
     """
 
     def __init__(
@@ -251,6 +355,7 @@ class Subscription:
         backoff_min: float,
         backoff_max: float,
         idle_timeout: float,
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ) -> None:
         self.client = client
         self.channel = channel
@@ -258,12 +363,20 @@ class Subscription:
         self.backoff_min = backoff_min
         self.backoff_max = max(backoff_min, backoff_max)
         self.idle_timeout = idle_timeout
+        self.max_event_bytes = max_event_bytes
         self.last_event_id: str | None = None
         self.reconnects = 0
+        self.skipped = 0
         self.connected = asyncio.Event()
         self._response: aiohttp.ClientResponse | None = None
+        self._buffer = bytearray()
+        self._discarding = False
         self._opened_once = False
         self._closed = False
+        self._attempt = 0
+        self._retry_after: float | None = None
+        self._opened_at = 0.0
+        self._events_in_stream = 0
 
     def __aiter__(self) -> Subscription:
         return self
@@ -297,7 +410,7 @@ class Subscription:
                 await self._connect_with_retry()
             try:
                 event = await self._read_event()
-            except (aiohttp.ClientError, TimeoutError, ConnectionError) as exc:
+            except (aiohttp.ClientError, TimeoutError, ConnectionError, HttpProcessingError) as exc:
                 log.info("stream of %s broke: %r", self.channel, exc)
                 event = None
             if event is None:
@@ -309,9 +422,11 @@ class Subscription:
                 continue
             kind, data = event
             if kind == "message":
+                self._events_in_stream += 1
                 try:
                     return AgentMessage.from_json(data)
-                except ValueError as exc:
+                except (ValueError, TypeError) as exc:
+                    self.skipped += 1
                     log.warning(
                         "skipped an event of %s that is not an agent message: %s", self.channel, exc
                     )
@@ -340,19 +455,30 @@ class Subscription:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     async def _connect_with_retry(self) -> None:
-        attempt = 0
         while True:
+            if self._opened_once or self._attempt:
+                # Every re-open waits, whatever ended the previous stream.
+                delay = self._backoff(self._attempt)
+                if self._retry_after is not None:
+                    delay = max(delay, min(self._retry_after, MAX_RETRY_AFTER))
+                self._retry_after = None
+                self._attempt += 1
+                log.info(
+                    "re-opening the stream of %s in %.2fs (attempt %d)",
+                    self.channel,
+                    delay,
+                    self._attempt,
+                )
+                await asyncio.sleep(delay)
             try:
                 await self._connect()
             except PostOfficeError as exc:
                 if exc.status in _FATAL or not self.reconnect:
                     raise
-                delay = self._backoff(attempt)
-                attempt += 1
-                log.info(
-                    "subscribing to %s failed (%s); retrying in %.2fs", self.channel, exc, delay
-                )
-                await asyncio.sleep(delay)
+                self._retry_after = exc.retry_after
+                if not self._attempt:
+                    self._attempt = 1
+                log.info("subscribing to %s failed (%s)", self.channel, exc)
                 continue
             if self._opened_once:
                 self.reconnects += 1
@@ -360,7 +486,7 @@ class Subscription:
             return
 
     async def _connect(self) -> None:
-        headers = {"Accept": "text/event-stream"}
+        headers = self.client.headers({"Accept": "text/event-stream"})
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
         url = self.client.url(f"/v1/channels/{_segment(self.channel)}/events")
@@ -377,15 +503,51 @@ class Subscription:
             except (aiohttp.ClientError, TimeoutError):
                 raw = b""
             resp.release()
-            raise _error(resp.status, raw)
+            raise _error(resp.status, raw, resp.headers.get("Retry-After"))
+        if resp.content_type != "text/event-stream":
+            resp.close()
+            raise PostOfficeError(
+                200,
+                "invalid_response",
+                f"subscribe {self.channel!r}: expected text/event-stream, "
+                f"got {resp.content_type!r}",
+            )
         self._response = resp
+        self._buffer.clear()
+        self._discarding = False
+        self._opened_at = asyncio.get_running_loop().time()
+        self._events_in_stream = 0
         self.connected.set()
 
     async def _drop(self) -> None:
         self.connected.clear()
         resp, self._response = self._response, None
         if resp is not None:
+            lasted = asyncio.get_running_loop().time() - self._opened_at
+            if self._events_in_stream or lasted >= HEALTHY_STREAM_SECONDS:
+                self._attempt = 0
             resp.close()
+
+    async def _readline(self, resp: aiohttp.ClientResponse) -> bytes | object | None:
+        """The next line without its terminator; :data:`_OVERSIZED` for a line longer than
+        ``max_event_bytes`` (dropped while reading, so memory stays bounded); None at the end
+        of the stream."""
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                if self._discarding:
+                    self._discarding = False
+                    return _OVERSIZED
+                return line[:-1] if line.endswith(b"\r") else line
+            if len(self._buffer) > self.max_event_bytes:
+                self._buffer.clear()
+                self._discarding = True
+            chunk = await resp.content.readany()
+            if not chunk:
+                return None
+            self._buffer.extend(chunk)
 
     async def _read_event(self) -> tuple[str, str] | None:
         """The next (event type, data) of the stream, or None at its end."""
@@ -394,22 +556,41 @@ class Subscription:
             return None
         kind = "message"
         data: list[str] = []
+        size = 0
+        oversized = False
         while True:
-            raw = await resp.content.readline()
-            if not raw:
+            raw = await self._readline(resp)
+            if raw is None:
                 return None
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
+            if raw is _OVERSIZED:
+                oversized = True
+                continue
+            assert isinstance(raw, bytes)
+            line = raw.decode("utf-8", "replace")
             if not line:
-                if data:
+                if oversized:
+                    self.skipped += 1
+                    self._events_in_stream += 1
+                    log.warning(
+                        "skipped an event of %s larger than %d bytes",
+                        self.channel,
+                        self.max_event_bytes,
+                    )
+                elif data:
                     return kind, "\n".join(data)
-                kind = "message"
+                kind, data, size, oversized = "message", [], 0, False
                 continue
             if line.startswith(":"):
                 continue
             name, _, value = line.partition(":")
             value = value.removeprefix(" ")
             if name == "data":
-                data.append(value)
+                size += len(raw)
+                if size > self.max_event_bytes:
+                    oversized = True
+                    data = []
+                elif not oversized:
+                    data.append(value)
             elif name == "event":
                 kind = value or "message"
             elif name == "id" and "\0" not in value:

@@ -11,7 +11,7 @@ error ``code`` (``{"error": {"code", "message"}}``)::
           ├── NotFound              404  unknown connection or channel
           ├── Gone                  410  the connection no longer exists
           ├── TooLarge              413  body larger than the API accepts
-          ├── RateLimited           429
+          ├── RateLimited           429  retry_after: seconds the API asked to wait
           ├── Unavailable           503  Redis down, queue full, no gateway; also status 0:
           │                              the API could not be reached
           └── StreamError           an SSE stream ended with an error event (e.g. too_slow)
@@ -35,13 +35,17 @@ __all__ = [
 
 
 class PostOfficeError(Exception):
-    """An API call failed; ``status`` is the HTTP status (0: not reached), ``code`` the API's."""
+    """An API call failed; ``status`` is the HTTP status (0: not reached), ``code`` the API's,
+    ``retry_after`` the seconds of the answer's ``Retry-After`` header (None without one)."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, retry_after: float | None = None
+    ) -> None:
         super().__init__(f"{status} {code}: {message}")
         self.status = status
         self.code = code
         self.message = message
+        self.retry_after = retry_after
 
 
 class BadRequest(PostOfficeError):
@@ -94,9 +98,11 @@ _BY_STATUS: dict[int, type[PostOfficeError]] = {
 }
 
 
-def error_for(status: int, code: str, message: str) -> PostOfficeError:
+def error_for(
+    status: int, code: str, message: str, *, retry_after: float | None = None
+) -> PostOfficeError:
     """The most specific error class for ``status``."""
     cls = _BY_STATUS.get(status, PostOfficeError)
     if cls is PostOfficeError and status == 0:
         cls = Unavailable
-    return cls(status, code, message)
+    return cls(status, code, message, retry_after=retry_after)

@@ -34,11 +34,12 @@ def api_settings(redis_url: str, **overrides: Any) -> ApiSettings:
         redis_url=redis_url,
         port=0,
         instance_id="api-test",
+        traffic_cop_url="",  # no Traffic Cop unless a test starts one
         sse_keepalive_seconds=0.1,
         sse_subscribe_timeout_seconds=timeout(5),
         pubsub_backoff_min_seconds=0.01,
         pubsub_backoff_max_seconds=0.1,
-        shutdown_timeout=2.0,
+        shutdown_timeout=timeout(2),
     )
     settings = dataclasses.replace(base, **overrides)
     settings.validate()
@@ -103,11 +104,11 @@ class Listener:
                 return reply["channel"].decode(), reply["data"]
 
     async def nothing(self, seconds: float = 0.2) -> None:
-        reply = await self.pubsub.get_message(timeout=seconds)
+        reply = await self.pubsub.get_message(timeout=timeout(seconds))
         assert reply is None, reply
 
     async def close(self) -> None:
-        await self.pubsub.aclose()
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 @asynccontextmanager

@@ -15,11 +15,11 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from services.post_office_api.app import PUBSUB_CLIENT_NAME, create_app
-from services.post_office_api.auth import REALM_CAPABILITIES, ROUTE_CAPABILITIES
+from services.post_office_api.auth import ROUTE_CAPABILITIES
 from services.post_office_api.keys import HUB
 from services.post_office_api.settings import ApiSettings
 from shared import redis_names as names
@@ -33,7 +33,7 @@ from tests.api_util import (
     read_event,
     read_until_subscribed,
 )
-from tests.helpers import timeout, wait_for
+from tests.helpers import ServiceProcess, timeout, wait_for
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -45,11 +45,20 @@ for _ in range(40):
 MESSAGE = {"type": "notice", "text": "hello", "n": [1, 2, {"x": None}]}
 
 
+class ProductionServer(TestServer):
+    """aiohttp's test server cancels a handler whose client disconnects; ``web.run_app`` (what
+    the service runs) does not. Tests run the way production does."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        kwargs["handler_cancellation"] = False
+        return await super()._make_runner(**kwargs)
+
+
 @pytest.fixture
 async def make_client(aiohttp_client: Any, redis_url: str) -> AsyncIterator[MakeClient]:
     async def make(**overrides: Any) -> Client:
         app = create_app(api_settings(redis_url, **overrides))
-        client: Client = await aiohttp_client(app)
+        client: Client = await aiohttp_client(ProductionServer(app))
         await wait_for(lambda: app[HUB].connected, what="hub connected")
         return client
 
@@ -158,23 +167,72 @@ ALLOWED_STATUS = {
 }
 
 
+#: SPEC "Post Office HTTP API", copied by hand: the test must not derive its expectations
+#: from the code under test.
+SPEC_REALM_CAPABILITIES = {
+    "smart_city": {
+        "websocket_endpoint",
+        "agent_messaging",
+        "agent_channel_publish",
+        "agent_channel_subscribe",
+        "connection_messaging",
+    },
+    "experience": {"websocket_endpoint", "agent_messaging"},
+    "business_enablement": {
+        "agent_channel_publish",
+        "agent_channel_subscribe",
+        "connection_messaging",
+    },
+}
+#: SPEC's call -> capability table (any one of them allows the call).
+SPEC_CALL_CAPABILITIES = {
+    "get_websocket_endpoint": {"websocket_endpoint"},
+    "publish_to_channel": {"agent_channel_publish", "agent_messaging"},
+    "subscribe_to_channel": {"agent_channel_subscribe"},
+    "send_to_connection": {"connection_messaging"},
+    "get_connection": {"connection_messaging"},
+    "close_connection": {"connection_messaging"},
+    "send_to_user": {"connection_messaging"},
+    "broadcast_to_channel": {"connection_messaging"},
+}
+#: The resulting matrix, spelt out: who may call what.
+SPEC_ALLOWED = {
+    "smart_city": set(SPEC_CALL_CAPABILITIES),
+    "experience": {"get_websocket_endpoint", "publish_to_channel"},
+    "business_enablement": {
+        "publish_to_channel",
+        "subscribe_to_channel",
+        "send_to_connection",
+        "get_connection",
+        "close_connection",
+        "send_to_user",
+        "broadcast_to_channel",
+    },
+}
+
+
 def test_every_route_is_in_the_matrix() -> None:
     assert set(CALLS) == set(ROUTE_CAPABILITIES) == set(ALLOWED_STATUS)
+    assert set(SPEC_CALL_CAPABILITIES) == set(CALLS)
+    for realm, calls in SPEC_ALLOWED.items():  # the spelt-out matrix agrees with the tables
+        expected = {
+            c for c, caps in SPEC_CALL_CAPABILITIES.items() if caps & SPEC_REALM_CAPABILITIES[realm]
+        }
+        assert calls == expected, realm
 
 
-@pytest.mark.parametrize("realm", sorted(REALM_CAPABILITIES))
+@pytest.mark.parametrize("realm", sorted(SPEC_ALLOWED))
 @pytest.mark.parametrize("call", sorted(CALLS))
 async def test_capability_matrix(client: Client, realm: str, call: str) -> None:
     method, path, data = CALLS[call]
-    allowed = bool(REALM_CAPABILITIES[realm] & ROUTE_CAPABILITIES[call])
     resp = await client.request(method, path, data=data, headers=auth(realm))
     try:
-        if allowed:
+        if call in SPEC_ALLOWED[realm]:
             assert resp.status == ALLOWED_STATUS[call], (resp.status, await resp.text())
         else:
             message = await error_of(resp, 403, "forbidden")
             assert realm in message
-            assert any(cap in message for cap in ROUTE_CAPABILITIES[call])
+            assert any(cap in message for cap in SPEC_CALL_CAPABILITIES[call])
     finally:
         resp.close()
 
@@ -199,19 +257,60 @@ async def test_openapi_needs_no_key_and_unknown_paths_are_json_404(client: Clien
     await error_of(resp, 405, "method_not_allowed")
 
 
-def test_production_refuses_development_keys(redis_url: str) -> None:
+def test_production_refuses_development_and_short_keys(redis_url: str) -> None:
     from shared.settings import SettingsError, load
 
+    long_key = "k" * 40
     with pytest.raises(SettingsError, match="production"):
         load(ApiSettings, "POST_OFFICE_", {"ENVIRONMENT": "production"})
+    with pytest.raises(SettingsError, match="development keys"):  # any case
+        load(
+            ApiSettings,
+            "POST_OFFICE_",
+            {"ENVIRONMENT": "production", "REALM_KEYS": f"DEV-{long_key}:smart_city"},
+        )
+    with pytest.raises(SettingsError, match="at least 32 characters"):
+        load(
+            ApiSettings,
+            "POST_OFFICE_",
+            {"ENVIRONMENT": "production", "REALM_KEYS": "k1:smart_city"},
+        )
+    production = {"ENVIRONMENT": "production", "REALM_KEYS": f"{long_key}:smart_city"}
+    with pytest.raises(SettingsError, match="TRAFFIC_COP_SERVICE_KEY"):
+        load(ApiSettings, "POST_OFFICE_", production)
     settings = load(
-        ApiSettings, "POST_OFFICE_", {"ENVIRONMENT": "production", "REALM_KEYS": "k1:smart_city"}
+        ApiSettings, "POST_OFFICE_", {**production, "TRAFFIC_COP_SERVICE_KEY": "t" * 40}
     )
-    assert "k1" not in repr(settings)
+    assert long_key not in repr(settings) and "t" * 40 not in repr(settings)
+    load(ApiSettings, "POST_OFFICE_", {**production, "TRAFFIC_COP_URL": ""})  # reports off
     with pytest.raises(SettingsError, match="unknown realm"):
         load(ApiSettings, "POST_OFFICE_", {"REALM_KEYS": "k1:nowhere"})
     with pytest.raises(SettingsError, match="POST_OFFICE_TYPO"):
         load(ApiSettings, "POST_OFFICE_", {"POST_OFFICE_TYPO": "1"})
+
+
+@pytest.mark.parametrize(
+    "channels",
+    ["guide,events", "connection:x", "queue", "a:b:c", "gui de", "guide,guide", "x" * 65, "USER:x"],
+)
+def test_unsafe_channel_names_are_refused(channels: str) -> None:
+    from shared.settings import SettingsError, load
+
+    with pytest.raises(SettingsError, match="POST_OFFICE_CHANNELS"):
+        load(ApiSettings, "POST_OFFICE_", {"POST_OFFICE_CHANNELS": channels})
+
+
+def test_body_and_event_limits_are_consistent() -> None:
+    from shared.settings import SettingsError, load
+
+    with pytest.raises(SettingsError, match="MAX_BODY_BYTES"):
+        load(ApiSettings, "POST_OFFICE_", {"POST_OFFICE_MAX_BODY_BYTES": str(2 * 1024 * 1024)})
+    with pytest.raises(SettingsError, match="SSE_MAX_EVENT_BYTES"):
+        load(
+            ApiSettings,
+            "POST_OFFICE_",
+            {"POST_OFFICE_MAX_BODY_BYTES": "65536", "POST_OFFICE_SSE_MAX_EVENT_BYTES": "65536"},
+        )
 
 
 async def test_custom_realm_keys(make_client: MakeClient) -> None:
@@ -280,7 +379,6 @@ async def test_malformed_connection_id_is_400(client: Client, cid: str) -> None:
         (b"{}", "bad_request"),
         (b'{"message": "text"}', "bad_request"),
         (b'{"message": {}, "extra": 1}', "bad_request"),
-        (b'{"message": {}, "traceparent": "nope"}', "bad_request"),
         (orjson.dumps({"message": {"a": DEEP}}), "bad_request"),
     ],
 )
@@ -314,6 +412,22 @@ async def test_traceparent_is_accepted(client: Client, redis: Redis) -> None:
         assert resp.status == 202
         _, frame = await gateway.next()
     assert orjson.loads(frame) == MESSAGE  # the socket gets the message only
+
+
+async def test_an_invalid_traceparent_is_ignored_not_refused(client: Client, redis: Redis) -> None:
+    """W3C Trace Context: an unparsable traceparent restarts the trace; the message goes."""
+    cid = await register(redis)
+    async with listening(redis, names.connection_messages(cid), names.agent_channel("guide")) as gw:
+        for bad in ("nope", 5, "00-" + "0" * 10):
+            data = orjson.dumps({"message": MESSAGE, "traceparent": bad})
+            resp = await client.post(f"/v1/connections/{cid}/messages", data=data, headers=auth())
+            assert resp.status == 202, await resp.text()
+            assert (await gw.next())[1] == orjson.dumps(MESSAGE)
+        data = orjson.dumps({"message": MESSAGE, "traceparent": "garbage"})
+        resp = await client.post("/v1/channels/guide/messages", data=data, headers=auth())
+        assert resp.status == 202
+        published = orjson.loads((await gw.next())[1])
+        assert published["traceparent"].startswith("00-")  # a fresh trace
 
 
 # -- users, broadcast -----------------------------------------------------------------------
@@ -398,7 +512,7 @@ async def test_close_connection_sends_the_control_command(client: Client, redis:
         _, command = await gateway.next()
         assert orjson.loads(command)["code"] == 4001
         assert orjson.loads(command)["reason"] == "bye"
-    for bad in ("abc", "1001", "2999", "5000", "1.5"):
+    for bad in ("abc", "1001", "2999", "5000", "1.5", "+1000", "%201000", "1_000", "%EF%BC%91000"):
         resp = await client.delete(f"/v1/connections/{cid}?code={bad}", headers=auth())
         await error_of(resp, 400, "bad_request")
     resp = await client.delete(f"/v1/connections/{cid}?reason={'x' * 124}", headers=auth())
@@ -490,6 +604,14 @@ async def open_stream(client: Client, channel: str = "guide", realm: str = "smar
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     await read_until_subscribed(resp)
     return resp
+
+
+async def redis_publish(url: str, channel: str, data: bytes) -> int:
+    client = Redis.from_url(url)
+    try:
+        return int(await client.publish(channel, data))
+    finally:
+        await client.aclose()
 
 
 def agent_message(n: int) -> bytes:
@@ -595,19 +717,135 @@ async def test_sse_stream_overflow_ends_with_error_event(
     make_client: MakeClient, redis: Redis
 ) -> None:
     client = await make_client(sse_queue_size=2)
+    hub = client.app[HUB]
     resp = await open_stream(client)
     channel = names.agent_channel("guide")
-    # One pipeline: the hub reads the burst in one go, faster than the stream drains it.
-    async with redis.pipeline(transaction=False) as pipe:
-        for n in range(200):
-            pipe.publish(channel, agent_message(n))
-        await pipe.execute()
-    events = []
-    while (event := await read_event(resp)) is not None:
-        events.append(event)
-    assert events[-1]["event"] == "error"
-    assert orjson.loads(events[-1]["data"])["code"] == "too_slow"
-    assert len(events) < 200
+    (sub,) = hub.subscribers(channel)
+    # Pushed in one go, with no await in between: the stream cannot drain meanwhile, so the
+    # third event overflows its buffer whatever the machine's speed.
+    events = [(f"msg_{n:04d}", agent_message(n).decode()) for n in range(3)]
+    assert [sub.push(e) for e in events] == [True, True, False]
+    event = await read_event(resp)
+    assert event is not None and event["event"] == "error"
+    assert orjson.loads(event["data"])["code"] == "too_slow"
+    assert await read_event(resp) is None
+    # It was the channel's only stream: nothing it was handed is lost, the events wait in the
+    # agent queue, in order, for the next agent.
+    await wait_for(lambda: hub.subscriber_count == 0, what="stream left")
+
+    async def queued() -> list[bytes]:
+        return [i for i in await redis.lrange(names.queue("guide"), 0, -1) if isinstance(i, bytes)]
+
+    assert await wait_for(queued, what="events requeued") == [agent_message(n) for n in range(3)]
+
+
+async def test_sse_client_that_leaves_unsubscribes_at_once_and_loses_nothing(
+    make_client: MakeClient, redis: Redis
+) -> None:
+    """The only agent stream goes away: the API leaves the channel as soon as the connection
+    closes (not at its next write), so publishing queues for the next agent; an event that
+    raced the close goes back to the queue. Nothing acked is lost."""
+    client = await make_client(sse_keepalive_seconds=60)  # no write would notice the close
+    hub = client.app[HUB]
+    channel = names.agent_channel("guide")
+    resp = await open_stream(client)
+    resp.close()
+    post = await client.post("/v1/channels/guide/messages", data=body(), headers=auth())
+    raced = await post.json()  # "published" only when it beat the close; then it is requeued
+
+    async def unsubscribed() -> bool:
+        return await numsub(redis, channel) == 0
+
+    await wait_for(unsubscribed, what="UNSUBSCRIBE after the client left")
+    assert hub.subscriber_count == 0
+    post = await client.post("/v1/channels/guide/messages", data=body(), headers=auth())
+    after = await post.json()
+    assert after["status"] == "queued"
+
+    async def queued() -> list[str]:
+        items = await redis.lrange(names.queue("guide"), 0, -1)
+        return [orjson.loads(i)["message_id"] for i in items]
+
+    await wait_for(lambda: _length_is(queued, 2), what="both messages in the queue")
+    assert await queued() == [raced["message_id"], after["message_id"]]
+
+
+async def _length_is(items: Callable[[], Awaitable[list[str]]], n: int) -> bool:
+    return len(await items()) == n
+
+
+async def test_hub_pushes_back_what_a_departed_subscriber_had_buffered(
+    client: Client, redis: Redis
+) -> None:
+    hub = client.app[HUB]
+    channel = names.agent_channel("pillar:content")
+    here = [True]
+    sub = await hub.join(channel, queue_key=names.queue("pillar:content"), alive=lambda: here[0])
+    await redis.rpush(names.queue("pillar:content"), b"older-queued")
+    for n in range(3):
+        assert await redis.publish(channel, agent_message(n)) == 1
+    await wait_for(lambda: sub.buffered == 3, what="events buffered")
+    here[0] = False  # the client has gone
+    await wait_for(lambda: sub.closed == "client_gone", what="watch noticed the client left")
+    assert await sub.get() is None  # nothing more is handed out
+    await hub.leave(sub)
+
+    async def queue() -> list[bytes]:
+        items = await redis.lrange(names.queue("pillar:content"), 0, -1)
+        return [i for i in items if isinstance(i, bytes)]
+
+    await wait_for(lambda: _queue_len(queue, 4), what="events pushed back")
+    assert await queue() == [*(agent_message(n) for n in range(3)), b"older-queued"]
+
+
+async def _queue_len(items: Callable[[], Awaitable[list[bytes]]], n: int) -> bool:
+    return len(await items()) == n
+
+
+async def test_sse_client_gone_before_the_headers_is_not_an_error(
+    client: Client, redis: Redis
+) -> None:
+    hub = client.app[HUB]
+    server = client.server.runner.server  # type: ignore[union-attr]
+    assert server is not None
+    # Hold the hub's command lock: the stream's SUBSCRIBE waits, so the client can leave
+    # before the headers go out.
+    async with hub._send_lock:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        writer.write(
+            b"GET /v1/channels/guide/events HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer dev-smart_city\r\n\r\n"
+        )
+        await writer.drain()
+        await wait_for(lambda: hub.subscriber_count == 1, what="stream waiting in join")
+        writer.close()
+        await writer.wait_closed()
+        await wait_for(
+            lambda: all(h.transport is None for h in server.connections),
+            what="server saw the close",
+        )
+    await wait_for(lambda: hub.subscriber_count == 0, what="stream left the hub")
+    text = await (await client.get("/metrics")).text()
+    assert 'operation="subscribe_to_channel",status="499"' in text
+    assert 'status="500"' not in text
+    assert await reader.read() == b""  # no answer at all
+
+
+async def test_sse_does_not_forward_oversized_or_invalid_messages(
+    make_client: MakeClient, redis: Redis
+) -> None:
+    client = await make_client(max_body_bytes=1024, sse_max_event_bytes=8192)
+    resp = await open_stream(client)
+    channel = names.agent_channel("guide")
+    big = orjson.dumps({"message_id": "msg_big", "message": {"x": "y" * 10000}})
+    await redis.publish(channel, big)
+    await redis.publish(channel, b"\xff\xfe garbage")
+    await redis.publish(channel, agent_message(1))
+    event = await read_event(resp)
+    assert event is not None and event["id"] == "msg_0001"
+    text = await (await client.get("/metrics")).text()
+    assert 'postoffice_api_sse_invalid_messages_total{reason="too_large"}' in text
+    resp.close()
 
 
 async def test_sse_survives_a_dropped_pubsub_connection(client: Client, redis: Redis) -> None:
@@ -632,7 +870,12 @@ async def test_sse_streams_end_on_shutdown(aiohttp_client: Any, redis_url: str) 
     client: Client = await aiohttp_client(app)
     await wait_for(lambda: app[HUB].connected)
     resp = await open_stream(client)
+    # Published before the shutdown and not read yet: it still reaches the stream.
+    assert await redis_publish(redis_url, names.agent_channel("guide"), agent_message(1)) == 1
+    await wait_for(lambda: app[HUB].stats()["events_dispatched"] == 1, what="event buffered")
     closing = asyncio.create_task(client.server.close())
+    event = await asyncio.wait_for(read_event(resp), timeout(5))
+    assert event is not None and event["id"] == "msg_0001"
     assert await asyncio.wait_for(read_event(resp), timeout(5)) is None  # clean end of stream
     await asyncio.wait_for(closing, timeout(5))
     resp.close()
@@ -653,9 +896,117 @@ async def test_health_ready_metrics(client: Client) -> None:
     assert ready.status == 200
     assert (await ready.json())["checks"] == {"redis": "ok", "pubsub": "ok"}
     await client.get(f"/v1/connections/{CID}", headers=auth())
+    await client.get("/nowhere")
     text = await (await client.get("/metrics")).text()
     assert 'postoffice_api_requests_total{operation="get_connection",status="404"}' in text
+    assert 'postoffice_api_requests_total{operation="/health",status="200"}' in text
+    assert 'postoffice_api_requests_total{operation="/ready",status="200"}' in text
+    assert 'postoffice_api_requests_total{operation="unmatched",status="404"}' in text
     assert "postoffice_api_sse_subscribers" in text
+
+
+async def test_metrics_record_the_503_of_a_redis_outage(
+    aiohttp_client: Any, redis_url: str
+) -> None:
+    """The metrics middleware records the status the client gets: 503, not 500."""
+    from tests.helpers import free_port
+
+    app = create_app(api_settings(f"redis://127.0.0.1:{free_port()}/0"))
+    client: Client = await aiohttp_client(app)
+    resp = await client.get("/v1/connections/ws_nobody_0badcafe", headers=auth())
+    await error_of(resp, 503, "unavailable")
+    text = await (await client.get("/metrics")).text()
+    assert 'operation="get_connection",status="503"' in text
+    assert 'operation="get_connection",status="500"' not in text
+
+
+#: Representative requests of every operation, ok and refused: (method, path, body, realm).
+REPRESENTATIVE: list[tuple[str, str, bytes | None, str | None]] = [
+    ("GET", "/v1/openapi.json", None, None),
+    ("GET", "/v1/websocket-endpoint?session_token=t", None, "smart_city"),
+    ("GET", "/v1/websocket-endpoint", None, "smart_city"),
+    ("GET", "/v1/websocket-endpoint?session_token=t", None, "business_enablement"),
+    ("GET", "/v1/websocket-endpoint?session_token=t", None, None),
+    ("POST", "/v1/channels/guide/messages", body(), "experience"),
+    ("POST", "/v1/channels/guide/messages", b"{", "smart_city"),
+    ("POST", "/v1/channels/nowhere/messages", body(), "smart_city"),
+    (
+        "POST",
+        "/v1/channels/guide/messages",
+        orjson.dumps({"message": {"x": "y" * 5000}}),
+        "smart_city",
+    ),
+    ("GET", "/v1/channels/nowhere/events", None, "smart_city"),
+    ("GET", "/v1/channels/guide/events", None, "experience"),
+    ("POST", "/v1/channels/guide/broadcast", body(), "smart_city"),
+    ("POST", "/v1/channels/guide/broadcast", b"[]", "smart_city"),
+    ("POST", f"/v1/connections/{CID}/messages", body(), "smart_city"),
+    ("POST", "/v1/connections/nope/messages", body(), "smart_city"),
+    ("POST", f"/v1/connections/{CID}/messages", body(), "experience"),
+    ("GET", f"/v1/connections/{CID}", None, "smart_city"),
+    ("GET", "/v1/connections/nope", None, "smart_city"),
+    ("GET", f"/v1/connections/{CID}", None, "wrong"),
+    ("DELETE", f"/v1/connections/{CID}", None, "smart_city"),
+    ("DELETE", f"/v1/connections/{CID}?code=99", None, "smart_city"),
+    ("POST", "/v1/users/alice/messages", body(), "smart_city"),
+    ("POST", "/v1/users/a%20b/messages", body(), "smart_city"),
+    ("POST", "/v1/users/alice/messages", b"{}", "business_enablement"),
+]
+
+
+async def test_every_status_returned_is_documented(make_client: MakeClient) -> None:
+    client = await make_client(max_body_bytes=4096, rate_limit_per_second=1, rate_limit_burst=200)
+    doc = await (await client.get("/v1/openapi.json")).json()
+    seen: set[tuple[str, int]] = set()
+    for method, path, data, realm in REPRESENTATIVE:
+        headers = {}
+        if realm == "wrong":
+            headers = {"Authorization": "Bearer wrong"}
+        elif realm is not None:
+            headers = auth(realm)
+        resp = await client.request(method, path, data=data, headers=headers)
+        try:
+            status = resp.status
+            assert status != 500, (method, path, await resp.text())
+            template = resp.request_info.url.path
+            route = client.app.router.resources()
+            operation = next(
+                (
+                    (canonical, method.lower())
+                    for r in route
+                    if (canonical := r.canonical) in doc["paths"]
+                    and r.resolve is not None
+                    and _matches(canonical, template)
+                ),
+                None,
+            )
+            assert operation is not None, path
+            documented = doc["paths"][operation[0]][operation[1]]["responses"]
+            assert str(status) in documented, (method, path, status, sorted(documented))
+            seen.add((f"{method} {operation[0]}", status))
+        finally:
+            resp.close()
+    # Every operation was exercised, with more than one outcome each.
+    operations = {op for op, _ in seen}
+    assert len(operations) == 9
+    for op in operations:
+        assert len({s for o, s in seen if o == op}) >= 2 or op.endswith("openapi.json"), op
+    # 405 and 429 are documented where they can happen.
+    resp = await client.put(f"/v1/connections/{CID}", headers=auth())
+    assert resp.status == 405
+    assert "405" in doc["paths"]["/v1/connections/{connection_id}"]["get"]["responses"]
+    limited = await make_client(rate_limit_per_second=0.01, rate_limit_burst=1)
+    await limited.get(f"/v1/connections/{CID}", headers=auth())
+    resp = await limited.get(f"/v1/connections/{CID}", headers=auth())
+    assert resp.status == 429 and "Retry-After" in resp.headers
+    assert "429" in doc["paths"]["/v1/connections/{connection_id}"]["get"]["responses"]
+
+
+def _matches(template: str, path: str) -> bool:
+    parts, given = template.split("/"), path.split("/")
+    return len(parts) == len(given) and all(
+        p == g or (p.startswith("{") and p.endswith("}")) for p, g in zip(parts, given, strict=True)
+    )
 
 
 async def test_rate_limit_per_realm_is_429(make_client: MakeClient) -> None:
@@ -681,3 +1032,29 @@ def test_rate_limiter_refills() -> None:
     now[0] = 0.5
     assert limiter.take("a") == 0
     assert RealmRateLimiter(rate=0, burst=1).take("a") == 0  # 0 disables
+
+
+async def test_a_stale_connection_removed_by_the_api_is_unregistered_from_traffic_cop(
+    make_client: MakeClient, redis: Redis, traffic_cop: ServiceProcess
+) -> None:
+    from shared.traffic_cop_client import TrafficCopClient
+    from tests.helpers import TRAFFIC_COP_KEY, create_session
+
+    client = await make_client(traffic_cop_url=traffic_cop.url)
+    token = create_session(traffic_cop.url, "alice")
+    cop = TrafficCopClient(traffic_cop.url, TRAFFIC_COP_KEY)
+    try:
+        session = await cop.validate(token)
+        assert session is not None
+        cid = await register(redis, gateway="gw-dead", alive=False)
+        assert await cop.register_connection(cid, session.session_id, "alice", "gw-dead")
+        assert await redis.exists(names.session_of_connection(cid))
+        resp = await client.post(f"/v1/connections/{cid}/messages", data=body(), headers=auth())
+        await error_of(resp, 410, "gone")
+
+        async def forgotten() -> bool:
+            return not await redis.exists(names.session_of_connection(cid))
+
+        await wait_for(forgotten, what="traffic cop told about the stale connection")
+    finally:
+        await cop.close()

@@ -23,9 +23,10 @@ def api_process(redis_url: str, **env: str) -> ServiceProcess:
         "services.post_office_api",
         {
             "REDIS_URL": redis_url,
+            "POST_OFFICE_TRAFFIC_COP_URL": "",
             "POST_OFFICE_SSE_KEEPALIVE_SECONDS": "0.2",
             "POST_OFFICE_PUBSUB_BACKOFF_MAX_SECONDS": "0.2",
-            "POST_OFFICE_SHUTDOWN_TIMEOUT": "3",
+            "POST_OFFICE_SHUTDOWN_TIMEOUT": str(timeout(3)),
             **env,
         },
     )
@@ -118,10 +119,17 @@ async def test_sigterm_ends_sse_streams_and_exits_0(redis_url: str) -> None:
         ):
             assert resp.status == 200
             await read_until_subscribed(resp)
+            # Published before SIGTERM and not read yet: it must still reach the stream.
+            async with http.post(
+                f"{api.url}/v1/channels/guide/messages", data=orjson.dumps({"message": {"n": 1}})
+            ) as post:
+                assert (await post.json())["status"] == "published"
+                message_id = (await post.json())["message_id"]
             loop = asyncio.get_running_loop()
             stopping = loop.run_in_executor(None, api.stop)
             rest = await asyncio.wait_for(resp.content.read(), timeout(10))
-            assert b"data:" not in rest  # a clean end, no error event
+            assert f"id: {message_id}".encode() in rest
+            assert b"event: error" not in rest  # a clean end
             code = await stopping
         assert code == 0, api.log()[-3000:]
     finally:

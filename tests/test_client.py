@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator, Iterator
 
+import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from post_office_client import (
@@ -17,6 +21,8 @@ from post_office_client import (
     Gone,
     NotFound,
     PostOfficeClient,
+    PostOfficeError,
+    RateLimited,
     StreamError,
     TooLarge,
     Unauthorized,
@@ -36,9 +42,10 @@ def api_process(redis_url: str, port: int | None = None, **env: str) -> ServiceP
         "services.post_office_api",
         {
             "REDIS_URL": redis_url,
+            "POST_OFFICE_TRAFFIC_COP_URL": "",
             "POST_OFFICE_SSE_KEEPALIVE_SECONDS": "0.2",
             "POST_OFFICE_MAX_BODY_BYTES": "4096",
-            "POST_OFFICE_SHUTDOWN_TIMEOUT": "2",
+            "POST_OFFICE_SHUTDOWN_TIMEOUT": str(timeout(2)),
             **env,
         },
         port=port,
@@ -176,7 +183,7 @@ async def test_subscribe_reconnects_when_the_api_restarts(
     api = api_process(redis_server.url, port=port).start()
     try:
         async with PostOfficeClient(api.url, "dev-smart_city") as po:
-            sub = po.subscribe("guide", backoff_min=0.05, backoff_max=0.2, idle_timeout=2)
+            sub = po.subscribe("guide", backoff_min=0.05, backoff_max=0.2, idle_timeout=timeout(2))
             async with sub:
                 first = await po.publish("guide", {"n": 1})
                 msg = await asyncio.wait_for(sub.__anext__(), timeout(5))
@@ -196,3 +203,136 @@ async def test_subscribe_reconnects_when_the_api_restarts(
                 assert sub.reconnects == 1
     finally:
         api.stop()
+
+
+async def test_a_callers_session_gets_the_realm_key_and_a_closed_client_refuses(
+    api: ServiceProcess, redis: Redis
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        po = PostOfficeClient(api.url, "dev-smart_city", session=http)
+        with pytest.raises(NotFound):  # not 401: the key went with the request
+            await po.get_connection("ws_ghost_00000000")
+        async with po.subscribe("guide") as sub:
+            assert sub.connected.is_set()
+        await po.close()
+        assert not http.closed  # the caller's session stays the caller's
+        with pytest.raises(RuntimeError, match="closed"):
+            await po.get_connection("ws_ghost_00000000")
+    own = PostOfficeClient(api.url, "dev-smart_city")
+    with pytest.raises(NotFound):
+        await own.get_connection("ws_ghost_00000000")
+    await own.close()
+    with pytest.raises(RuntimeError, match="closed"):  # no new, unclosed session
+        await own.publish("guide", MESSAGE)
+
+
+# -- against a misbehaving server: the client's own robustness --------------------------------
+#
+# The real API cannot be made to answer like this; a small aiohttp server stands in for a
+# broken proxy or another API version.
+
+
+class Misbehaving:
+    def __init__(self) -> None:
+        self.hits: dict[str, list[float]] = {}
+        app = web.Application()
+        app.router.add_get("/v1/connections/{cid}", self.rate_limited)
+        app.router.add_post("/v1/channels/{channel}/messages", self.wrong_shape)
+        app.router.add_get("/v1/channels/{channel}/events", self.events)
+        self.server = TestServer(app)
+
+    @property
+    def url(self) -> str:
+        return str(self.server.make_url("")).rstrip("/")
+
+    async def rate_limited(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"error": {"code": "rate_limited", "message": "slow down"}},
+            status=429,
+            headers={"Retry-After": "3"},
+        )
+
+    async def wrong_shape(self, request: web.Request) -> web.Response:
+        return web.json_response({"unexpected": 1}, status=202)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        channel = request.match_info["channel"]
+        hits = self.hits.setdefault(channel, [])
+        hits.append(time.monotonic())
+        if channel == "busy" and len(hits) == 1:
+            return web.json_response(
+                {"error": {"code": "unavailable", "message": "later"}},
+                status=503,
+                headers={"Retry-After": "1"},
+            )
+        if channel == "html" and len(hits) == 1:
+            return web.Response(text="<html>proxy</html>", content_type="text/html")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if channel == "flap":
+            return resp  # opens and ends at once
+        if channel == "big":
+            big = orjson.dumps({"message_id": "m0", "message": {"x": "y" * (5 * 1024 * 1024)}})
+            await resp.write(b"id: m0\r\ndata: " + big + b"\r\n\r\n")
+            await resp.write(b"data: not json\r\n\r\n")
+        good = orjson.dumps({"message_id": "m1", "connection_id": "", "message": {"n": 1}})
+        await resp.write(b"id: m1\r\ndata: " + good + b"\r\n\r\n")
+        await asyncio.sleep(timeout(30))  # stays open until the client leaves
+        return resp
+
+
+@pytest.fixture
+async def misbehaving() -> AsyncIterator[Misbehaving]:
+    stand_in = Misbehaving()
+    await stand_in.server.start_server()
+    yield stand_in
+    await stand_in.server.close()
+
+
+async def test_retry_after_and_answers_of_the_wrong_shape(misbehaving: Misbehaving) -> None:
+    async with PostOfficeClient(misbehaving.url, "k") as po:
+        with pytest.raises(RateLimited) as limited:
+            await po.get_connection("ws_a_00000000")
+        assert limited.value.retry_after == 3
+        with pytest.raises(PostOfficeError) as wrong:
+            await po.publish("guide", MESSAGE)
+        assert wrong.value.code == "invalid_response" and not isinstance(wrong.value, KeyError)
+
+
+async def test_a_stream_that_ends_at_once_backs_off_growing(misbehaving: Misbehaving) -> None:
+    async with PostOfficeClient(misbehaving.url, "k") as po:
+        sub = po.subscribe("flap", backoff_min=0.02, backoff_max=0.16)
+        reading = asyncio.create_task(sub.__anext__())
+        await wait_for(lambda: len(misbehaving.hits.get("flap", ())) >= 6, what="re-opens")
+        reading.cancel()
+        await asyncio.wait([reading])
+        await sub.aclose()
+    times = misbehaving.hits["flap"]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # Every re-open waited at least half a backoff step, and the step kept growing (it is
+    # not reset by a stream that delivered nothing): lower bounds only, a slow box passes.
+    assert all(gap >= 0.01 for gap in gaps), gaps
+    assert max(gaps[3:]) >= 0.08, gaps
+
+
+async def test_subscribe_honours_retry_after_and_checks_the_content_type(
+    misbehaving: Misbehaving,
+) -> None:
+    async with PostOfficeClient(misbehaving.url, "k") as po:
+        for channel in ("busy", "html"):
+            async with po.subscribe(channel, backoff_min=0.01, backoff_max=0.02) as sub:
+                msg = await asyncio.wait_for(sub.__anext__(), timeout(10))
+                assert msg.message == {"n": 1}
+    busy = misbehaving.hits["busy"]
+    assert busy[1] - busy[0] >= 1.0  # Retry-After: 1, though the backoff is 10 ms
+    assert len(misbehaving.hits["html"]) == 2  # text/html was not taken for a stream
+
+
+async def test_oversized_and_invalid_events_are_skipped_not_fatal(
+    misbehaving: Misbehaving,
+) -> None:
+    async with PostOfficeClient(misbehaving.url, "k") as po, po.subscribe("big") as sub:
+        msg = await asyncio.wait_for(sub.__anext__(), timeout(10))
+        assert msg.message_id == "m1"
+        assert sub.skipped == 2
+        assert sub.reconnects == 0  # the same stream went on

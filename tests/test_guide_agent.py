@@ -16,7 +16,14 @@ from shared import redis_names as names
 from shared.protocol import DEFAULT_CHANNELS, agent_message, new_message_id, parse_client_frame
 from shared.registry import ConnectionRecord, Registry
 from tests.api_util import Listener, listening, numsub
-from tests.helpers import RedisServer, ServiceProcess, free_port, wait_for, wait_for_sync
+from tests.helpers import (
+    RedisServer,
+    ServiceProcess,
+    free_port,
+    timeout,
+    wait_for,
+    wait_for_sync,
+)
 
 
 def test_answers() -> None:
@@ -26,12 +33,20 @@ def test_answers() -> None:
     assert answer("time", DEFAULT_CHANNELS, now=moment) == "It is 2026-01-02T03:04:05Z."
     assert answer("hello there", DEFAULT_CHANNELS) == "You said: hello there"
     assert "help" in answer("   ", DEFAULT_CHANNELS)
+    # A long echo is cut so that the reply stays under the API's body limit.
+    long = answer("x" * 100_000, DEFAULT_CHANNELS, max_chars=50)
+    assert len(long) == 50 and long.endswith("…")
+    assert len(answer("é" * 100_000, DEFAULT_CHANNELS).encode()) < 65536 - 1024
 
 
 def api_process(redis_url: str, port: int | None = None) -> ServiceProcess:
     service = ServiceProcess(
         "services.post_office_api",
-        {"REDIS_URL": redis_url, "POST_OFFICE_SSE_KEEPALIVE_SECONDS": "0.2"},
+        {
+            "REDIS_URL": redis_url,
+            "POST_OFFICE_TRAFFIC_COP_URL": "",
+            "POST_OFFICE_SSE_KEEPALIVE_SECONDS": "0.2",
+        },
         port=port,
     )
     service.env["POST_OFFICE_PORT"] = str(service.port)
@@ -48,7 +63,7 @@ def stack(redis_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
             "POST_OFFICE_URL": api.url,
             "GUIDE_AGENT_BACKOFF_MIN_SECONDS": "0.05",
             "GUIDE_AGENT_BACKOFF_MAX_SECONDS": "0.2",
-            "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": "2",
+            "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": str(timeout(2)),
         },
     ).start(wait_ready=False)
     yield api, agent
@@ -60,7 +75,9 @@ async def agent_listening(redis: Redis) -> bool:
     return await numsub(redis, names.agent_channel("guide")) == 1
 
 
-async def ask(redis: Redis, gateway: Listener, cid: str, text: str) -> dict[str, object]:
+async def ask(
+    redis: Redis, gateway: Listener, cid: str, text: str, traceparent: str | None = None
+) -> dict[str, object]:
     envelope = parse_client_frame(
         orjson.dumps({"channel": "guide", "payload": {"message": text, "conversation_id": "c1"}})
     )
@@ -71,7 +88,10 @@ async def ask(redis: Redis, gateway: Listener, cid: str, text: str) -> dict[str,
         user_id="alice",
         gateway_instance="gw-1",
     )
-    assert await redis.publish(names.agent_channel("guide"), msg.to_bytes()) == 1
+    data = msg.to_bytes()
+    if traceparent is not None:
+        data = orjson.dumps({**orjson.loads(data), "traceparent": traceparent})
+    assert await redis.publish(names.agent_channel("guide"), data) == 1
     channel, frame = await gateway.next(10)
     assert channel == names.connection_messages(cid)
     reply: dict[str, object] = orjson.loads(frame)
@@ -101,6 +121,20 @@ async def test_guide_agent_answers_and_survives_an_api_restart(
         assert "pillar:insights" in str((await ask(redis, gateway, cid, "help"))["message"])
         assert str((await ask(redis, gateway, cid, "time"))["message"]).startswith("It is ")
 
+        # Garbage and a 3 MB message on its channel do not kill it: the next one is answered.
+        channel = names.agent_channel("guide")
+        await redis.publish(channel, b"\x00not json at all")
+        await redis.publish(channel, b"[1, 2, 3]")
+        await redis.publish(channel, orjson.dumps({"message": "not an object"}))
+        await redis.publish(
+            channel, b'{"message": {"payload": {"message": "' + b"y" * 3_000_000 + b'"}}}'
+        )
+        reply = await ask(redis, gateway, cid, "still there?")
+        assert reply["message"] == "You said: still there?"
+        # An invalid traceparent does not cost the answer (W3C: restart the trace).
+        reply = await ask(redis, gateway, cid, "traced", traceparent="00-not-a-trace")
+        assert reply["message"] == "You said: traced"
+
         # The API restarts: the agent re-subscribes with backoff and answers again.
         assert api.stop() == 0
         api = api_process(redis_server.url, api.port).start()
@@ -113,6 +147,7 @@ async def test_guide_agent_answers_and_survives_an_api_restart(
             stack_api.stop()
     assert agent.stop() == 0, agent.log()[-3000:]
     assert "dev-smart_city" not in agent.log()
+    assert "Traceback" not in agent.log(), agent.log()[-3000:]
 
 
 def test_a_refused_realm_key_stops_the_agent_with_1(redis_url: str) -> None:
@@ -129,3 +164,59 @@ def test_a_refused_realm_key_stops_the_agent_with_1(redis_url: str) -> None:
         assert "unauthorized" in log and "wrong-key" not in log
     finally:
         api.stop()
+
+
+async def test_answers_go_out_concurrently_and_a_slow_one_does_not_stall_the_rest() -> None:
+    """The agent answers while an earlier answer is still in flight (bounded): a stand-in API
+    holds the first delivery until the second one has arrived."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from agents.guide.agent import GuideAgent
+    from post_office_client import PostOfficeClient
+    from tests.helpers import timeout
+
+    second_arrived = asyncio.Event()
+    order: list[str] = []
+
+    async def events(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for n, cid in enumerate(("ws_slow_00000001", "ws_fast_00000002")):
+            msg = {
+                "message_id": f"m{n}",
+                "connection_id": cid,
+                "message": {"payload": {"message": "hi"}},
+            }
+            await resp.write(b"data: " + orjson.dumps(msg) + b"\r\n\r\n")
+        await asyncio.sleep(timeout(30))
+        return resp
+
+    async def deliver(request: web.Request) -> web.Response:
+        cid = request.match_info["cid"]
+        if cid.startswith("ws_slow"):
+            await asyncio.wait_for(second_arrived.wait(), timeout(10))
+        else:
+            second_arrived.set()
+        order.append(cid)
+        return web.json_response({"delivered": 1}, status=202)
+
+    app = web.Application()
+    app.router.add_get("/v1/channels/guide/events", events)
+    app.router.add_post("/v1/connections/{cid}/messages", deliver)
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        async with PostOfficeClient(str(server.make_url("")), "k") as po:
+            agent = GuideAgent(
+                po, "guide", DEFAULT_CHANNELS, backoff_min=0.05, backoff_max=0.1, idle_timeout=30
+            )
+            task = asyncio.create_task(agent.run())
+            await wait_for(lambda: agent.answered == 2, 10, what="both answered")
+            task.cancel()
+            await asyncio.wait([task])
+        assert order == ["ws_fast_00000002", "ws_slow_00000001"]
+    finally:
+        await server.close()

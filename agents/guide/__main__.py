@@ -32,6 +32,8 @@ async def serve(settings: GuideSettings) -> int:
             backoff_min=settings.backoff_min_seconds,
             backoff_max=settings.backoff_max_seconds,
             idle_timeout=settings.idle_timeout_seconds,
+            max_in_flight=settings.max_in_flight,
+            max_answer_chars=settings.max_answer_chars,
         )
         work = asyncio.create_task(agent.run(), name="guide-agent")
         stopper = asyncio.create_task(stop.wait(), name="guide-agent-stop")

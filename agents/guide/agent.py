@@ -4,10 +4,16 @@ The answer is an echo with a little sense: ``help`` lists the channels, ``time``
 time (UTC), anything else is echoed. Each answer goes to the sending connection as
 ``{"type": "response", "agent_type": "guide", "in_reply_to": <message_id>, "message": ...}``.
 Messages without a connection (published through the API by another agent) get no answer.
+
+Messages are answered concurrently, at most ``max_in_flight`` at once, so one slow API call
+does not stall the stream; past that bound the loop waits for a free slot (the API's SSE
+buffer absorbs the pause). Only a refused realm key (401/403) stops the agent; any other
+failure loses that one answer and is logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -15,19 +21,30 @@ from typing import Any
 
 from post_office_client import (
     AgentMessage,
+    Forbidden,
     Gone,
     PostOfficeClient,
     PostOfficeError,
     Unauthorized,
 )
+from shared.protocol import is_valid_traceparent
 
-__all__ = ["GuideAgent", "answer", "response_frame"]
+__all__ = ["DEFAULT_MAX_ANSWER_CHARS", "GuideAgent", "answer", "response_frame"]
 
 log = logging.getLogger(__name__)
 
+#: An echo longer than this is cut (with an ellipsis), so that the reply stays well under the
+#: API's MAX_BODY_BYTES (64 KiB by default) even when every character takes 4 bytes in UTF-8.
+DEFAULT_MAX_ANSWER_CHARS = 4000
 
-def answer(text: str, channels: Sequence[str], now: datetime | None = None) -> str:
-    """The guide's reply to ``text``."""
+
+def answer(
+    text: str,
+    channels: Sequence[str],
+    now: datetime | None = None,
+    max_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+) -> str:
+    """The guide's reply to ``text`` (at most ``max_chars`` characters)."""
     word = text.strip().lower()
     if word in ("help", "?", "/help"):
         return (
@@ -39,15 +56,20 @@ def answer(text: str, channels: Sequence[str], now: datetime | None = None) -> s
         return "It is " + moment.isoformat(timespec="seconds").replace("+00:00", "Z") + "."
     if not word:
         return "Say something, or 'help'."
-    return f"You said: {text}"
+    reply = f"You said: {text}"
+    if len(reply) > max_chars:
+        reply = reply[: max(0, max_chars - 1)] + "…"
+    return reply
 
 
-def response_frame(msg: AgentMessage, channels: Sequence[str]) -> dict[str, Any]:
+def response_frame(
+    msg: AgentMessage, channels: Sequence[str], max_chars: int = DEFAULT_MAX_ANSWER_CHARS
+) -> dict[str, Any]:
     frame: dict[str, Any] = {
         "type": "response",
         "agent_type": "guide",
         "in_reply_to": msg.message_id,
-        "message": answer(msg.text or "", channels),
+        "message": answer(msg.text or "", channels, max_chars=max_chars),
     }
     payload = msg.message.get("payload")
     if isinstance(payload, dict) and isinstance(payload.get("conversation_id"), str):
@@ -65,6 +87,8 @@ class GuideAgent:
         backoff_min: float,
         backoff_max: float,
         idle_timeout: float,
+        max_in_flight: int = 32,
+        max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
     ) -> None:
         self.client = client
         self.channel = channel
@@ -72,6 +96,8 @@ class GuideAgent:
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.idle_timeout = idle_timeout
+        self.max_in_flight = max_in_flight
+        self.max_answer_chars = max_answer_chars
         self.answered = 0
 
     async def run(self) -> None:
@@ -82,20 +108,33 @@ class GuideAgent:
             backoff_max=self.backoff_max,
             idle_timeout=self.idle_timeout,
         )
-        async with subscription:
-            log.info("subscribed to %s", self.channel)
-            async for msg in subscription:
+        slots = asyncio.Semaphore(self.max_in_flight)
+
+        async def answer_one(msg: AgentMessage) -> None:
+            try:
                 await self.handle(msg)
+            finally:
+                slots.release()
+
+        try:
+            # A task group: a refused key in any answer ends the loop and the other answers.
+            async with asyncio.TaskGroup() as answers, subscription:
+                log.info("subscribed to %s", self.channel)
+                async for msg in subscription:
+                    await slots.acquire()
+                    answers.create_task(answer_one(msg))
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
 
     async def handle(self, msg: AgentMessage) -> None:
         if not msg.connection_id:
             log.debug("message %s has no connection to answer", msg.message_id)
             return
-        frame = response_frame(msg, self.channels)
+        frame = response_frame(msg, self.channels, self.max_answer_chars)
+        # W3C: an invalid traceparent is dropped (the API starts a new trace).
+        traceparent = msg.traceparent if is_valid_traceparent(msg.traceparent) else None
         try:
-            await self.client.send_to_connection(
-                msg.connection_id, frame, traceparent=msg.traceparent or None
-            )
+            await self.client.send_to_connection(msg.connection_id, frame, traceparent=traceparent)
         except Gone:
             log.info(
                 "connection left before the answer to %s",
@@ -103,7 +142,7 @@ class GuideAgent:
                 extra={"connection_id": msg.connection_id},
             )
             return
-        except Unauthorized:
+        except (Unauthorized, Forbidden):
             raise
         except PostOfficeError as exc:
             # One lost answer must not stop the agent; the next message is answered again.
@@ -113,5 +152,9 @@ class GuideAgent:
                 exc,
                 extra={"connection_id": msg.connection_id},
             )
+            return
+        except Exception:
+            # A bug or an unexpected answer must not end the agent: this answer is lost.
+            log.exception("answer to %s failed", msg.message_id)
             return
         self.answered += 1

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agents.guide.agent import DEFAULT_MAX_ANSWER_CHARS
 from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import SettingsError, masked_repr, setting
 
-__all__ = ["DESCRIPTION", "PREFIX", "GuideSettings"]
+__all__ = ["DESCRIPTION", "MIN_PRODUCTION_KEY_LENGTH", "PREFIX", "GuideSettings"]
+
+#: Production realm keys are at least this long (the API refuses shorter ones too).
+MIN_PRODUCTION_KEY_LENGTH = 32
 
 PREFIX = "GUIDE_AGENT_"
 DESCRIPTION = (
@@ -43,6 +47,20 @@ class GuideSettings:
     request_timeout_seconds: float = setting(
         10.0, "timeout of each delivery call to the API", minimum=0.1
     )
+    max_in_flight: int = setting(
+        32,
+        "answers being delivered at once; past it the agent reads no further message until "
+        "one finishes",
+        minimum=1,
+        maximum=10000,
+    )
+    max_answer_chars: int = setting(
+        DEFAULT_MAX_ANSWER_CHARS,
+        "longest answer (an echo is cut with an ellipsis), so that a reply stays under the "
+        "API's MAX_BODY_BYTES (4 bytes a character at worst, plus the frame)",
+        minimum=16,
+        maximum=200000,
+    )
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", common=True)
     environment: str = setting(
         "development",
@@ -60,10 +78,16 @@ class GuideSettings:
             )
         if not self.realm_key:
             raise SettingsError(f"{PREFIX}REALM_KEY is empty")
-        if self.environment == "production" and self.realm_key.startswith("dev-"):
-            raise SettingsError(
-                f"{PREFIX}REALM_KEY: a development key is refused when ENVIRONMENT=production"
-            )
+        if self.environment == "production":
+            if self.realm_key.lower().startswith("dev-"):
+                raise SettingsError(
+                    f"{PREFIX}REALM_KEY: a development key is refused when ENVIRONMENT=production"
+                )
+            if len(self.realm_key) < MIN_PRODUCTION_KEY_LENGTH:
+                raise SettingsError(
+                    f"{PREFIX}REALM_KEY: ENVIRONMENT=production needs a key of at least "
+                    f"{MIN_PRODUCTION_KEY_LENGTH} characters"
+                )
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise SettingsError(f"{PREFIX}LOG_LEVEL={self.log_level!r}: unknown level")
         if self.backoff_min_seconds > self.backoff_max_seconds:

@@ -4,9 +4,10 @@ Cleanup contexts, in start order (torn down in reverse):
 
 1. tracing (a no-op without an OTLP endpoint);
 2. the pooled Redis client (the skeleton's, which also makes ``/ready`` check Redis);
-3. the registry, deliveries and discovery built on it;
-4. the SSE hub: one dedicated pub/sub connection for the whole process and its listener task
-   (``/ready`` also checks that it is connected);
+3. the registry, deliveries and discovery built on it, and the task that tells Traffic Cop
+   about stale connections the API removes (stale.py);
+4. the SSE hub: one dedicated pub/sub connection for the whole process, its listener task
+   (``/ready`` also checks that it is connected) and the task that notices departed clients;
 5. Consul registration, deregistered first on shutdown.
 
 SIGTERM: ``on_shutdown`` ends every SSE stream (buffered events are still sent), so
@@ -41,11 +42,13 @@ from services.post_office_api.openapi import build_openapi
 from services.post_office_api.ratelimit import RealmRateLimiter
 from services.post_office_api.routes import setup_routes
 from services.post_office_api.settings import ApiSettings, parse_realm_keys
-from shared.discovery import API_SERVICE, Discovery, registration_context
+from services.post_office_api.stale import StaleReporter
+from shared.discovery import API_SERVICE, TRAFFIC_COP_SERVICE, Discovery, registration_context
 from shared.redis_client import make_redis
 from shared.registry import Registry
 from shared.service import REDIS, SERVICE, base_app, redis_context
 from shared.tracing import tracing_context
+from shared.traffic_cop_client import TrafficCopClient
 
 __all__ = ["PUBSUB_CLIENT_NAME", "SERVICE_NAME", "create_app"]
 
@@ -64,12 +67,36 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     redis = app[REDIS]
     registry = Registry(redis, _RECORD_TTL)
     app[REGISTRY] = registry
-    app[DELIVERIES] = Deliveries(redis, registry, queue_max_length=settings.queue_max_length)
     discovery = Discovery(settings.consul_url or None)
+
+    async def traffic_cop_url() -> str:
+        return await discovery.resolve(TRAFFIC_COP_SERVICE, settings.traffic_cop_url)
+
+    traffic_cop = (
+        TrafficCopClient(
+            traffic_cop_url,
+            settings.traffic_cop_service_key,
+            timeout=settings.traffic_cop_timeout_seconds,
+            pool_limit=4,
+        )
+        if settings.traffic_cop_url
+        else None
+    )
+    stale = StaleReporter(traffic_cop, settings.traffic_cop_pending_limit)
+    app[DELIVERIES] = Deliveries(
+        redis, registry, queue_max_length=settings.queue_max_length, on_stale=stale.report
+    )
     app[ENDPOINTS] = WebSocketEndpoints(discovery, settings.public_ws_url, settings.gateway_urls)
+    task = asyncio.create_task(stale.run(), name="traffic-cop-stale-reports")
     try:
         yield
     finally:
+        task.cancel()
+        await asyncio.wait([task])
+        if stale.pending:
+            log.info("%d stale-connection report(s) not sent at exit", stale.pending)
+        if traffic_cop is not None:
+            await traffic_cop.close()
         await discovery.close()
 
 
@@ -92,6 +119,9 @@ async def _hub(app: web.Application) -> AsyncIterator[None]:
         subscribe_timeout=settings.sse_subscribe_timeout_seconds,
         backoff_min=settings.pubsub_backoff_min_seconds,
         backoff_max=settings.pubsub_backoff_max_seconds,
+        max_event_bytes=settings.sse_max_event_bytes,
+        disconnect_check=settings.sse_disconnect_check_seconds,
+        requeue=app[DELIVERIES].requeue,
     )
     app[HUB] = hub
 
@@ -100,12 +130,18 @@ async def _hub(app: web.Application) -> AsyncIterator[None]:
             raise ConnectionError("the SSE pub/sub listener is not connected to redis")
 
     app[SERVICE].add_check("pubsub", connected)
-    task = asyncio.create_task(hub.run(), name="sse-pubsub-listener")
+    tasks = [
+        asyncio.create_task(hub.run(), name="sse-pubsub-listener"),
+        asyncio.create_task(hub.watch(), name="sse-disconnect-watch"),
+    ]
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.wait([task])
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        # Events collected for streams that left, whose UNSUBSCRIBE was never confirmed.
+        await hub.flush_leaving()
         await client.aclose()
 
 

@@ -13,12 +13,14 @@ Stale records: when a publish finds no receiver, the connection is gone. Its rec
 holding gateway's liveness key has expired too. A live gateway that did not receive is most
 likely re-subscribing after a Redis hiccup; removing the record then would make a connection
 that is about to be reachable again unreachable for good, so the caller gets 410 for this
-message and the record stays (idle eviction removes it if the socket is really gone).
+message and the record stays (idle eviction removes it if the socket is really gone). The
+removal of a stale record is reported to Traffic Cop (``on_stale``, see stale.py).
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,10 +100,18 @@ class CloseOutcome(enum.Enum):
 
 
 class Deliveries:
-    def __init__(self, redis: Redis, registry: Registry, *, queue_max_length: int) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        registry: Registry,
+        *,
+        queue_max_length: int,
+        on_stale: Callable[[str], None] | None = None,
+    ) -> None:
         self.redis = redis
         self.registry = registry
         self.queue_max_length = queue_max_length
+        self.on_stale = on_stale
         self._send = redis.register_script(_SEND)
 
     async def publish(
@@ -124,6 +134,13 @@ class Deliveries:
         result = await self.registry.publish_or_queue(channel, data, self.queue_max_length)
         status = {PublishResult.PUBLISHED: "published", PublishResult.QUEUED: "queued"}
         return PublishOutcome(status.get(result, "refused"), message_id)
+
+    async def requeue(self, queue_key: str, messages: list[bytes]) -> None:
+        """Push agent messages back to the front of an agent queue, keeping their order (LPUSH
+        inserts its arguments one by one at the head, hence the reversal). Messages that had
+        been accepted are not refused for the queue bound: dropping them would lose them."""
+        if messages:
+            await self.redis.lpush(queue_key, *reversed(messages))
 
     async def to_connection(self, connection_id: str, frame: bytes) -> int:
         """Receivers of ``frame`` (> 0), or a :class:`SendOutcome`; a stale record is removed."""
@@ -187,3 +204,5 @@ class Deliveries:
     async def _remove_stale(self, connection_id: str, reason: str = "stale") -> None:
         if await self.registry.unregister(connection_id, event="disconnected", reason=reason) == 1:
             metrics.STALE_REMOVED.inc()
+            if self.on_stale is not None:
+                self.on_stale(connection_id)  # Traffic Cop forgets it too (stale.py)

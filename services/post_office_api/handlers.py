@@ -34,7 +34,7 @@ from services.post_office_api import metrics
 from services.post_office_api.auth import PUBLIC_ROUTES, RealmKeys, missing_capability
 from services.post_office_api.delivery import CloseOutcome, SendOutcome
 from services.post_office_api.endpoint import message_format
-from services.post_office_api.hub import HubFull, HubUnavailable
+from services.post_office_api.hub import HubFull, HubUnavailable, Subscriber
 from services.post_office_api.keys import (
     DELIVERIES,
     ENDPOINTS,
@@ -48,7 +48,7 @@ from services.post_office_api.keys import (
 )
 from shared import redis_names as names
 from shared.discovery import DiscoveryError
-from shared.http import json_response
+from shared.http import error_middleware, json_response
 from shared.protocol import (
     ErrorCode,
     ProtocolError,
@@ -85,6 +85,8 @@ MAX_SESSION_TOKEN_LENGTH = 512
 MAX_CLOSE_REASON_BYTES = 123
 #: Unknown channels are 404 (the channel is part of the resource path).
 UNKNOWN_CHANNEL_STATUS = 404
+#: Status recorded (never sent) for a request whose client left before the answer (nginx's).
+CLIENT_GONE_STATUS = 499
 
 _ERRORS: dict[int, type[web.HTTPException]] = {
     400: web.HTTPBadRequest,
@@ -112,22 +114,34 @@ def fail(
 
 
 def _operation(request: web.Request) -> str:
-    name = request.match_info.route.name
-    return name or "unmatched"
+    """The route name (the operationId), else its path template (``/health``): never the raw
+    path, which would give every unknown URL its own time series."""
+    route = request.match_info.route
+    if route.name:
+        return route.name
+    resource = route.resource
+    return resource.canonical if resource is not None else "unmatched"
 
 
 @web.middleware
 async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Requests by operation and status; latency for every call but the SSE streams."""
+    """Requests by operation and status; latency for every call but the SSE streams.
+
+    The skeleton's error middleware sits outside this one, so the handler is called through it
+    here too: the status recorded is the one the client gets (a Redis outage is the 503 it
+    becomes, not a 500)."""
     operation = _operation(request)
     start = time.perf_counter()
     status = 500
     try:
-        response = await handler(request)
+        response = await error_middleware(request, handler)
         status = response.status
         return response
     except web.HTTPException as exc:
         status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_GONE_STATUS
         raise
     finally:
         metrics.REQUESTS.labels(operation=operation, status=str(status)).inc()
@@ -285,10 +299,10 @@ async def get_connection(request: web.Request) -> web.Response:
 
 def _close_code(request: web.Request) -> int:
     raw = request.query.get("code", "1000")
-    try:
-        code = int(raw)
-    except ValueError:
+    # int() alone would take "+1000", " 1000", "1_000" and non-ASCII digits.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 5):
         fail(400, ErrorCode.BAD_REQUEST, f"code={raw[:20]!r}: expected an integer")
+    code = int(raw)
     if code != 1000 and not 3000 <= code <= 4999:
         fail(400, ErrorCode.BAD_REQUEST, f"code={code}: use 1000 or an application code 3000-4999")
     return code
@@ -357,13 +371,21 @@ async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
     Headers are sent only once Redis confirmed the subscription, so a client that got them
     receives everything published afterwards. Each event's ``id`` is the message id. The stream
     ends with ``event: error`` (code ``too_slow``) when the client reads too slowly for its
-    bounded buffer, and ends cleanly when the process drains.
+    bounded buffer, and ends cleanly when the process drains. Events that were buffered but not
+    written when the client left go back to the agent queue (hub.py).
     """
     channel = _channel(request)
     settings = request.app[SETTINGS]
     hub = request.app[HUB]
+
+    def alive() -> bool:
+        transport = request.transport
+        return transport is not None and not transport.is_closing()
+
     try:
-        sub = await hub.join(names.agent_channel(channel))
+        sub = await hub.join(
+            names.agent_channel(channel), queue_key=names.queue(channel), alive=alive
+        )
     except HubFull as exc:
         fail(503, ErrorCode.UNAVAILABLE, str(exc), {"Retry-After": "5"})
     except HubUnavailable as exc:
@@ -374,7 +396,16 @@ async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
         send_timeout=settings.sse_send_timeout_seconds,
     )
     try:
-        await stream.prepare(request)
+        # aiohttp_sse's prepare() asserts a transport: a client that left while the
+        # subscription was being confirmed is not an internal error.
+        if not alive():
+            return _client_gone(sub, channel)
+        try:
+            await stream.prepare(request)
+        except (ConnectionResetError, AssertionError):
+            if alive():
+                raise
+            return _client_gone(sub, channel)
         async with stream:
             # The keep-alive task ends when a write fails: the client has gone. Closing the
             # subscriber then wakes the loop below instead of waiting for the next event.
@@ -384,8 +415,18 @@ async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
                 f"retry: {settings.sse_retry_ms}\r\n: subscribed to {channel}\r\n\r\n".encode()
             )
             while (event := await sub.get()) is not None:
+                if not alive():
+                    # Not written: it goes back to the agent queue when the stream leaves.
+                    sub.unget(event)
+                    sub.close("client_gone")
+                    break
                 sse_id, data = event
-                await stream.send(data, id=sse_id)
+                try:
+                    await stream.send(data, id=sse_id)
+                except BaseException:
+                    sub.unget(event)  # maybe not received: at-least-once
+                    sub.close("client_gone")
+                    raise
             if sub.closed == "too_slow":
                 await stream.send(
                     orjson.dumps(
@@ -405,3 +446,11 @@ async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
             await asyncio.wait([watcher])
         await hub.leave(sub)
     return stream
+
+
+def _client_gone(sub: Subscriber, channel: str) -> web.Response:
+    sub.close("client_gone")
+    metrics.SSE_DROPPED.labels(reason="client_gone_before_headers").inc()
+    log.info("SSE client of %s left before the stream opened", channel)
+    # Never sent (there is no connection); the status is what the metrics record.
+    return web.Response(status=CLIENT_GONE_STATUS)

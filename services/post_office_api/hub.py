@@ -9,6 +9,19 @@ Each subscriber has a bounded buffer (:class:`Subscriber`). Fan-out never waits 
 reader: when a subscriber's buffer is full it is dropped (closed with reason ``too_slow``) and
 its stream ends with a final ``event: error``; the others are unaffected.
 
+Nothing that Redis counted as received is silently dropped: ``PUBLISH`` counts this process as
+a receiver for as long as it is subscribed, so events buffered for a subscriber that leaves
+(its client went away, or it was dropped ``too_slow``) and events that arrive between the last
+subscriber leaving and Redis confirming the ``UNSUBSCRIBE`` are pushed back, in order, to the
+front of the channel's agent queue (``websocket:queue:<channel>``), from which the eviction
+worker delivers them once an agent listens again (at-least-once: an event a client had already
+read before vanishing may come again). Only the last local subscriber of a channel requeues:
+the others received the same events. A client that goes away is noticed by a sweep of every
+stream's transport every ``disconnect_check`` seconds, and before every write.
+
+Events larger than ``max_event_bytes`` are not forwarded (no SSE client could read such a
+line); they are counted and logged.
+
 The listener task reconnects with capped, jittered exponential backoff and resubscribes every
 channel that still has subscribers. Messages published while Redis was unreachable are lost for
 SSE subscribers (pub/sub keeps no history); agents that need every message rely on the gateway's
@@ -28,7 +41,7 @@ import contextlib
 import logging
 import random
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 
 import orjson
 from redis.asyncio import Redis
@@ -54,51 +67,91 @@ class HubFull(Exception):
 
 
 Event = tuple[str | None, str]  # (SSE id, data)
+#: Pushes agent messages back to the front of an agent queue: (queue key, messages in order).
+Requeue = Callable[[str, list[bytes]], Awaitable[None]]
 
 
 class Subscriber:
     """One SSE stream's bounded buffer of events.
 
-    ``closed`` is None while open, else the reason: ``too_slow`` (overflow: the buffered events
-    are dropped), ``shutdown`` (the process drains: buffered events are still sent) or
-    ``client_gone``.
+    ``closed`` is None while open, else the reason: ``too_slow`` (overflow), ``shutdown`` (the
+    process drains: buffered events are still sent) or ``client_gone``. After ``too_slow`` or
+    ``client_gone`` nothing more is handed out: what is still buffered goes back to the agent
+    queue when the subscriber leaves the hub (see the module docstring).
     """
 
-    __slots__ = ("_items", "_limit", "_wakeup", "channel", "closed")
+    __slots__ = (
+        "_drain_left",
+        "_items",
+        "_limit",
+        "_wakeup",
+        "alive",
+        "channel",
+        "closed",
+        "queue_key",
+    )
 
-    def __init__(self, channel: bytes, limit: int) -> None:
+    def __init__(
+        self,
+        channel: bytes,
+        limit: int,
+        queue_key: str | None = None,
+        alive: Callable[[], bool] | None = None,
+    ) -> None:
         self.channel = channel
+        self.queue_key = queue_key
+        self.alive = alive
         self._items: collections.deque[Event] = collections.deque()
         self._limit = limit
         self._wakeup = asyncio.Event()
         self.closed: str | None = None
+        # On shutdown, how many buffered events are still sent: those pushed later are kept
+        # for the agent queue, so a busy channel cannot hold a draining stream open.
+        self._drain_left = 0
 
     def push(self, event: Event) -> bool:
-        """Buffer ``event``; False (and closed ``too_slow``) when the buffer was full."""
-        if self.closed is not None:
-            return True
-        if len(self._items) >= self._limit:
-            self._items.clear()
+        """Buffer ``event``; False (and closed ``too_slow``) when the buffer was full.
+
+        A closed subscriber still keeps what it is given until it leaves the hub (a short
+        window), so that nothing Redis counted as received is lost."""
+        if self.closed is None and len(self._items) >= self._limit:
             self.close("too_slow")
+            self._items.append(event)
             return False
         self._items.append(event)
         self._wakeup.set()
         return True
 
+    @property
+    def buffered(self) -> int:
+        return len(self._items)
+
+    def unget(self, event: Event) -> None:
+        """Put back an event that could not be written (it goes first)."""
+        self._items.appendleft(event)
+        self._drain_left = 0
+
+    def take_pending(self) -> list[Event]:
+        items = list(self._items)
+        self._items.clear()
+        return items
+
     def close(self, reason: str) -> None:
         if self.closed is None:
             self.closed = reason
+            self._drain_left = len(self._items) if reason == "shutdown" else 0
         self._wakeup.set()
 
     async def get(self) -> Event | None:
-        """The next event, or None once closed (after the buffer is sent, unless too slow)."""
+        """The next event, or None once closed (after the buffer is sent on shutdown)."""
         while True:
-            if self.closed == "too_slow":
+            if self.closed is not None:
+                if self._drain_left > 0 and self._items:
+                    self._drain_left -= 1
+                    return self._items.popleft()
                 return None
             if self._items:
                 return self._items.popleft()
-            if self.closed is not None:
-                return None
             self._wakeup.clear()
             await self._wakeup.wait()
 
@@ -113,8 +166,17 @@ class ChannelHub:
         subscribe_timeout: float,
         backoff_min: float,
         backoff_max: float,
+        max_event_bytes: int = 2 * 1024 * 1024,
+        disconnect_check: float = 0.1,
+        requeue: Requeue | None = None,
     ) -> None:
         self._redis = redis
+        self._max_event_bytes = max_event_bytes
+        self._disconnect_check = disconnect_check
+        self._requeue = requeue
+        # Channels whose last subscriber left while the UNSUBSCRIBE is unconfirmed: the queue
+        # key and the events to push back there (see the module docstring).
+        self._leaving: dict[bytes, tuple[str, list[bytes]]] = {}
         self._queue_size = queue_size
         self._max_subscribers = max_subscribers
         self._subscribe_timeout = subscribe_timeout
@@ -143,6 +205,10 @@ class ChannelHub:
     def channels(self) -> list[bytes]:
         return list(self._subs)
 
+    def subscribers(self, channel: str) -> list[Subscriber]:
+        """The subscribers of Redis channel ``channel`` (for diagnostics and tests)."""
+        return list(self._subs.get(channel.encode(), ()))
+
     def stats(self) -> dict[str, object]:
         """What the hub holds: one pub/sub connection, its channels and subscribers."""
         return {
@@ -156,8 +222,17 @@ class ChannelHub:
 
     # -- subscribers -------------------------------------------------------------------------
 
-    async def join(self, channel: str) -> Subscriber:
+    async def join(
+        self,
+        channel: str,
+        *,
+        queue_key: str | None = None,
+        alive: Callable[[], bool] | None = None,
+    ) -> Subscriber:
         """A subscriber of Redis channel ``channel``, once Redis confirmed the subscription.
+
+        ``queue_key``: the agent queue its undelivered events go back to; ``alive``: False
+        once its client has gone (checked by :meth:`watch` and before each write).
 
         Raises :class:`HubFull` past ``max_subscribers`` and :class:`HubUnavailable` when the
         pub/sub connection is down or Redis does not confirm within ``subscribe_timeout``.
@@ -169,15 +244,23 @@ class ChannelHub:
             # than every new stream hanging for the whole subscribe timeout.
             raise HubUnavailable("redis pub/sub is not connected; retry later")
         key = channel.encode()
-        sub = Subscriber(key, self._queue_size)
+        sub = Subscriber(key, self._queue_size, queue_key, alive)
+        leaving = self._leaving.pop(key, None)
+        if leaving is not None:
+            # The previous subscribers' undelivered events are older than anything to come:
+            # this subscriber gets them first.
+            for data in leaving[1]:
+                event = _event(data, self._max_event_bytes)
+                if event is not None:
+                    sub.push(self._with_id(event))
         subs = self._subs.setdefault(key, set())
         subs.add(sub)
         self._count += 1
         metrics.SSE_SUBSCRIBERS.set(self._count)
-        if len(subs) == 1:
-            self._ready[key] = asyncio.Event()
-            await self._send("SUBSCRIBE", [key])
         try:
+            if len(subs) == 1:
+                self._ready[key] = asyncio.Event()
+                await self._send("SUBSCRIBE", [key])
             async with asyncio.timeout(self._subscribe_timeout):
                 await self._ready[key].wait()
         except TimeoutError:
@@ -196,10 +279,49 @@ class ChannelHub:
         subs.discard(sub)
         self._count -= 1
         metrics.SSE_SUBSCRIBERS.set(self._count)
+        pending = sub.take_pending()
         if not subs:
             del self._subs[sub.channel]
             self._ready.pop(sub.channel, None)
+            if sub.queue_key is not None and self._requeue is not None:
+                data = [d.encode() for _, d in pending]
+                if self.connected:
+                    # Until Redis confirms the UNSUBSCRIBE, events keep coming: collect them
+                    # and push everything back at once, in order (see _confirm).
+                    self._leaving[sub.channel] = (sub.queue_key, data)
+                elif data:
+                    await self._push_back(sub.queue_key, data)
             await self._send("UNSUBSCRIBE", [sub.channel])
+
+    async def watch(self) -> None:
+        """Close the subscribers whose client has gone, every ``disconnect_check`` seconds:
+        the stream then leaves the hub at once instead of at its next write, so ``PUBLISH``
+        stops counting this process as a receiver."""
+        while True:
+            await asyncio.sleep(self._disconnect_check)
+            for subs in self._subs.values():
+                for sub in subs:
+                    if sub.closed is None and sub.alive is not None and not sub.alive():
+                        sub.close("client_gone")
+
+    async def flush_leaving(self) -> None:
+        """Push back every collected event now (the pub/sub connection is gone or closing)."""
+        leaving, self._leaving = self._leaving, {}
+        for queue_key, data in leaving.values():
+            if data:
+                await self._push_back(queue_key, data)
+
+    async def _push_back(self, queue_key: str, data: list[bytes]) -> None:
+        if self._requeue is None:
+            return
+        try:
+            await self._requeue(queue_key, data)
+        except (RedisError, OSError) as exc:
+            metrics.SSE_REQUEUED.labels(outcome="lost").inc(len(data))
+            log.error("could not push %d event(s) back to %s: %r", len(data), queue_key, exc)
+            return
+        metrics.SSE_REQUEUED.labels(outcome="requeued").inc(len(data))
+        log.info("pushed %d undelivered event(s) back to %s", len(data), queue_key)
 
     def close_all(self, reason: str) -> None:
         """End every stream (process shutdown): buffered events are still sent."""
@@ -247,6 +369,8 @@ class ChannelHub:
                 log.exception("pub/sub listener failed")
             finally:
                 await self._disconnect(pubsub)
+            # No UNSUBSCRIBE confirmation will come on a dead connection.
+            await self.flush_leaving()
             metrics.PUBSUB_RECONNECTS.inc()
             delay = self._backoff(attempt)
             attempt += 1
@@ -285,9 +409,9 @@ class ChannelHub:
             if kind == "message":
                 await self._dispatch(channel, reply["data"])
             elif kind in ("subscribe", "unsubscribe"):
-                self._confirm(channel, kind)
+                await self._confirm(channel, kind)
 
-    def _confirm(self, channel: bytes, kind: str) -> None:
+    async def _confirm(self, channel: bytes, kind: str) -> None:
         left = self._in_flight.get(channel, 0) - 1
         if left > 0:
             self._in_flight[channel] = left
@@ -295,19 +419,39 @@ class ChannelHub:
         self._in_flight.pop(channel, None)
         if kind == "subscribe" and channel in self._ready:
             self._ready[channel].set()
+        elif kind == "unsubscribe":
+            leaving = self._leaving.pop(channel, None)
+            if leaving is not None and leaving[1]:
+                await self._push_back(*leaving)
+
+    def _with_id(self, event: Event) -> Event:
+        if event[0] is not None:
+            return event
+        self._seq += 1
+        return (f"hub-{self._seq}", event[1])
 
     async def _dispatch(self, channel: bytes, data: bytes) -> None:
         subs = self._subs.get(channel)
         if not subs:
+            leaving = self._leaving.get(channel)
+            if leaving is not None and len(data) <= self._max_event_bytes:
+                leaving[1].append(data)
             return
-        event = _event(data)
+        if len(data) > self._max_event_bytes:
+            metrics.SSE_INVALID.labels(reason="too_large").inc()
+            log.warning(
+                "dropped a %d-byte message on %r: larger than SSE_MAX_EVENT_BYTES (%d)",
+                len(data),
+                channel[:100],
+                self._max_event_bytes,
+            )
+            return
+        event = _event(data, self._max_event_bytes)
         if event is None:
-            metrics.SSE_INVALID.inc()
+            metrics.SSE_INVALID.labels(reason="not_json_object").inc()
             log.warning("dropped a non-JSON-object message on %r", channel[:100])
             return
-        if event[0] is None:
-            self._seq += 1
-            event = (f"hub-{self._seq}", event[1])
+        event = self._with_id(event)
         dropped = [sub for sub in list(subs) if not sub.push(event)]
         metrics.SSE_EVENTS.inc(len(subs) - len(dropped))
         self.dispatched += len(subs) - len(dropped)
@@ -322,8 +466,10 @@ class ChannelHub:
             await self.leave(sub)
 
 
-def _event(data: bytes) -> Event | None:
+def _event(data: bytes, max_bytes: int) -> Event | None:
     """The SSE id (the agent message's ``message_id``) and data of one pub/sub message."""
+    if len(data) > max_bytes:
+        return None
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError:

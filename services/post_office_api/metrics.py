@@ -13,8 +13,10 @@ __all__ = [
     "SSE_DROPPED",
     "SSE_EVENTS",
     "SSE_INVALID",
+    "SSE_REQUEUED",
     "SSE_SUBSCRIBERS",
     "STALE_REMOVED",
+    "TRAFFIC_COP_REPORTS",
 ]
 
 REQUESTS = Counter(
@@ -51,8 +53,22 @@ SSE_DROPPED = Counter(
 )
 SSE_INVALID = Counter(
     "postoffice_api_sse_invalid_messages_total",
-    "messages on agent channels that were not JSON objects (not forwarded)",
+    "messages on agent channels not forwarded to SSE streams, by reason (not_json_object, "
+    "too_large)",
+    ["reason"],
+)
+SSE_REQUEUED = Counter(
+    "postoffice_api_sse_requeued_events_total",
+    "events buffered for SSE streams that left, pushed back to the agent queue (requeued) or "
+    "not (lost: Redis refused)",
+    ["outcome"],
 )
 PUBSUB_RECONNECTS = Counter(
     "postoffice_api_pubsub_reconnects_total", "reconnections of the pub/sub listener to Redis"
+)
+TRAFFIC_COP_REPORTS = Counter(
+    "postoffice_api_traffic_cop_reports_total",
+    "stale connections reported to Traffic Cop, by outcome (sent, unknown: Traffic Cop did not "
+    "know it, failed, dropped: the report queue was full)",
+    ["outcome"],
 )

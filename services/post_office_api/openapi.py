@@ -37,12 +37,43 @@ _ERROR_TEXT = {
     401: "no realm key or an unknown one (`unauthorized`)",
     403: "the realm lacks the capability; the message names it (`forbidden`)",
     404: "unknown connection (`not_found`) or channel (`unknown_channel`)",
-    405: "method not allowed (`method_not_allowed`)",
+    405: "method not allowed on this path (`method_not_allowed`); see Allow",
     410: "the connection is gone (`gone`)",
     429: "the realm is over its rate limit (`rate_limited`); see Retry-After",
     413: "body larger than MAX_BODY_BYTES (`too_large`)",
     503: "Redis down, queue full, no gateway or no subscription (`unavailable`); see Retry-After",
 }
+
+
+#: Response headers of some errors.
+_ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {
+        "WWW-Authenticate": {
+            "description": 'Bearer realm="post-office" (error="invalid_token" for an unknown key)',
+            "schema": {"type": "string"},
+        }
+    },
+    405: {"Allow": {"description": "the methods the path has", "schema": {"type": "string"}}},
+    429: {
+        "Retry-After": {
+            "description": "seconds until the realm may call again",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+    503: {
+        "Retry-After": {
+            "description": "seconds to wait before retrying",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
+}
+
+
+def _error_response(status: int, text: str) -> dict[str, Any]:
+    response = _json(_ref("Error"), text)
+    if status in _ERROR_HEADERS:
+        response["headers"] = _ERROR_HEADERS[status]
+    return response
 
 
 def _operation(
@@ -62,7 +93,7 @@ def _operation(
         "description": description + (f"\n\nCapability: {' or '.join(caps)}." if caps else ""),
         "x-capabilities": caps,
         "parameters": list(parameters),
-        "responses": {**responses, **_errors(401, 403, 429, *errors)},
+        "responses": {**responses, **_errors(401, 403, 405, 429, *errors)},
     }
     if body:
         op["requestBody"] = {
@@ -98,7 +129,10 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
                 "operationId": "get_openapi",
                 "summary": "This document",
                 "security": [],
-                "responses": {"200": {"description": "the OpenAPI document"}},
+                "responses": {
+                    "200": {"description": "the OpenAPI document"},
+                    **_errors(405),
+                },
             }
         },
         "/v1/websocket-endpoint": {
@@ -147,7 +181,16 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     }
                 },
-                parameters=[channel],
+                parameters=[
+                    channel,
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "description": "accepted and ignored: pub/sub keeps no history",
+                        "schema": {"type": "string"},
+                    },
+                ],
                 errors=(int(unknown_channel), 503),
             )
         },
@@ -254,7 +297,13 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
             "type": "object",
             "properties": {
                 "message_id": {"type": "string"},
-                "status": {"enum": ["published", "queued"]},
+                "status": {
+                    "enum": ["published", "queued"],
+                    "description": "published: at least one agent subscriber received it; "
+                    "queued: nobody listens, or older messages are still queued (order is "
+                    "kept), so it waits in the bounded agent queue until the eviction worker "
+                    "delivers it to a listening agent",
+                },
             },
         },
         "Delivered": {
@@ -334,7 +383,7 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
             },
             "schemas": schemas,
             "responses": {
-                f"E{status}": _json(_ref("Error"), text) for status, text in _ERROR_TEXT.items()
+                f"E{status}": _error_response(status, text) for status, text in _ERROR_TEXT.items()
             },
         },
     }

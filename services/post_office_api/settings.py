@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import SettingsError, masked_repr, setting
 
-__all__ = ["DESCRIPTION", "DEV_KEY_PREFIX", "PREFIX", "REALMS", "ApiSettings", "parse_realm_keys"]
+__all__ = [
+    "DESCRIPTION",
+    "DEV_KEY_PREFIX",
+    "MAX_BODY_LIMIT",
+    "MIN_PRODUCTION_KEY_LENGTH",
+    "PREFIX",
+    "REALMS",
+    "RESERVED_CHANNEL_NAMES",
+    "ApiSettings",
+    "check_channel_names",
+    "parse_realm_keys",
+]
 
 PREFIX = "POST_OFFICE_"
 DESCRIPTION = (
@@ -18,8 +30,39 @@ DESCRIPTION = (
 
 #: The realms of SPEC "Post Office HTTP API"; capabilities per realm are in auth.py.
 REALMS: tuple[str, ...] = ("smart_city", "experience", "business_enablement")
-#: Development keys start with this; production refuses them.
+#: Development keys start with this (in any case); production refuses them.
 DEV_KEY_PREFIX = "dev-"
+#: Production realm keys are at least this long (e.g. ``openssl rand -hex 32`` gives 64).
+MIN_PRODUCTION_KEY_LENGTH = 32
+#: Largest MAX_BODY_BYTES: an agent message (body plus envelope) must stay well below
+#: SSE_MAX_EVENT_BYTES and post_office_client's event limit (4 MiB).
+MAX_BODY_LIMIT = 1024 * 1024
+#: Room for the agent-message envelope around a published body.
+_ENVELOPE_ROOM = 4096
+#: A channel is one or two segments of letters, digits, ``_`` and ``-`` (``guide``,
+#: ``pillar:content``), so ``websocket:<channel>`` never reaches another Redis name.
+_CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}(:[A-Za-z0-9_-]{1,64})?\Z")
+#: First segments that are Redis names of their own under ``websocket:``.
+RESERVED_CHANNEL_NAMES = frozenset(
+    {"events", "connection", "connections", "user", "channel", "gateway", "gateways", "queue"}
+)
+
+
+def check_channel_names(variable: str, channels: tuple[str, ...]) -> None:
+    """Raise :class:`SettingsError` for a channel name that is unsafe as a Redis name part."""
+    for channel in channels:
+        if not _CHANNEL_RE.match(channel):
+            raise SettingsError(
+                f"{variable}: {channel[:80]!r} is not a channel name (one or two ':'-separated "
+                "segments of letters, digits, '_' and '-', at most 64 characters each)"
+            )
+        if channel.split(":", 1)[0].lower() in RESERVED_CHANNEL_NAMES:
+            raise SettingsError(
+                f"{variable}: {channel!r} collides with an internal Redis name; reserved first "
+                f"segments: {', '.join(sorted(RESERVED_CHANNEL_NAMES))}"
+            )
+    if len(set(channels)) != len(channels):
+        raise SettingsError(f"{variable}: a channel is listed twice")
 
 
 def parse_realm_keys(entries: tuple[str, ...]) -> dict[str, str]:
@@ -83,12 +126,33 @@ class ApiSettings:
         "gateway base URLs (comma-separated http://host:port) used when Consul has none",
         common=True,
     )
+    traffic_cop_url: str = setting(
+        "http://127.0.0.1:8300",
+        "Traffic Cop base URL (Consul wins when CONSUL_URL is set), told about stale "
+        "connections the API removes; empty: not told (its bookkeeping expires with the session)",
+        common=True,
+    )
+    traffic_cop_service_key: str = setting(
+        "dev-traffic_cop",
+        "bearer key for Traffic Cop's internal API; ENVIRONMENT=production refuses dev- keys",
+        secret=True,
+        common=True,
+    )
+    traffic_cop_timeout_seconds: float = setting(
+        2.0, "timeout of one Traffic Cop call", minimum=0.05
+    )
+    traffic_cop_pending_limit: int = setting(
+        1000,
+        "stale-connection reports waiting for Traffic Cop; past it a report is dropped "
+        "(logged and counted)",
+        minimum=1,
+    )
     otel_exporter_otlp_endpoint: str = setting(
         "", "OpenTelemetry collector (OTLP/HTTP) base URL; empty: no span export", common=True
     )
     channels: tuple[str, ...] = setting(DEFAULT_CHANNELS, "agent channels (comma-separated)")
     max_body_bytes: int = setting(
-        65536, "largest request body; larger ones get 413", minimum=64, maximum=16 * 1024 * 1024
+        65536, "largest request body; larger ones get 413", minimum=64, maximum=MAX_BODY_LIMIT
     )
     queue_max_length: int = setting(
         10000,
@@ -113,6 +177,20 @@ class ApiSettings:
         "events held for one SSE subscriber that reads too slowly; past it the subscriber is "
         "dropped with a final `event: error` (code too_slow)",
         minimum=1,
+    )
+    sse_max_event_bytes: int = setting(
+        2 * 1024 * 1024,
+        "largest agent message an SSE stream forwards; larger ones on the channel (published "
+        "to Redis by something else than this API) are dropped and counted; at least "
+        "MAX_BODY_BYTES + 4096, at most post_office_client's limit",
+        minimum=1024,
+        maximum=4 * 1024 * 1024,
+    )
+    sse_disconnect_check_seconds: float = setting(
+        0.1,
+        "how often open SSE streams are checked for a client that has gone (it then leaves "
+        "the channel at once, so publishing queues for the next agent)",
+        minimum=0.01,
     )
     sse_send_timeout_seconds: float = setting(
         30.0, "an SSE write stalled this long aborts that stream", minimum=0.01
@@ -167,13 +245,38 @@ class ApiSettings:
             )
         if not self.channels:
             raise SettingsError(f"{PREFIX}CHANNELS: at least one channel is required")
+        check_channel_names(f"{PREFIX}CHANNELS", self.channels)
         keys = parse_realm_keys(self.realm_keys)
         if not keys:
             raise SettingsError(f"{PREFIX}REALM_KEYS: at least one KEY:REALM pair is required")
-        if self.environment == "production" and any(k.startswith(DEV_KEY_PREFIX) for k in keys):
+        if self.environment == "production":
+            if any(k.lower().startswith(DEV_KEY_PREFIX) for k in keys):
+                raise SettingsError(
+                    f"{PREFIX}REALM_KEYS: ENVIRONMENT=production refuses development keys "
+                    f"(starting with {DEV_KEY_PREFIX!r}); set real keys"
+                )
+            if any(len(k) < MIN_PRODUCTION_KEY_LENGTH for k in keys):
+                raise SettingsError(
+                    f"{PREFIX}REALM_KEYS: ENVIRONMENT=production needs keys of at least "
+                    f"{MIN_PRODUCTION_KEY_LENGTH} characters"
+                )
+        if (
+            self.environment == "production"
+            and self.traffic_cop_url
+            and self.traffic_cop_service_key.lower().startswith(DEV_KEY_PREFIX)
+        ):
             raise SettingsError(
-                f"{PREFIX}REALM_KEYS: ENVIRONMENT=production refuses development keys "
-                f"(starting with {DEV_KEY_PREFIX!r}); set real keys"
+                "TRAFFIC_COP_SERVICE_KEY: ENVIRONMENT=production refuses development keys"
+            )
+        if self.traffic_cop_url and not self.traffic_cop_url.startswith(("http://", "https://")):
+            raise SettingsError(
+                f"{PREFIX}TRAFFIC_COP_URL={self.traffic_cop_url!r}: must start with http(s)://"
+            )
+        if self.sse_max_event_bytes < self.max_body_bytes + _ENVELOPE_ROOM:
+            raise SettingsError(
+                f"{PREFIX}SSE_MAX_EVENT_BYTES={self.sse_max_event_bytes}: must be at least "
+                f"{PREFIX}MAX_BODY_BYTES + {_ENVELOPE_ROOM}, or published messages could not "
+                "reach agents"
             )
         if self.public_ws_url and not self.public_ws_url.startswith(("ws://", "wss://")):
             raise SettingsError(
