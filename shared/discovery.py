@@ -18,7 +18,10 @@ Failure behaviour, in one place:
 * Consul reachable but no passing instance: the fallback when one is configured, else
   :class:`DiscoveryError`;
 * registration retries with capped, jittered backoff until Consul answers, and re-registers when
-  the agent has forgotten the service (an agent restart, or the reaper after a long stall).
+  the agent has forgotten the service (an agent restart, or the reaper after a long stall);
+* deregistration runs at cleanup, or earlier: ``app[DEREGISTER]()`` lets a service leave Consul
+  at the very start of its drain (the gateway does, in ``on_shutdown``), so nothing is routed
+  to it while it finishes its work. It runs once, whichever comes first.
 
 Exception tree::
 
@@ -34,7 +37,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -42,6 +45,7 @@ from aiohttp import web
 
 __all__ = [
     "API_SERVICE",
+    "DEREGISTER",
     "EVICTION_SERVICE",
     "GATEWAY_SERVICE",
     "TRAFFIC_COP_SERVICE",
@@ -57,6 +61,10 @@ GATEWAY_SERVICE = "post-office-gateway"
 API_SERVICE = "post-office-api"
 TRAFFIC_COP_SERVICE = "traffic-cop"
 EVICTION_SERVICE = "eviction-worker"
+
+#: Set by :func:`registration_context` (when Consul is configured): leave Consul now, and stop
+#: re-registering. Idempotent; the context's cleanup calls it too.
+DEREGISTER: web.AppKey[Callable[[], Awaitable[None]]] = web.AppKey("consul_deregister")
 
 
 class DiscoveryError(Exception):
@@ -279,9 +287,14 @@ def registration_context(
                     await asyncio.sleep(delay)
 
         task = asyncio.create_task(keep_registered(), name=f"consul-registration-{service_id}")
-        try:
-            yield
-        finally:
+        deregistered = False
+
+        async def deregister() -> None:
+            nonlocal deregistered
+            if deregistered:
+                return
+            deregistered = True
+            # Stopped first, or it would register the service again.
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -294,6 +307,13 @@ def registration_context(
                         log.info("deregistered %s from consul", service_id)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("consul deregistration of %s failed: %r", service_id, exc)
+
+        app[DEREGISTER] = deregister
+        try:
+            yield
+        finally:
+            try:
+                await deregister()
             finally:
                 await session.close()
 

@@ -44,6 +44,7 @@ __all__ = [
     "parse_client_frame",
     "parse_delivery_body",
     "ping_frame",
+    "validate_client_object",
     "welcome_frame",
 ]
 
@@ -219,6 +220,14 @@ def parse_client_frame(
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc.msg}") from None
+    return validate_client_object(raw, allowed_channels)
+
+
+def validate_client_object(
+    raw: Any, allowed_channels: Iterable[str] = DEFAULT_CHANNELS
+) -> ClientEnvelope:
+    """:func:`parse_client_frame` for a frame already decoded (``orjson.loads``), so a caller
+    that had to look inside it first (is it a pong?) does not parse it twice."""
     if not isinstance(raw, dict):
         raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "a message must be a JSON object")
     client_id: Any = None
@@ -264,7 +273,9 @@ def parse_client_frame(
 
 
 def parse_delivery_body(data: bytes) -> tuple[dict[str, Any], str | None]:
-    """Validate a Post Office delivery body ``{"message": {...}, "traceparent"?}``."""
+    """Validate a Post Office delivery body ``{"message": {...}, "traceparent"?}``.
+
+    An invalid ``traceparent`` (wrong type or shape) is returned as None, as if absent."""
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -277,10 +288,10 @@ def parse_delivery_body(data: bytes) -> tuple[dict[str, Any], str | None]:
     if not check_depth(message):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f"message nests deeper than {MAX_DEPTH}")
     traceparent = raw.get("traceparent")
-    if traceparent is not None and (
-        not isinstance(traceparent, str) or not _TRACEPARENT_RE.match(traceparent)
-    ):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "traceparent must be a W3C traceparent string")
+    if not is_valid_traceparent(traceparent):
+        # W3C Trace Context: a traceparent that cannot be parsed is ignored and the trace
+        # restarts; refusing the delivery would lose the message over a tracing detail.
+        traceparent = None
     unknown = set(raw) - {"message", "traceparent"}
     if unknown:
         raise ProtocolError(

@@ -10,6 +10,11 @@
   accepting, run ``on_shutdown`` (the gateway closes its sockets with 1001 there), wait up to
   ``shutdown_timeout`` for in-flight handlers, run the cleanup contexts (Consul deregistration
   among them), exit 0.
+* :func:`fail` and :func:`supervise` — a process that cannot go on (a task that must run for
+  the process's whole life has died, a dependency never answered at start) says so: ``/ready``
+  answers 503 naming why, and under :func:`run` the process drains as on SIGTERM and then
+  exits non-zero, so that its orchestrator restarts it rather than leaving a half-working
+  process in rotation.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import prometheus_client
 from aiohttp import web
+from aiohttp.web_runner import GracefulExit
 from redis.asyncio import Redis
 
 from shared.http import error_middleware, json_response
@@ -36,8 +42,10 @@ __all__ = [
     "ServiceState",
     "background",
     "base_app",
+    "fail",
     "redis_context",
     "run",
+    "supervise",
 ]
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,14 @@ class ServiceState:
     checks: dict[str, ReadinessCheck] = field(default_factory=dict)
     draining: bool = False
     check_timeout: float = 2.0
+    #: Why the process gave up (see :func:`fail`); empty while it has not.
+    failed: str = ""
+    #: The exit code :func:`run` ends the process with (non-zero once :func:`fail` was called).
+    exit_code: int = 0
+    #: Set by :func:`run`: a failure stops the process. Off in tests that serve the app in
+    #: the test's own event loop, where a failure only turns ``/ready`` 503.
+    stop_on_failure: bool = False
+    stopping: bool = field(default=False, repr=False)
 
     def add_check(self, name: str, check: ReadinessCheck) -> None:
         self.checks[name] = check
@@ -96,6 +112,8 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _ready(request: web.Request) -> web.Response:
     state = request.app[SERVICE]
+    if state.failed:
+        return json_response({"status": "failed", "failing": {"service": state.failed}}, 503)
     if state.draining:
         return json_response({"status": "draining", "failing": {"service": "draining"}}, 503)
     failing = await state.failing()
@@ -161,11 +179,63 @@ def redis_context(
     return ctx
 
 
+def fail(app: web.Application, reason: str, exit_code: int = 1) -> None:
+    """The process cannot go on: ``/ready`` answers 503 ``failed`` naming ``reason`` from now
+    on, and under :func:`run` the process drains (``on_shutdown``, cleanup contexts) as on
+    SIGTERM, then exits with ``exit_code``. Safe to call from any callback, more than once
+    (the first reason wins), during start-up or while already draining."""
+    state = app[SERVICE]
+    if not state.failed:
+        log.critical("%s cannot go on: %s", state.name, reason)
+        state.failed = reason
+        state.exit_code = exit_code
+    if not state.stop_on_failure or state.stopping or state.draining:
+        return
+    state.stopping = True
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        if state.draining:
+            return  # a SIGTERM got there first; its drain is under way
+        if not app.frozen:
+            # Still starting: web.run_app runs its cleanup only once start-up has returned, so
+            # stopping now would skip the cleanup contexts. Start-up is short; look again soon.
+            loop.call_later(0.05, stop)
+            return
+        # What web.run_app's own SIGTERM handler raises: the same drain, then run() returns.
+        raise GracefulExit
+
+    loop.call_soon(stop)
+
+
+def supervise(app: web.Application, task: asyncio.Task[Any]) -> None:
+    """Watch a task that must run for the process's whole life: if it ends in any way but
+    cancellation (an exception, or returning), it is logged and the process fails
+    (:func:`fail`)."""
+
+    def done(t: asyncio.Task[Any]) -> None:
+        if t.cancelled():
+            return
+        exc = t.exception()
+        if exc is not None:
+            log.error("background task %s died", t.get_name(), exc_info=exc)
+            fail(app, f"background task {t.get_name()} died: {exc!r}"[:300])
+        else:
+            log.error("background task %s returned; it should run until shutdown", t.get_name())
+            fail(app, f"background task {t.get_name()} ended")
+
+    task.add_done_callback(done)
+
+
 def background(
-    name: str, factory: Callable[[web.Application], Coroutine[Any, Any, None]]
+    name: str,
+    factory: Callable[[web.Application], Coroutine[Any, Any, None]],
+    *,
+    critical: bool = False,
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     """A cleanup context owning one background task: started with the app, cancelled and
-    awaited at cleanup. A task that dies unexpectedly is logged, never silently lost."""
+    awaited at cleanup. A task that dies unexpectedly is logged, never silently lost; with
+    ``critical`` its end also fails the process (:func:`supervise`)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(factory(app), name=name)
@@ -174,7 +244,10 @@ def background(
             if not t.cancelled() and t.exception() is not None:
                 log.error("background task %s died", name, exc_info=t.exception())
 
-        task.add_done_callback(report)
+        if critical:
+            supervise(app, task)
+        else:
+            task.add_done_callback(report)
         try:
             yield
         finally:
@@ -192,9 +265,13 @@ def run(
     port: int,
     shutdown_timeout: float,
 ) -> None:
-    """Serve with uvloop until SIGTERM/SIGINT, then drain (see module docstring)."""
+    """Serve with uvloop until SIGTERM/SIGINT, then drain (see module docstring). After a
+    :func:`fail`, the drain runs the same way and the process then exits with its code."""
     import uvloop
 
+    state = app[SERVICE] if isinstance(app, web.Application) else None
+    if state is not None:
+        state.stop_on_failure = True
     web.run_app(
         app,
         loop=uvloop.new_event_loop(),
@@ -205,3 +282,5 @@ def run(
         print=None,
         handle_signals=True,
     )
+    if state is not None and state.exit_code:
+        raise SystemExit(state.exit_code)

@@ -14,7 +14,7 @@ import orjson
 from redis.asyncio import Redis
 
 from shared import redis_names as names
-from tests.helpers import TRAFFIC_COP_KEY, RedisServer, ServiceProcess, timeout
+from tests.helpers import TRAFFIC_COP_KEY, RedisServer, ServiceProcess, timeout, wait_for
 
 #: Settings every test gateway uses unless a test says otherwise: quick flushes, short waits.
 FAST = {
@@ -154,7 +154,7 @@ class AgentListener:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._pubsub.aclose()
+        await self._pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 @contextlib.asynccontextmanager
@@ -179,6 +179,21 @@ def small_receive_buffer_connector() -> aiohttp.TCPConnector:
     return aiohttp.TCPConnector(socket_factory=factory)
 
 
+async def wait_for_log(service: ServiceProcess, text: str, seconds: float = 5) -> None:
+    """Until ``text`` appears in the service's log (JSON lines)."""
+    await wait_for(lambda: text in service.log(), seconds, what=f"{text!r} in the log")
+
+
+async def health_detail(gateway: ServiceProcess) -> dict[str, Any]:
+    """The gateway's detailed health body (whatever its status: 503 still has the body)."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(gateway.url + "/health/websocket-gateway/detailed") as r,
+    ):
+        body: dict[str, Any] = await r.json()
+        return body
+
+
 async def registry_traces(
     redis: Redis, connection_id: str, user_id: str, instance: str
 ) -> list[str]:
@@ -197,8 +212,8 @@ async def registry_traces(
     for channel in DEFAULT_CHANNELS:
         if await redis.sismember(names.channel_connections(channel), connection_id):
             found.append(names.channel_connections(channel))
-    if await redis.hexists(names.SESSION_CONNECTION_INDEX, connection_id):
-        found.append(names.SESSION_CONNECTION_INDEX)
+    if await redis.exists(names.session_of_connection(connection_id)):
+        found.append(names.session_of_connection(connection_id))
     return found
 
 
@@ -210,6 +225,7 @@ __all__ = [
     "close_of",
     "create_sessions",
     "gateway_process",
+    "health_detail",
     "instance_of",
     "recv",
     "redis_client",
@@ -217,5 +233,6 @@ __all__ = [
     "small_receive_buffer_connector",
     "start_gateway",
     "start_traffic_cop",
+    "wait_for_log",
     "ws_url",
 ]

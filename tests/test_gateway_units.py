@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import pytest
+from aiohttp import web
 
-from services.gateway.connection import TokenBucket
-from services.gateway.hub import backoff
+from services.gateway.connection import Connection, ConnectionTable, TokenBucket
+from services.gateway.core import RefusedTokens
+from services.gateway.hub import Hub, backoff
 from services.gateway.origins import OriginPolicy
 from services.gateway.settings import PREFIX, Settings
 from shared.settings import SettingsError, load
-from tests.helpers import ROOT
+from tests.helpers import ROOT, timeout, wait_for
 
 
 @pytest.mark.parametrize(
@@ -86,3 +91,132 @@ def test_help_lists_every_setting():
     ).stdout
     for field in Settings.__dataclass_fields__:
         assert PREFIX + field.upper() in out, field
+
+
+def test_token_bucket_give_back_never_passes_the_burst():
+    bucket = TokenBucket(rate=0.001, burst=2)
+    now = bucket.stamp
+    assert bucket.take(now) and bucket.take(now) and not bucket.take(now)
+    bucket.give_back()
+    assert bucket.take(now) and not bucket.take(now)
+    for _ in range(5):
+        bucket.give_back()
+    assert bucket.tokens == 2
+
+
+def test_refused_tokens_expire_and_stay_bounded():
+    cache = RefusedTokens(ttl=5, size=2)
+    cache.add("a", now=100)
+    assert cache.refused("a", now=104.9)
+    assert not cache.refused("a", now=105)  # expired, and forgotten
+    assert len(cache) == 0
+    for token in ("a", "b", "c"):
+        cache.add(token, now=200)
+    assert len(cache) == 2
+    assert not cache.refused("a", now=200)  # the oldest went first
+    assert cache.refused("c", now=200)
+    assert all(len(key) == 32 for key in cache._until)  # sha256 digests, never the token
+    off = RefusedTokens(ttl=0, size=2)
+    off.add("a", now=1)
+    assert not off.refused("a", now=1)
+
+
+def _conn(**overrides: Any) -> Connection:
+    options: dict[str, Any] = {
+        "queue_frames": 8,
+        "queue_bytes": 1000,
+        "bucket": TokenBucket(1, 1),
+        "pong_bucket": TokenBucket(1, 1),
+        "close_timeout": 1,
+        "flush_timeout": 1,
+        **overrides,
+    }
+    return Connection(cast(web.WebSocketResponse, None), "ws_u_00000000", "u", "s", **options)
+
+
+def _queued(conn: Connection) -> list[str]:
+    return [text for text, _ in conn._out]
+
+
+async def test_answers_leave_in_the_order_their_messages_came():
+    conn = _conn()
+    first = conn.reserve()
+    conn.answer_now("error-2")  # known at once, but behind the pending ack
+    third = conn.reserve()
+    conn.answer_now("error-4")
+    assert _queued(conn) == []
+    conn.answer(third, "ack-3")
+    assert _queued(conn) == []  # the first answer is still unknown
+    conn.answer(first, "ack-1")
+    assert _queued(conn) == ["ack-1", "error-2", "ack-3", "error-4"]
+    conn.answer_now("error-5")  # nothing pending: straight out
+    assert _queued(conn)[-1] == "error-5"
+
+
+async def test_the_send_queue_is_bounded_in_frames_and_bytes():
+    conn = _conn(queue_frames=3, queue_bytes=100)
+    assert conn.send("x" * 40) and conn.send("y" * 40)
+    assert conn.queued_bytes == 80
+    assert not conn.send("z" * 30)  # 110 bytes: over the byte budget
+    assert (conn.close_code, conn.close_reason) == (1013, "too slow")
+    assert conn.queued_frames == 0 and conn.queued_bytes == 0  # dropped, not written
+    await conn.wait_closed()
+
+    conn = _conn(queue_frames=2, queue_bytes=100)
+    assert conn.send("a") and conn.send("b")
+    assert not conn.send("c")
+    assert conn.close_code == 1013
+    await conn.wait_closed()
+
+
+def test_the_connection_table_indexes_sessions_and_channels():
+    table = ConnectionTable()
+    a, b = _conn(), _conn()
+    b.id = "ws_u_11111111"
+    b.session_id = "s2"
+    table.add(a)
+    table.add(b)
+    table.use_channel(a, "guide")
+    table.use_channel(a, "guide")
+    assert table.using("guide") == [a]
+    assert a.new_channels == ["guide"]
+    assert sorted(table.session_ids()) == ["s", "s2"]
+    assert table.count_of_session("s") == 1
+    table.remove(a)
+    assert table.using("guide") == [] and table.of_session("s") == []
+    assert table.session_ids() == ["s2"]
+
+
+def test_the_new_limits_have_their_documented_defaults():
+    s = load(Settings, PREFIX, {})
+    assert s.send_queue_bytes == 4 * 1024 * 1024
+    assert s.close_flush_seconds == 1.0
+    assert s.max_connections == 10000
+    assert s.max_connections_per_session == 16
+    assert s.session_check_seconds == 30.0
+
+
+async def test_a_channel_dropped_while_the_hub_resubscribes_is_not_left_behind(redis_url, redis):
+    hub = Hub(redis_url, name="test-hub", backoff_base=0.01, backoff_cap=0.05)
+    resubscribed = asyncio.Event()
+    hub.on_resubscribed(resubscribed.set)
+    hub.watch("keep", lambda data: None)
+    hub.watch("drop", lambda data: None)
+    reader = asyncio.create_task(hub.run())
+    try:
+        await asyncio.sleep(0)  # the reader took its list of channels and is connecting
+        await hub.unsubscribe("drop")  # nothing to send it to yet
+        await asyncio.wait_for(resubscribed.wait(), timeout(5))
+
+        async def channels() -> set[bytes]:
+            return set(await redis.pubsub_channels())
+
+        await wait_for(lambda: _only_keep(channels), 5, what="only 'keep' subscribed")
+    finally:
+        reader.cancel()
+        await asyncio.wait([reader])
+        await hub.close()
+
+
+async def _only_keep(channels: Callable[[], Awaitable[set[bytes]]]) -> bool:
+    return await channels() == {b"keep"}

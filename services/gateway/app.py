@@ -1,11 +1,23 @@
 """``create_app(settings)``: the gateway application, every resource in a cleanup context.
 
-Start-up (``_gateway`` below) waits up to ``STARTUP_WAIT_SECONDS`` for Redis and Traffic Cop
-and raises :class:`StartupError` naming the one that never answered; then starts the pub/sub
-reader, the publisher, the tick and the instance heartbeat, and only once the pub/sub
-connection is subscribed does the gateway accept upgrades. SIGTERM (``on_shutdown``): stop
-accepting, close every socket with 1001, let the handlers unregister them, then the cleanup
-contexts stop the background tasks and delete the instance key.
+Start-up. The port is bound at once, so ``/health`` answers (liveness) while the start-up task
+(``_start``) waits up to ``STARTUP_WAIT_SECONDS`` for Redis and Traffic Cop, then starts the
+pub/sub reader, the publisher, the tick and the instance heartbeat, and waits for the pub/sub
+connection to be subscribed. Until then ``/ws`` answers 503 and ``/ready`` 503 naming what it
+waits for (``"startup": "Starting: waiting for traffic_cop"``). A dependency that never answers
+fails the start: ``gateway cannot start: ...`` is logged, the process stops and exits 1.
+
+Supervision. Those four tasks must live as long as the process: one that ends other than by
+cancellation fails it (:func:`shared.service.fail`): ``/ws`` and ``/ready`` answer 503, the
+process drains as on SIGTERM and exits 1, so that its orchestrator restarts it.
+
+SIGTERM (``_drain``, in ``on_shutdown``, once the listener stopped and ``/ready`` turned 503):
+leave Consul first, so nothing new is routed here; then the publisher hands every accepted
+message to Redis, the breaker's buffer included (new messages are refused ``unavailable``
+meanwhile), for at most ``SHUTDOWN_TIMEOUT - CLOSE_TIMEOUT`` (at least half of
+``SHUTDOWN_TIMEOUT``); the sockets stay open meanwhile, so the acks still reach their clients.
+Then every socket is closed with 1001, the handlers unregister their connections, and the
+cleanup contexts stop the background tasks and delete the instance key.
 """
 
 from __future__ import annotations
@@ -14,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp_jinja2
@@ -26,9 +39,15 @@ from services.gateway.keys import GATEWAY, ORIGINS, SETTINGS
 from services.gateway.origins import OriginPolicy
 from services.gateway.routes import setup_routes
 from services.gateway.settings import Settings
-from shared.discovery import GATEWAY_SERVICE, TRAFFIC_COP_SERVICE, Discovery, registration_context
+from shared.discovery import (
+    DEREGISTER,
+    GATEWAY_SERVICE,
+    TRAFFIC_COP_SERVICE,
+    Discovery,
+    registration_context,
+)
 from shared.protocol import CloseCode
-from shared.service import REDIS, SERVICE, base_app, redis_context
+from shared.service import REDIS, SERVICE, base_app, fail, redis_context, supervise
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient
 
@@ -60,7 +79,26 @@ async def _wait_until(name: str, check: Callable[[], Awaitable[object]], deadlin
         delay = min(delay * 2, 1.0)
 
 
-def _gateway_context(settings: Settings) -> Callable[[web.Application], AsyncIterator[None]]:
+class Starting(Exception):
+    """The readiness check's answer while the start-up task waits for a dependency."""
+
+
+@dataclass
+class _Lifecycle:
+    """What the start-up task, the drain and the cleanup share."""
+
+    startup: asyncio.Task[None] | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    waiting_for: str = "redis"  # empty once started
+
+    async def check(self) -> None:
+        if self.waiting_for:
+            raise Starting(f"waiting for {self.waiting_for}")
+
+
+def _gateway_context(
+    settings: Settings, life: _Lifecycle
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         state = app[SERVICE]
         discovery = Discovery(settings.consul_url or None)
@@ -82,35 +120,23 @@ def _gateway_context(settings: Settings) -> Callable[[web.Application], AsyncIte
         )
         gw = Gateway(settings, app[REDIS], hub, traffic_cop)
         app[GATEWAY] = gw
+        state.add_check("startup", life.check)
         state.add_check("traffic_cop", traffic_cop.ping)
         state.add_check("pubsub", hub.check)
-        tasks: list[asyncio.Task[None]] = []
+        # Not awaited here: the port is bound only once every cleanup context has started.
+        life.startup = asyncio.create_task(_start(app, gw, life), name="gateway-startup")
         try:
-            deadline = time.monotonic() + settings.startup_wait_seconds
-            await _wait_until("redis", gw.redis.ping, deadline)
-            await _wait_until("traffic_cop", traffic_cop.ping, deadline)
-            gw.watch_process_channels()
-            for name, factory in (
-                ("pubsub-reader", hub.run),
-                ("publisher", gw.publisher.run),
-                ("tick", gw.tick),
-                ("instance-heartbeat", gw.keep_instance_alive),
-            ):
-                task = asyncio.create_task(factory(), name=f"gateway-{name}")
-                task.add_done_callback(_report)
-                tasks.append(task)
-            await _wait_until("pubsub", hub.check, deadline)
-            gw.ready = True
-            log.info("gateway %s ready", gw.instance)
             yield
         finally:
             gw.ready = False
+            tasks = [t for t in (life.startup, *life.tasks) if t is not None]
             for task in tasks:
                 task.cancel()
             if tasks:
                 await asyncio.wait(tasks)
             gw.publisher.abandon()
-            await gw.forget_instance()
+            if life.tasks:  # the instance key exists only once started
+                await gw.forget_instance()
             await hub.close()
             await traffic_cop.close()
             await discovery.close()
@@ -118,18 +144,67 @@ def _gateway_context(settings: Settings) -> Callable[[web.Application], AsyncIte
     return ctx
 
 
-def _report(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task %s died", task.get_name(), exc_info=task.exception())
+async def _start(app: web.Application, gw: Gateway, life: _Lifecycle) -> None:
+    """Wait for the dependencies, start the background tasks, then accept upgrades."""
+    settings = gw.settings
+    deadline = time.monotonic() + settings.startup_wait_seconds
+    try:
+        life.waiting_for = "redis"
+        await _wait_until("redis", gw.redis.ping, deadline)
+        life.waiting_for = "traffic_cop"
+        await _wait_until("traffic_cop", gw.traffic_cop.ping, deadline)
+        gw.watch_process_channels()
+        for name, factory in (
+            ("pubsub-reader", gw.hub.run),
+            ("publisher", gw.publisher.run),
+            ("tick", gw.tick),
+            ("instance-heartbeat", gw.keep_instance_alive),
+        ):
+            task = asyncio.create_task(factory(), name=f"gateway-{name}")
+            life.tasks.append(task)
+            task.add_done_callback(lambda t: _stop_accepting(gw, t))
+            supervise(app, task)
+        life.waiting_for = "pubsub"
+        await _wait_until("pubsub", gw.hub.check, deadline)
+    except StartupError as exc:
+        log.critical("gateway cannot start: %s", exc)
+        fail(app, f"cannot start: {exc}")
+        return
+    except Exception as exc:  # a bug: the process must not stay up half-started
+        log.exception("gateway start-up failed")
+        fail(app, f"start-up failed: {exc!r}")
+        return
+    life.waiting_for = ""
+    if app[SERVICE].failed:
+        return
+    gw.ready = True
+    log.info("gateway %s ready", gw.instance)
 
 
-async def _drain(app: web.Application) -> None:
-    """SIGTERM: no new upgrades, every socket closed with 1001; handlers then unregister."""
+def _stop_accepting(gw: Gateway, task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        gw.ready = False  # a dead background task: no new upgrades while the process stops
+
+
+async def _drain(app: web.Application, life: _Lifecycle) -> None:
+    """SIGTERM: leave Consul, publish what was accepted, close every socket with 1001."""
     gw = app.get(GATEWAY)
     if gw is None:
         return
-    gw.ready = False
     settings = app[SETTINGS]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.shutdown_timeout
+    gw.ready = False
+    if life.startup is not None and not life.startup.done():
+        life.startup.cancel()
+        await asyncio.wait([life.startup])
+    deregister = app.get(DEREGISTER)
+    if deregister is not None:
+        await deregister()
+    # The sockets stay open while the publisher drains, so the acks of what it publishes now
+    # still reach their clients; CLOSE_TIMEOUT is left for closing them.
+    remaining = max(0.0, deadline - loop.time())
+    await gw.publisher.drain(max(remaining - settings.close_timeout, remaining / 2))
     log.info("draining %d connections", len(gw.connections))
     await gw.close_all(CloseCode.GOING_AWAY, "server shutting down", settings.close_timeout)
 
@@ -147,8 +222,10 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(
         redis_context(settings.redis_url, max_connections=settings.redis_max_connections)
     )
-    app.cleanup_ctx.append(_gateway_context(settings))
-    # Registered last so it is deregistered first: Consul stops routing here before we drain.
+    life = _Lifecycle()
+    app.cleanup_ctx.append(_gateway_context(settings, life))
+    # Registered last so its cleanup runs first; the drain leaves Consul even earlier
+    # (app[DEREGISTER] in on_shutdown), so Consul stops routing here before anything closes.
     app.cleanup_ctx.append(
         registration_context(
             GATEWAY_SERVICE,
@@ -158,6 +235,10 @@ def create_app(settings: Settings) -> web.Application:
             settings.consul_url or None,
         )
     )
-    app.on_shutdown.append(_drain)
+
+    async def drain(app: web.Application) -> None:
+        await _drain(app, life)
+
+    app.on_shutdown.append(drain)
     setup_routes(app)
     return app

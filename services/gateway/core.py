@@ -4,9 +4,19 @@ One :class:`Gateway` per process holds the connection table, the ONE pub/sub hub
 batched publisher, the registry and the Traffic Cop client, and runs:
 
 * the instance heartbeat: ``websocket:gateway:<instance>`` refreshed every third of its TTL;
-* the tick: app pings every ``HEARTBEAT_INTERVAL``, liveness flushed to Redis in one pipeline
-  every ``LIVENESS_FLUSH_SECONDS`` (only connections seen since the last flush, plus newly used
-  channels), and the local idle check (``MAX_IDLE_SECONDS``: close 1008 "idle", evicted);
+* the tick, four independent loops (a slow Redis in one never delays another):
+
+  - app pings every ``HEARTBEAT_INTERVAL``, the local idle check (``MAX_IDLE_SECONDS``: close
+    1008 "idle", evicted) and the session expiry check (``expires_at`` passed: close 4401
+    "session expired");
+  - the liveness flush: changed last-seen times and newly used channels, one pipeline every
+    ``LIVENESS_FLUSH_SECONDS``;
+  - the session check: after every pub/sub (re)subscription (a revocation published while the
+    pub/sub connection was down is lost) and every ``SESSION_CHECK_SECONDS``, one pipeline of
+    ``EXISTS session:id:<session_id>`` for every session held; a missing session closes its
+    sockets with 4401;
+  - retries of Traffic Cop unregisters that failed, with backoff, a bounded number of times;
+
 * the handlers of the process-wide channels: this instance's control channel, session
   revocations and the channel broadcasts.
 """
@@ -14,10 +24,13 @@ batched publisher, the registry and the Traffic Cop client, and runs:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import time
 import weakref
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -31,15 +44,53 @@ from services.gateway.settings import Settings
 from shared import redis_names as names
 from shared.protocol import CloseCode, ping_frame
 from shared.registry import Registry
-from shared.traffic_cop_client import TrafficCopClient
+from shared.traffic_cop_client import TrafficCopClient, TrafficCopError, TrafficCopRejected
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "RefusedTokens"]
 
 log = logging.getLogger(__name__)
 
 
 async def _close_socket(ws: web.WebSocketResponse, code: int, reason: str) -> None:
     await ws.close(code=code, message=reason.encode())
+
+
+class RefusedTokens:
+    """Tokens Traffic Cop refused lately, as sha256 (never the token): a flood of bad tokens
+    is answered from here instead of costing Traffic Cop a call each. Bounded: the oldest entry
+    goes first; entries live ``ttl`` seconds (a token never becomes valid later: tokens are
+    random, so the TTL only bounds memory and staleness)."""
+
+    def __init__(self, ttl: float, size: int) -> None:
+        self.ttl = ttl
+        self.size = size
+        self._until: OrderedDict[bytes, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    @staticmethod
+    def _key(token: str) -> bytes:
+        return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
+
+    def refused(self, token: str, now: float) -> bool:
+        key = self._key(token)
+        until = self._until.get(key)
+        if until is None:
+            return False
+        if until <= now:
+            del self._until[key]
+            return False
+        return True
+
+    def add(self, token: str, now: float) -> None:
+        if self.ttl <= 0:
+            return
+        key = self._key(token)
+        self._until.pop(key, None)
+        self._until[key] = now + self.ttl
+        while len(self._until) > self.size:
+            self._until.popitem(last=False)
 
 
 class Gateway:
@@ -68,6 +119,10 @@ class Gateway:
         self.connections = ConnectionTable()
         # Every accepted socket, registered or still being validated: the drain closes them all.
         self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self.open_sockets = 0  # accepted and not yet finished: GATEWAY_MAX_CONNECTIONS
+        self.refused_tokens = RefusedTokens(
+            settings.invalid_token_cache_seconds, settings.invalid_token_cache_size
+        )
         # redis-py's pool raises instead of waiting when it is exhausted: connects and
         # disconnects wait here instead, leaving connections for the publisher and the tick.
         self.redis_slots = asyncio.Semaphore(settings.redis_max_connections - 8)
@@ -79,6 +134,11 @@ class Gateway:
         self.started = time.monotonic()
         self.frames_in = 0
         self.frames_out_pubsub = 0
+        self.session_checks = 0
+        self._check_sessions_now = asyncio.Event()
+        # connection id -> (failed attempts, monotonic time of the next attempt)
+        self._unregister_retries: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._retry_wakeup = asyncio.Event()
 
     # -- process-wide channels ----------------------------------------------------------------
 
@@ -87,6 +147,8 @@ class Gateway:
         self.hub.watch(names.SESSION_REVOCATIONS, self.on_revocation)
         for channel in self.settings.channels:
             self.hub.watch(names.channel_broadcast(channel), self._broadcaster(channel))
+        # Revocations published while pub/sub was down are lost: re-read the sessions.
+        self.hub.on_resubscribed(self._check_sessions_now.set)
 
     def on_control(self, data: bytes) -> None:
         try:
@@ -120,15 +182,16 @@ class Gateway:
     def _broadcaster(self, channel: str) -> Callable[[bytes], None]:
         def fan_out(data: bytes) -> None:
             text = data.decode("utf-8", "replace")
+            size = len(data)
             for conn in self.connections.using(channel):
-                if conn.send(text):
+                if conn.send(text, size):
                     self.frames_out_pubsub += 1
 
         return fan_out
 
     def deliver(self, conn: Connection, data: bytes) -> None:
         """A frame from ``websocket:connection:<id>:messages``: forwarded as text, unparsed."""
-        if conn.send(data.decode("utf-8", "replace")):
+        if conn.send(data.decode("utf-8", "replace"), len(data)):
             self.frames_out_pubsub += 1
 
     # -- background work ----------------------------------------------------------------------
@@ -147,22 +210,41 @@ class Gateway:
             await asyncio.sleep(ttl / 3)
 
     async def tick(self) -> None:
+        """Every periodic job, each in its own loop (see the module docstring)."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._heartbeat_loop(), name="gateway-heartbeat")
+            group.create_task(self._flush_loop(), name="gateway-liveness-flush")
+            group.create_task(self._session_check_loop(), name="gateway-session-check")
+            group.create_task(self._unregister_retry_loop(), name="gateway-unregister-retry")
+
+    async def _heartbeat_loop(self) -> None:
         s = self.settings
-        interval = min(s.liveness_flush_seconds, s.heartbeat_interval, s.max_idle_seconds / 4)
+        interval = min(s.heartbeat_interval, s.max_idle_seconds / 4, 1.0)
         next_ping = time.monotonic() + s.heartbeat_interval
-        next_flush = time.monotonic() + s.liveness_flush_seconds
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
             self.check_idle(now)
+            self.check_expired(time.time())
             if now >= next_ping:
                 next_ping = now + s.heartbeat_interval
                 frame = ping_frame()
                 for conn in self.connections:
                     conn.send(frame)
-            if now >= next_flush:
-                next_flush = now + s.liveness_flush_seconds
-                await self.flush_liveness()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.liveness_flush_seconds)
+            await _guarded("liveness flush", self.flush_liveness)
+
+    async def _session_check_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._check_sessions_now.wait(), self.settings.session_check_seconds
+                )
+            self._check_sessions_now.clear()
+            await _guarded("session check", self.check_sessions)
 
     def check_idle(self, now: float) -> None:
         limit = self.settings.max_idle_seconds
@@ -174,6 +256,64 @@ class Gateway:
                     extra={"connection_id": conn.id},
                 )
                 conn.close(CloseCode.POLICY_VIOLATION, "idle", evicted=True)
+
+    def check_expired(self, wall: float) -> None:
+        for conn in self.connections:
+            if not conn.closing and conn.expires_at <= wall:
+                log.info("session expired, closing", extra={"connection_id": conn.id})
+                conn.close(CloseCode.SESSION_INVALID, "session expired")
+
+    async def check_sessions(self) -> int:
+        """Close the sockets of sessions Traffic Cop no longer holds; how many were closed.
+
+        One pipeline: ``EXISTS session:id:<sid>`` per session held (Traffic Cop keeps that key
+        for exactly the life of a session, and deletes it on revocation) and ``EXISTS`` of each
+        of those connections' records. A session missing while its connection's record exists
+        was revoked or expired: close 4401. When the record is missing too, Redis lost its data
+        (a restart without persistence) or the connection is still registering; closing every
+        socket for that would turn a Redis restart into a mass logout, so those are left to
+        the local expiry check and to Traffic Cop at their next connect.
+        """
+        held = {sid: self.connections.of_session(sid) for sid in self.connections.session_ids()}
+        held = {sid: conns for sid, conns in held.items() if conns}
+        if not held:
+            return 0
+        self.session_checks += 1
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for sid, conns in held.items():
+                pipe.exists(names.session_by_id(sid))
+                for conn in conns:
+                    pipe.exists(names.connection(conn.id))
+            results = iter(await pipe.execute())
+        closed = unknown = 0
+        wall = time.time()
+        for conns in held.values():
+            alive = next(results)
+            recorded = [next(results) for _ in conns]
+            if alive:
+                continue
+            for conn, has_record in zip(conns, recorded, strict=True):
+                if not has_record:
+                    unknown += 1
+                elif not conn.closing:
+                    expired = conn.expires_at <= wall
+                    log.info(
+                        "session check: session %s, closing",
+                        "expired" if expired else "revoked",
+                        extra={"connection_id": conn.id},
+                    )
+                    conn.close(
+                        CloseCode.SESSION_INVALID,
+                        "session expired" if expired else "session revoked",
+                    )
+                    closed += 1
+        if unknown:
+            log.warning(
+                "session check: %d connections have neither a session nor a record in Redis "
+                "(Redis lost its data?); left open",
+                unknown,
+            )
+        return closed
 
     async def flush_liveness(self) -> None:
         """Write changed last-seen times and new channel use in one pipeline."""
@@ -202,6 +342,72 @@ class Gateway:
         for conn, wall, new in batch:
             conn.flushed_wall = wall
             del conn.new_channels[: len(new)]
+
+    # -- Traffic Cop unregisters that failed ----------------------------------------------------
+
+    @property
+    def unregisters_pending(self) -> int:
+        return len(self._unregister_retries)
+
+    def retry_unregister(self, connection_id: str) -> None:
+        """Unregister ``connection_id`` from Traffic Cop later (it could not be done now)."""
+        s = self.settings
+        if s.unregister_retry_attempts == 0 or connection_id in self._unregister_retries:
+            return
+        if len(self._unregister_retries) >= s.unregister_retry_pending:
+            given_up, _ = self._unregister_retries.popitem(last=False)
+            log.warning(
+                "too many unregisters waiting; giving up one (Traffic Cop's TTL cleans it)",
+                extra={"connection_id": given_up},
+            )
+        due = time.monotonic() + s.unregister_retry_base_seconds
+        self._unregister_retries[connection_id] = (0, due)
+        self._retry_wakeup.set()
+
+    async def _unregister_retry_loop(self) -> None:
+        s = self.settings
+        pending = self._unregister_retries
+        while True:
+            if not pending:
+                self._retry_wakeup.clear()
+                await self._retry_wakeup.wait()
+                continue
+            now = time.monotonic()
+            due = [cid for cid, (_, at) in pending.items() if at <= now]
+            if not due:
+                wait = min(at for _, at in pending.values()) - now
+                self._retry_wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_wakeup.wait(), max(0.01, wait))
+                continue
+            # One call at a time: Traffic Cop is likely down, so no burst of timeouts.
+            for cid in due:
+                entry = pending.get(cid)
+                if entry is None:
+                    continue
+                try:
+                    await self.traffic_cop.unregister_connection(cid)
+                except TrafficCopRejected as exc:
+                    log.error(
+                        "traffic cop refused an unregister: %s", exc, extra={"connection_id": cid}
+                    )
+                    pending.pop(cid, None)
+                except TrafficCopError as exc:
+                    attempts = entry[0] + 1
+                    if attempts >= s.unregister_retry_attempts:
+                        log.warning(
+                            "traffic cop unregister failed %d times, giving up: %s",
+                            attempts + 1,
+                            exc,
+                            extra={"connection_id": cid},
+                        )
+                        pending.pop(cid, None)
+                    else:
+                        delay = min(60.0, s.unregister_retry_base_seconds * 2.0**attempts)
+                        pending[cid] = (attempts, time.monotonic() + delay)
+                else:
+                    log.info("traffic cop unregister retried", extra={"connection_id": cid})
+                    pending.pop(cid, None)
 
     # -- shutdown ----------------------------------------------------------------------------
 
@@ -237,6 +443,8 @@ class Gateway:
         return {
             "instance": self.instance,
             "connections": len(self.connections),
+            "sockets": self.open_sockets,
+            "frames_queued": sum(c.queued_frames for c in self.connections),
             "uptime_seconds": round(time.monotonic() - self.started, 3),
             "messages_in": self.frames_in,
             "messages_out": Connection.frames_written,
@@ -245,6 +453,8 @@ class Gateway:
             "queued": self.publisher.queued,
             "refused": self.publisher.refused,
             "publisher_waiting": self.publisher.waiting,
+            "unregisters_pending": self.unregisters_pending,
+            "refused_tokens_cached": len(self.refused_tokens),
             "breaker": {"open": self.publisher.breaker_open, "buffered": self.publisher.buffered},
             "pubsub": {
                 "connected": self.hub.connected,
@@ -252,3 +462,13 @@ class Gateway:
                 "reconnects": self.hub.reconnects,
             },
         }
+
+
+async def _guarded(what: str, job: Callable[[], Awaitable[object]]) -> None:
+    """Run one periodic job; a failure is logged and the loop goes on (never kills the tick)."""
+    try:
+        await job()
+    except (RedisError, OSError) as exc:
+        log.warning("%s failed, retried next time: %r", what, exc)
+    except Exception:
+        log.exception("%s failed", what)

@@ -9,6 +9,12 @@ propagates.
 :meth:`Hub.subscribe` returns only once Redis confirmed the subscription, so a caller that
 announces a connection afterwards (the welcome frame) cannot miss a frame published to it.
 
+Messages published while the connection is down are lost (Redis pub/sub keeps nothing), so
+callbacks registered with :meth:`Hub.on_resubscribed` run once Redis confirmed every channel of
+a (re)subscription: the gateway then re-reads from Redis the state those messages would have
+announced (revoked sessions). A channel unsubscribed while the reader was resubscribing is
+unsubscribed again as soon as the new connection is up, so none is left behind.
+
 Exception tree::
 
     Exception
@@ -62,11 +68,14 @@ class Hub:
     ) -> None:
         # socket_timeout=None: the connection blocks waiting for messages by design.
         # health_check_interval=0: a health-check PING would read concurrently with the reader.
+        # retries=0: redis-py would otherwise reconnect and resubscribe silently, and the
+        # gateway would never learn that messages published meanwhile were lost.
         self.redis: Redis = make_redis(
             redis_url,
             max_connections=4,
             socket_timeout=None,  # type: ignore[arg-type]  # make_redis documents None for pub/sub
             health_check_interval=0,
+            retries=0,
             name=name,
         )
         self.backoff_base = backoff_base
@@ -77,6 +86,8 @@ class Hub:
         self._connected = False
         self._lock = asyncio.Lock()  # one command at a time on the shared connection
         self._confirm: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._awaiting: set[bytes] = set()  # channels of the current resubscription unconfirmed
+        self._resubscribed: list[Callable[[], None]] = []
         self.messages = 0
         self.reconnects = 0
 
@@ -97,6 +108,11 @@ class Hub:
         """Remember a channel without waiting: subscribed when the reader (re)connects.
         For the process-wide channels, registered before the reader starts."""
         self._handlers[channel.encode()] = handler
+
+    def on_resubscribed(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (it must not block) each time every channel is subscribed again
+        after a (re)connection, the first connection included."""
+        self._resubscribed.append(callback)
 
     async def subscribe(self, channel: str, handler: Handler) -> None:
         """Subscribe and wait for Redis's confirmation; raise :class:`PubSubUnavailable`."""
@@ -127,8 +143,9 @@ class Hub:
         if self._handlers.pop(key, None) is None:
             return
         pubsub = self._pubsub
-        if pubsub is None or not self._connected:
-            return  # the next reconnect subscribes only current channels
+        if pubsub is None:
+            # The reader is (re)connecting: it unsubscribes channels dropped meanwhile.
+            return
         try:
             async with self._lock:
                 await pubsub.unsubscribe(key)
@@ -142,10 +159,20 @@ class Hub:
             pubsub = self.redis.pubsub()
             try:
                 channels = list(self._handlers)
+                self._awaiting = set(channels)
                 async with self._lock:
                     for i in range(0, len(channels), _CHUNK):
                         await pubsub.subscribe(*channels[i : i + _CHUNK])
-                self._pubsub = pubsub
+                    # From here unsubscribe() talks to this connection itself; channels it
+                    # dropped while the list above was being subscribed are dropped now.
+                    self._pubsub = pubsub
+                    stale = [c for c in channels if c not in self._handlers]
+                    for i in range(0, len(stale), _CHUNK):
+                        await pubsub.unsubscribe(*stale[i : i + _CHUNK])
+                if stale:
+                    log.debug("dropped %d channels unsubscribed while resubscribing", len(stale))
+                if not channels:
+                    self._fire_resubscribed()
                 async for message in pubsub.listen():
                     if not self._connected:
                         self._connected = True
@@ -158,6 +185,7 @@ class Hub:
             finally:
                 self._connected = False
                 self._pubsub = None
+                self._awaiting = set()
                 for futures in self._confirm.values():
                     for future in futures:
                         if not future.done():
@@ -185,9 +213,25 @@ class Hub:
             except Exception:
                 log.exception("pub/sub handler failed on %s", channel.decode(errors="replace"))
         elif kind == "subscribe":
-            for future in self._confirm.pop(channel, ()):
+            waiting = self._confirm.pop(channel, ())
+            for future in waiting:
                 if not future.done():
                     future.set_result(None)
+            if self._awaiting:
+                self._awaiting.discard(channel)
+                if not self._awaiting:
+                    self._fire_resubscribed()
+            elif not waiting:
+                # A confirmation nobody asked for: the client library reconnected and
+                # resubscribed by itself, so messages may have been lost meanwhile.
+                self._fire_resubscribed()
+
+    def _fire_resubscribed(self) -> None:
+        for callback in self._resubscribed:
+            try:
+                callback()
+            except Exception:
+                log.exception("resubscription callback failed")
 
     async def close(self) -> None:
         await self.redis.aclose()

@@ -10,10 +10,12 @@ __all__ = [
     "BREAKER_OPEN",
     "CLOSES",
     "CONNECTIONS",
+    "CONNECTIONS_REFUSED",
     "CONNECTIONS_TOTAL",
     "ERRORS",
     "FRAMES_IN",
     "FRAMES_OUT",
+    "PONGS",
     "PUBLISH_BATCH",
     "PUBSUB_RECONNECTS",
     "UPGRADES_REFUSED",
@@ -26,6 +28,13 @@ UPGRADES_REFUSED = Counter(
     "Upgrades refused before the socket opened, by reason",
     ["reason"],
 )
+CONNECTIONS_REFUSED = Counter(
+    "postoffice_gateway_connections_refused",
+    "Sockets accepted then closed before the welcome, by reason (overloaded, session_limit, "
+    "invalid_token, invalid_token_cached)",
+    ["reason"],
+)
+PONGS = Counter("postoffice_gateway_pongs", "App pongs received")
 FRAMES_IN = Counter("postoffice_gateway_frames_in", "Frames received from clients")
 FRAMES_OUT = Counter("postoffice_gateway_frames_out", "Frames written to clients")
 ACKS = Counter("postoffice_gateway_acks", "Acks sent, by status (published, queued)", ["status"])

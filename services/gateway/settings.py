@@ -83,6 +83,71 @@ class Settings:
         "frames waiting to be written to one socket; past it the socket is closed with 1013",
         minimum=1,
     )
+    send_queue_bytes: int = setting(
+        4 * 1024 * 1024,
+        "bytes waiting to be written to one socket; past it the socket is closed with 1013",
+        minimum=1024,
+    )
+    close_flush_seconds: float = setting(
+        1.0,
+        "on a close (but 1013 'too slow'), how long frames already queued for the socket (acks "
+        "included) may take to be written before the Close frame",
+        minimum=0,
+    )
+    max_connections: int = setting(
+        10000,
+        "open sockets this instance holds (validating included); past it a new socket is "
+        "closed with 1013 'overloaded' before its token is checked",
+        minimum=1,
+    )
+    max_connections_per_session: int = setting(
+        16,
+        "sockets one session may hold on this instance; past it a new one is closed with 4429",
+        minimum=1,
+    )
+    invalid_token_cache_seconds: float = setting(
+        5.0,
+        "how long a token Traffic Cop refused is refused again without asking it (0: never)",
+        minimum=0,
+    )
+    invalid_token_cache_size: int = setting(
+        10000, "most refused tokens remembered (as sha256; the oldest are forgotten)", minimum=1
+    )
+    session_check_seconds: float = setting(
+        30.0,
+        "how often the sessions of held sockets are checked in Redis (one pipeline), besides "
+        "after every pub/sub (re)subscription; a revoked or expired one is closed with 4401",
+        minimum=0.05,
+    )
+    pong_rate_per_second: float = setting(
+        1.0,
+        "app pongs per second that cost nothing; past it (and its burst) a pong costs a "
+        "message token like any frame",
+        minimum=0.001,
+    )
+    pong_burst: int = setting(5, "app pongs a connection may send at once for free", minimum=1)
+    unregister_retry_attempts: int = setting(
+        5,
+        "retries of a Traffic Cop connection unregister that failed (Traffic Cop down)",
+        minimum=0,
+    )
+    unregister_retry_base_seconds: float = setting(
+        1.0,
+        "first wait before retrying an unregister; doubled each time, at most 60 s",
+        minimum=0.01,
+    )
+    unregister_retry_pending: int = setting(
+        10000,
+        "most unregisters waiting for a retry (past it the oldest is given up: Traffic Cop's "
+        "TTLs clean up)",
+        minimum=1,
+    )
+    record_metadata_bytes: int = setting(
+        4096,
+        "largest session metadata (JSON) copied into the connection record; larger: stored as "
+        '{"truncated": true}',
+        minimum=2,
+    )
     heartbeat_interval: float = setting(
         30.0,
         "seconds between app pings (and protocol pings); announced in the welcome frame",

@@ -1,0 +1,367 @@
+"""A gateway's life from start to SIGTERM, with real processes: 503 while it waits for its
+dependencies, the drain that publishes what was accepted (the breaker's buffer included) before
+closing the sockets, Consul left before anything closes, a full channel that does not hold up
+the others once Redis is back, and a process that fails when a task it cannot live without dies.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+
+from shared import redis_names as names
+from shared.discovery import GATEWAY_SERVICE
+from shared.service import SERVICE, background, base_app
+from tests.consul_api import ConsulServer
+from tests.gateway_util import (
+    AgentListener,
+    RedisServer,
+    chat,
+    close_of,
+    gateway_process,
+    instance_of,
+    recv,
+    redis_client,
+    start_gateway,
+    start_traffic_cop,
+    ws_url,
+)
+from tests.helpers import (
+    ROOT,
+    TRAFFIC_COP_KEY,
+    ServiceProcess,
+    create_session,
+    free_port,
+    timeout,
+    wait_for,
+)
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A private Redis the test may stop and start again (on the same port)."""
+    redis_server = RedisServer().start()
+    yield redis_server
+    redis_server.cleanup()
+
+
+@pytest.fixture
+def private_traffic_cop(server: RedisServer) -> Iterator[ServiceProcess]:
+    service = start_traffic_cop(server.url)
+    yield service
+    service.stop()
+
+
+async def _status(http: aiohttp.ClientSession, url: str) -> int | None:
+    try:
+        async with http.get(url) as r:
+            return r.status
+    except aiohttp.ClientConnectionError:
+        return None
+
+
+async def _metric(http: aiohttp.ClientSession, gw: ServiceProcess, name: str) -> float:
+    async with http.get(gw.url + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def _exit_code(gw: ServiceProcess) -> int:
+    """The exit code of a gateway already sent SIGTERM (a second SIGTERM would cut its
+    drain short, as a second Ctrl-C does)."""
+    assert gw.proc is not None
+    code = gw.proc.wait(timeout(15))
+    gw.stop()
+    return code
+
+
+async def _queued_ids(redis_url: str, channel: str) -> list[str]:
+    async with redis_client(redis_url) as redis:
+        raw = await redis.lrange(names.queue(channel), 0, -1)
+    return [orjson.loads(m)["message_id"] for m in raw]
+
+
+# -- start-up ---------------------------------------------------------------------------------
+
+
+async def test_503_while_traffic_cop_is_not_up_then_ready_when_it_comes(redis_url):
+    cop_port = free_port()
+    gw = gateway_process(
+        redis_url,
+        f"http://127.0.0.1:{cop_port}",
+        GATEWAY_STARTUP_WAIT_SECONDS=str(timeout(60)),
+    )
+    gw.start(wait_ready=False)
+    cop: ServiceProcess | None = None
+    try:
+        async with aiohttp.ClientSession() as http:
+            # The port is bound at once: liveness answers while the dependencies do not.
+            await wait_for(lambda: _is(http, gw.url + "/health", 200), 10, what="/health")
+
+            async def failing() -> dict[str, str]:
+                async with http.get(gw.url + "/ready") as r:
+                    assert r.status == 503
+                    body: dict[str, str] = (await r.json())["failing"]
+                    return body if "traffic_cop" in body.get("startup", "") else {}
+
+            # Redis answers at once; then it names what it still waits for.
+            failed = await wait_for(failing, 10, what="/ready naming traffic_cop")
+            assert failed["startup"] == "Starting: waiting for traffic_cop"
+            assert "traffic_cop" in failed
+            async with http.get(gw.url + "/ws") as r:
+                assert r.status == 503
+                assert r.headers["Retry-After"] == "1"
+                assert (await r.json())["error"]["code"] == "unavailable"
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await http.ws_connect(ws_url(gw, "any-token"))
+            assert refused.value.status == 503
+
+            cop = ServiceProcess(
+                "services.traffic_cop_stub",
+                {
+                    "REDIS_URL": redis_url,
+                    "TRAFFIC_COP_SERVICE_KEY": TRAFFIC_COP_KEY,
+                    "TRAFFIC_COP_PORT": str(cop_port),
+                },
+                port=cop_port,
+            ).start()
+            await wait_for(lambda: _is(http, gw.url + "/ready", 200), 10, what="ready")
+            token = create_session(cop.url, "late")
+            async with http.ws_connect(ws_url(gw, token)) as ws:
+                assert (await recv(ws))["type"] == "welcome"
+    finally:
+        assert gw.stop() == 0, gw.log()[-3000:]
+        if cop is not None:
+            cop.stop()
+
+
+async def _is(http: aiohttp.ClientSession, url: str, status: int) -> bool:
+    return await _status(http, url) == status
+
+
+# -- drain ------------------------------------------------------------------------------------
+
+
+async def test_drain_publishes_the_breaker_buffer_when_redis_returns_during_the_drain(
+    server, private_traffic_cop
+):
+    gw = start_gateway(
+        server.url, private_traffic_cop.url, GATEWAY_SHUTDOWN_TIMEOUT=str(timeout(10))
+    )
+    try:
+        token = create_session(private_traffic_cop.url, "drainer")
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:
+            await recv(ws)
+            server.stop()
+            promised = []
+            for i in range(3):
+                await ws.send_str(chat(f"held {i}", id=i))
+                ack = await recv(ws)
+                assert (ack["type"], ack["id"], ack["status"]) == ("ack", i, "queued")
+                promised.append(ack["message_id"])
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGTERM)
+            await wait_for(
+                lambda: "drain: handing 3 waiting messages" in gw.log(), 10, what="drain start"
+            )
+            # Redis returns within the drain window: the socket is still open meanwhile.
+            assert not ws.closed
+            server.start()
+            assert await close_of(ws, 10) == (1001, "server shutting down")
+        assert _exit_code(gw) == 0
+        # In Redis exactly once each, in order (no agent listens, so they wait in the queue).
+        assert await _queued_ids(server.url, "guide") == promised
+        assert "LOST" not in gw.log()
+    finally:
+        gw.stop()
+
+
+async def test_messages_sent_just_before_sigterm_are_answered_and_published_exactly_once(
+    redis_url, traffic_cop
+):
+    gw = start_gateway(redis_url, traffic_cop.url)
+    try:
+        token = create_session(traffic_cop.url, "late-sender")
+        acks: dict[Any, str] = {}
+        errors: dict[Any, str] = {}
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:
+            await recv(ws)
+            for i in range(60):
+                await ws.send_str(chat(f"m{i}", id=i))
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGTERM)
+            while True:
+                msg = await ws.receive(timeout=timeout(10))
+                if msg.type is not aiohttp.WSMsgType.TEXT:
+                    break
+                frame = orjson.loads(msg.data)
+                if frame["type"] == "ack":
+                    acks[frame["id"]] = frame["message_id"]
+                elif frame["type"] == "error":
+                    errors[frame["id"]] = frame["code"]
+            assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+        assert _exit_code(gw) == 0
+        assert acks, "no message was acked before the drain"
+        assert not set(acks) & set(errors)
+        assert set(errors.values()) <= {"unavailable"}
+        # Every acked message is in Redis once, and nothing is there that was not acked.
+        queued = await _queued_ids(redis_url, "guide")
+        assert sorted(queued) == sorted(acks.values())
+        # Acked in the order sent.
+        assert list(acks) == sorted(acks)
+    finally:
+        gw.stop()
+
+
+async def test_consul_deregistration_comes_before_the_sockets_close(redis_url, traffic_cop):
+    consul = ConsulServer(stagger=False, min_interval=0.05, reap_interval=0.1).start()
+    try:
+        gw = start_gateway(redis_url, traffic_cop.url, CONSUL_URL=consul.url)
+        service_id = f"{GATEWAY_SERVICE}-{instance_of(gw)}"
+        try:
+            async with aiohttp.ClientSession() as http:
+
+                async def passing() -> list[int]:
+                    url = f"{consul.url}/v1/health/service/{GATEWAY_SERVICE}?passing=true"
+                    async with http.get(url) as r:
+                        return [e["Service"]["Port"] for e in await r.json()]
+
+                # The first check runs at registration; one more interval (10 s) at worst.
+                await wait_for(lambda: _eq(passing(), [gw.port]), 15, what="gateway passing")
+                token = create_session(traffic_cop.url, "consul-watcher")
+                async with http.ws_connect(ws_url(gw, token), autoclose=False) as ws:
+                    await recv(ws)
+                    assert gw.proc is not None
+                    gw.proc.send_signal(signal.SIGTERM)
+                    msg = await ws.receive(timeout=timeout(10))
+                    assert (msg.type, msg.data) == (aiohttp.WSMsgType.CLOSE, 1001)
+                    # The close frame is the first sign of the drain a client sees; the
+                    # instance has left Consul before it, while its /health still answers.
+                    assert await passing() == []
+                    async with http.get(consul.url + "/v1/agent/services") as r:
+                        assert service_id not in await r.json()
+                    await ws.close()
+            assert _exit_code(gw) == 0
+            assert "deregistered" in gw.log()
+        finally:
+            gw.stop()
+    finally:
+        consul.stop()
+
+
+async def _eq(value: Any, expected: Any) -> bool:
+    return bool(await value == expected)
+
+
+# -- the breaker and a full channel -----------------------------------------------------------
+
+
+async def test_a_full_channel_does_not_hold_up_the_others_once_redis_is_back(
+    server, private_traffic_cop
+):
+    # Queue bound 0: with no agent on a channel, Redis refuses every message for it.
+    gw = start_gateway(server.url, private_traffic_cop.url, GATEWAY_QUEUE_BOUND="0")
+    try:
+        token = create_session(private_traffic_cop.url, "two-channels")
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:
+            await recv(ws)
+            server.stop()
+            promised = []
+            for i in range(2):
+                await ws.send_str(chat(f"content {i}", id=f"c{i}", channel="pillar:content"))
+                ack = await recv(ws)
+                assert (ack["id"], ack["status"]) == (f"c{i}", "queued")
+                promised.append(ack["message_id"])
+            server.start()
+
+            # Redis answers again: the breaker closes although it refuses both promised
+            # messages (their channel is full); they wait in that channel's retry list.
+            async def breaker() -> tuple[float, float]:
+                return (
+                    await _metric(http, gw, "postoffice_gateway_breaker_open"),
+                    await _metric(http, gw, "postoffice_gateway_breaker_buffered"),
+                )
+
+            await wait_for(lambda: _eq(breaker(), (0.0, 2.0)), 10, what="breaker closed")
+            async with redis_client(server.url) as redis:
+                async with AgentListener(redis, "guide") as guide:
+                    await ws.send_str(chat("to the guide", id="g1"))
+                    ack = await recv(ws)
+                    assert (ack["id"], ack["status"]) == ("g1", "published")
+                    await wait_for(lambda: guide.messages, 5, what="guide message")
+                    assert [m["message_id"] for m in guide.messages] == [ack["message_id"]]
+
+                # A new message for the full channel is refused, not promised.
+                await ws.send_str(chat("one more", id="c2", channel="pillar:content"))
+                error = await recv(ws)
+                assert (error["type"], error["id"], error["code"]) == ("error", "c2", "unavailable")
+
+                # An agent listens on it: the promised messages reach it, in order, once.
+                async with AgentListener(redis, "pillar:content") as content:
+                    await wait_for(lambda: _eq(breaker(), (0.0, 0.0)), 10, what="retried")
+                    await wait_for(lambda: len(content.messages) >= 2, 5, what="delivery")
+                    assert [m["message_id"] for m in content.messages] == promised
+    finally:
+        assert gw.stop() == 0
+
+
+# -- supervision ------------------------------------------------------------------------------
+
+
+async def test_a_dead_critical_task_fails_ready(aiohttp_client):
+    async def dies(app: web.Application) -> None:
+        raise RuntimeError("boom")
+
+    app = base_app("doomed", "doomed-1")
+    app.cleanup_ctx.append(background("doomed-task", dies, critical=True))
+    client = await aiohttp_client(app)
+
+    async def failed() -> bool:
+        async with client.get("/ready") as r:
+            return r.status == 503 and bool((await r.json())["status"] == "failed")
+
+    await wait_for(failed, 5, what="/ready failed")
+    assert "doomed-task" in app[SERVICE].failed
+
+
+_CRASHING_SERVICE = """
+import sys
+from aiohttp import web
+from shared.service import background, base_app, run
+
+async def dies(app):
+    raise RuntimeError("boom")
+
+async def owned(app):
+    yield
+    print("cleanup ran", flush=True)
+
+app = base_app("doomed", "doomed-1")
+app.cleanup_ctx.append(owned)
+app.cleanup_ctx.append(background("doomed-task", dies, critical=True))
+run(app, "127.0.0.1", int(sys.argv[1]), 1.0)
+"""
+
+
+def test_a_dead_critical_task_stops_the_process_with_a_non_zero_exit():
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASHING_SERVICE, str(free_port())],
+        cwd=ROOT,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=timeout(20),
+    )
+    assert done.returncode == 1, done
+    assert "cleanup ran" in done.stdout, done
+    assert "doomed-task" in done.stderr, done
