@@ -38,7 +38,7 @@ def gateway(redis_url: str, traffic_cop: ServiceProcess, instance: str) -> Servi
             "TRAFFIC_COP_SERVICE_KEY": TRAFFIC_COP_KEY,
             "GATEWAY_INSTANCE_ID": instance,
             "GATEWAY_HEARTBEAT_INTERVAL": "5",
-            "GATEWAY_SHUTDOWN_TIMEOUT": "3",
+            "GATEWAY_SHUTDOWN_TIMEOUT": str(timeout(3)),
         },
     )
     service.env["GATEWAY_PORT"] = str(service.port)
@@ -56,6 +56,8 @@ def stack(redis_url: str, traffic_cop: ServiceProcess) -> Iterator[dict[str, Ser
             {
                 "REDIS_URL": redis_url,
                 "GATEWAY_URLS": started["gw_a"].url,
+                "TRAFFIC_COP_URL": traffic_cop.url,
+                "TRAFFIC_COP_SERVICE_KEY": TRAFFIC_COP_KEY,
                 "POST_OFFICE_SSE_KEEPALIVE_SECONDS": "0.5",
             },
         )
