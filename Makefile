@@ -42,7 +42,7 @@ lint: $(STAMP)  ## ruff
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)  ## mypy (strict)
-	$(VENV)/bin/mypy shared services post_office_client agents scripts
+	$(VENV)/bin/mypy shared services post_office_client agents scripts bench
 
 bench: install  ## benchmarks (bench/), figures printed and written to bench/results/
 	$(PY) -m bench.run_all

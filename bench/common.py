@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import select
 import shutil
 import subprocess
 import sys
@@ -182,7 +183,12 @@ class CountingSubscriber:
             stdout=subprocess.PIPE,
             text=True,
         )
-        line = self.proc.stdout.readline().strip() if self.proc.stdout else ""
+        # A bounded wait, so a subscriber that never subscribes cannot outlast the benchmark's
+        # own deadline.
+        ready, _, _ = (
+            select.select([self.proc.stdout], [], [], 30) if self.proc.stdout else ([], 0, 0)
+        )
+        line = self.proc.stdout.readline().strip() if ready and self.proc.stdout else ""
         if line != "ready":
             self.proc.kill()
             raise RuntimeError(f"bench.subscriber did not start (said {line!r})")

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     client = redis.Redis.from_url(url)
     # No ignore flag on the object: redis-py lets it override the per-call False below, which
     # would swallow the confirmations this waits for.
-    pubsub = client.pubsub()
+    pubsub = client.pubsub()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
     pubsub.subscribe(*channels)
     # Wait for every subscribe confirmation before saying ready, so no early message is missed.
     confirmed = 0

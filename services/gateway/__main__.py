@@ -1,10 +1,12 @@
-"""``python -m services.gateway``: settings from the environment, then serve."""
+"""``python -m services.gateway``: settings from the environment, then serve.
+
+A gateway whose dependencies never answer at start exits 1 through ``shared.service.fail``
+(the same drain as SIGTERM), so there is nothing to catch here.
+"""
 
 from __future__ import annotations
 
-import sys
-
-from services.gateway.app import SERVICE_NAME, StartupError, create_app
+from services.gateway.app import SERVICE_NAME, create_app
 from services.gateway.settings import DESCRIPTION, PREFIX, Settings
 from shared.logs import setup_logging
 from shared.service import run
@@ -14,11 +16,7 @@ from shared.settings import load_or_exit
 def main() -> None:
     settings = load_or_exit(Settings, PREFIX, DESCRIPTION)
     setup_logging(SERVICE_NAME, settings.instance, settings.log_level)
-    try:
-        run(create_app(settings), settings.host, settings.port, settings.shutdown_timeout)
-    except StartupError as exc:
-        print(f"gateway cannot start: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
+    run(create_app(settings), settings.host, settings.port, settings.shutdown_timeout)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,9 @@ class Gateway:
         self.connections = ConnectionTable()
         # Every accepted socket, registered or still being validated: the drain closes them all.
         self.sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        # Sockets that became connections, even once they left the table: a connection that is
+        # already closing (with 4429, say) is its own handler's business, not a stray.
+        self.connection_sockets: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
         self.open_sockets = 0  # accepted and not yet finished: GATEWAY_MAX_CONNECTIONS
         self.refused_tokens = RefusedTokens(
             settings.invalid_token_cache_seconds, settings.invalid_token_cache_size
@@ -415,10 +418,9 @@ class Gateway:
         conns = list(self.connections)
         for conn in conns:
             conn.close(code, reason)
-        held = {conn.ws for conn in conns}
         # Sockets still between accept and welcome: their handlers see ``ready`` is False and
         # stop, but close them now so the client learns why at once.
-        strays = [ws for ws in self.sockets if ws not in held and not ws.closed]
+        strays = [ws for ws in self.sockets if ws not in self.connection_sockets and not ws.closed]
         tasks = [asyncio.create_task(c.wait_closed()) for c in conns]
         tasks += [asyncio.create_task(_close_socket(ws, code, reason)) for ws in strays]
         if not tasks:

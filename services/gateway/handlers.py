@@ -9,6 +9,7 @@ then read frames until it leaves, and unregister it exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -104,6 +105,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             metrics.CONNECTIONS_REFUSED.labels("overloaded").inc()
             return await _refuse(ws, CloseCode.TRY_AGAIN_LATER, "overloaded")
         return await _serve(gw, ws, _token(request))
+    except Exception:
+        # After the upgrade an HTTP error body is no answer (the error middleware would write
+        # one onto the WebSocket stream and the client would see a protocol error): a bug
+        # here closes the socket with 1011, which the client can read.
+        log.exception("unexpected error on /ws")
+        if not ws.closed:
+            with contextlib.suppress(Exception):
+                await _refuse(ws, CloseCode.INTERNAL_ERROR, "internal error")
+        return ws
     finally:
         gw.open_sockets -= 1
 
@@ -150,6 +160,7 @@ async def _serve(
         flush_timeout=s.close_flush_seconds,
         expires_at=session.expires_at,
     )
+    gw.connection_sockets.add(ws)
     # First in the queue, so it is the first frame even if a delivery races the registration.
     conn.send(welcome_frame(cid, session.user_id, s.channels, s.heartbeat_interval))
     gw.connections.add(conn)
@@ -348,7 +359,13 @@ def _on_text(gw: Gateway, conn: Connection, data: str) -> None:
         metrics.ERRORS.labels(str(ErrorCode.UNAVAILABLE)).inc()
         conn.answer(
             place,
-            error_frame(client_id, ErrorCode.UNAVAILABLE, "the gateway is overloaded; retry later"),
+            error_frame(
+                client_id,
+                ErrorCode.UNAVAILABLE,
+                "the gateway is shutting down; retry on another connection"
+                if not gw.ready
+                else "the gateway is overloaded; retry later",
+            ),
         )
 
 
