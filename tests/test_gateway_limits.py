@@ -205,6 +205,33 @@ async def test_an_idle_connection_is_evicted_with_1008(base, gateways, redis):
         await pubsub.aclose()
 
 
+async def test_a_client_that_answers_no_ping_is_evicted_1008_not_dropped(base, gateways, redis):
+    # The gateway pings at the protocol level and with app pings every heartbeat; a client that
+    # answers neither is evicted by the idle contract (1008 "idle", an evicted event), never
+    # dropped with 1006 after one missed pong as aiohttp's own heartbeat would.
+    heartbeat, idle = timeout(0.1), timeout(0.6)
+    gw = gateway(
+        base,
+        gateways,
+        GATEWAY_MAX_IDLE_SECONDS=str(idle),
+        GATEWAY_HEARTBEAT_INTERVAL=str(heartbeat),
+    )
+    async with (
+        aiohttp.ClientSession() as http,
+        http.ws_connect(ws_url(gw, base.token("mute")), autoping=False) as ws,
+    ):
+        kinds: list[aiohttp.WSMsgType] = []
+        while True:
+            msg = await ws.receive(timeout=timeout(5))
+            kinds.append(msg.type)
+            if msg.type is aiohttp.WSMsgType.CLOSE:
+                assert (msg.data, msg.extra) == (1008, "idle")
+                break
+            assert msg.type in (aiohttp.WSMsgType.TEXT, aiohttp.WSMsgType.PING), msg
+        assert aiohttp.WSMsgType.PING in kinds, "protocol pings are sent every heartbeat"
+        assert kinds.count(aiohttp.WSMsgType.TEXT) >= 2  # welcome, then app pings
+
+
 async def test_pings_keep_a_silent_client_alive(base, gateways):
     # Protocol pongs (answered by the client library) count as liveness, and the app ping
     # arrives every heartbeat interval, as the welcome frame announces.

@@ -100,7 +100,8 @@ class Connection:
         self.expires_at = expires_at  # unix seconds: the session's end, enforced by the tick
         self.queue_frames = queue_frames
         self.queue_bytes = queue_bytes
-        self._out: deque[tuple[str, int]] = deque()
+        # Text frames to write, with their size; None is a protocol-level ping.
+        self._out: deque[tuple[str | None, int]] = deque()
         self._out_bytes = 0
         self._answers: deque[Answer] = deque()  # in client order; the head may be pending
         self._wake = asyncio.Event()  # set when the writer has something to write
@@ -165,6 +166,12 @@ class Connection:
             return False
         return self._push(text, len(text) if size is None else size)
 
+    def ping(self) -> bool:
+        """Queue a protocol-level ping, written in turn by the writer (never waits here)."""
+        if self.closing:
+            return False
+        return self._push(None, 0)
+
     def reserve(self) -> Answer:
         """A place in the answer FIFO for a message whose answer comes later (its ack)."""
         place = Answer()
@@ -193,7 +200,7 @@ class Connection:
             if text is not None:
                 self._push(text, len(text))
 
-    def _push(self, text: str, size: int) -> bool:
+    def _push(self, text: str | None, size: int) -> bool:
         if self._sealed:
             return False
         if len(self._out) >= self.queue_frames or self._out_bytes + size > self.queue_bytes:
@@ -235,6 +242,10 @@ class Connection:
             text, size = out.popleft()
             self._out_bytes -= size
             try:
+                if text is None:
+                    await ws.ping()
+                    self._progress.set()
+                    continue
                 await ws.send_str(text)
             except (ConnectionError, RuntimeError) as exc:
                 # The peer went away mid-write; the reader side sees the close and cleans up.

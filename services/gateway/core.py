@@ -234,6 +234,7 @@ class Gateway:
                 frame = ping_frame()
                 for conn in self.connections:
                     conn.send(frame)
+                    conn.ping()
 
     async def _flush_loop(self) -> None:
         while True:

@@ -88,8 +88,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         return json_error(
             403, ErrorCode.FORBIDDEN, f"origin {(origin or '')[:100]!r} may not open /ws"
         )
+    # No aiohttp ``heartbeat=``: it drops a socket (1006, no close frame) half an interval after
+    # one unanswered ping, which would pre-empt the idle contract (1008 "idle" and an
+    # ``evicted`` event after MAX_IDLE_SECONDS). The gateway's own tick sends a protocol ping
+    # with every app ping, through each connection's writer, and MAX_IDLE decides.
     ws = web.WebSocketResponse(
-        heartbeat=s.heartbeat_interval,
         autoping=False,  # protocol pongs are liveness: the loop sees them
         max_msg_size=s.max_frame_bytes,
         compress=s.compress,
@@ -332,7 +335,11 @@ def _on_text(gw: Gateway, conn: Connection, data: str) -> None:
         connection_id=conn.id,
         user_id=conn.user_id,
         gateway_instance=gw.instance,
-        traceparent=message_traceparent(parent if isinstance(parent, str) else None),
+        traceparent=message_traceparent(
+            parent if isinstance(parent, str) else None,
+            channel=envelope.channel,
+            message_id=message_id,
+        ),
     ).to_bytes()
     client_id = envelope.id
     place = conn.reserve()  # the answer goes out in the order the message came in
