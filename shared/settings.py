@@ -10,6 +10,13 @@ variable and the value; an unknown variable carrying the service's prefix is an 
 because a misspelt limit that silently keeps its default is worse than a refusal to start.
 Secret fields are masked in ``repr``.
 
+What every process shares is declared once here: :class:`ProcessSettings` (``LOG_LEVEL``,
+``ENVIRONMENT`` and the production refusal of development keys) for any process, and
+:class:`ServiceSettings` (listen address, advertised address, instance id, Redis, Consul,
+shutdown) for the services with a port. A service's dataclass subclasses one of them, sets
+``PREFIX`` (for messages) and, for a service, ``INSTANCE_NAME``, and redeclares a field only to
+change its default or help (``port: int = port_setting(8100)``).
+
 Exception tree::
 
     ValueError
@@ -21,18 +28,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import socket
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 __all__ = [
     "COMMON_VARIABLES",
+    "DEV_KEY_PREFIX",
+    "LOG_LEVELS",
+    "MIN_PRODUCTION_KEY_LENGTH",
+    "ProcessSettings",
+    "ServiceSettings",
     "SettingsError",
     "format_help",
+    "instance_id_setting",
     "load",
     "load_or_exit",
+    "port_setting",
     "setting",
 ]
 
@@ -214,3 +230,122 @@ def load_or_exit(cls: type[T], prefix: str, description: str, argv: list[str] | 
     except SettingsError as exc:
         print(f"invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+#: Levels ``LOG_LEVEL`` accepts (in any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Development keys start with this, in any case; ``ENVIRONMENT=production`` refuses them.
+DEV_KEY_PREFIX = "dev-"
+#: Production keys are at least this long (``openssl rand -hex 32`` gives 64 characters).
+MIN_PRODUCTION_KEY_LENGTH = 32
+#: Listen addresses that are no address another process can reach.
+_ANY_ADDRESS = ("0.0.0.0", "::", "")
+
+
+def port_setting(default: int, help: str = "port to listen on", *, minimum: int = 1) -> Any:
+    """A listen port field; ``minimum=0`` lets the system pick a free port."""
+    return setting(default, help, minimum=minimum, maximum=65535)
+
+
+def instance_id_setting(default_shape: str, used_in: str = "logs and Consul") -> Any:
+    """The instance id field; ``default_shape`` tells what an empty value becomes."""
+    return setting("", f"this instance's id in {used_in}; empty: {default_shape}")
+
+
+@dataclass(frozen=True, repr=False)
+class ProcessSettings:
+    """Settings of any Post Office process: log level and environment.
+
+    Subclasses set ``PREFIX`` (their variables' prefix, named in messages) and extend
+    :meth:`validate`, calling ``super().validate()`` first."""
+
+    # Plain class attributes, not ClassVar annotations: those would show in
+    # ``__dataclass_fields__``, which callers read as the list of settings.
+    PREFIX = ""
+
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL", common=True)
+    environment: str = setting(
+        "development",
+        "development or production (production refuses development keys, 'dev-' in any case, "
+        f"and keys shorter than {MIN_PRODUCTION_KEY_LENGTH} characters)",
+        common=True,
+        choices=("development", "production"),
+    )
+
+    __repr__ = masked_repr
+
+    @property
+    def production(self) -> bool:
+        return self.environment == "production"
+
+    def validate(self) -> None:
+        """Cross-field checks; raise :class:`SettingsError` naming the variable."""
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise SettingsError(
+                f"{self.PREFIX}LOG_LEVEL={self.log_level!r}: must be one of {', '.join(LOG_LEVELS)}"
+            )
+
+    def refuse_development_keys(self, variable: str, keys: Iterable[str]) -> None:
+        """In production, refuse a development key (``dev-`` in any case) or a short one.
+
+        The keys are secrets: the message names ``variable``, never a key."""
+        if not self.production:
+            return
+        keys = tuple(keys)
+        if any(key.lower().startswith(DEV_KEY_PREFIX) for key in keys):
+            raise SettingsError(
+                f"{variable}: a development key ('{DEV_KEY_PREFIX}...', in any case) is refused "
+                "when ENVIRONMENT=production (no development keys in production); set a real "
+                "random key"
+            )
+        if any(len(key) < MIN_PRODUCTION_KEY_LENGTH for key in keys):
+            raise SettingsError(
+                f"{variable}: ENVIRONMENT=production needs a key of at least "
+                f"{MIN_PRODUCTION_KEY_LENGTH} characters"
+            )
+
+
+@dataclass(frozen=True, repr=False)
+class _Endpoint:
+    # Declared apart from ProcessSettings only so that --help lists these first: dataclass
+    # fields come in reverse MRO order.
+    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
+    port: int = port_setting(0, minimum=0)
+    advertise_host: str = setting(
+        "", "address registered in Consul (default: HOST, or the hostname when HOST is 0.0.0.0)"
+    )
+    instance_id: str = instance_id_setting("<service>-<hostname>-<port>")
+    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL", common=True)
+    consul_url: str = setting(
+        "",
+        "Consul agent to register with (and look services up in); empty: no registration, "
+        "environment fallback",
+        common=True,
+    )
+    shutdown_timeout: float = setting(
+        10.0,
+        "on SIGTERM, how long in-flight work (requests, the worker's current pass) may take to "
+        "finish before exiting",
+        minimum=0.0,
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class ServiceSettings(ProcessSettings, _Endpoint):
+    """Settings of a service with a port, registered in Consul.
+
+    Subclasses set ``INSTANCE_NAME`` (the first part of the default instance id) and redeclare
+    ``port`` with their default."""
+
+    INSTANCE_NAME = "service"
+
+    @property
+    def instance(self) -> str:
+        return self.instance_id or f"{self.INSTANCE_NAME}-{socket.gethostname()}-{self.port}"
+
+    @property
+    def advertised_host(self) -> str:
+        """The address other processes (and Consul's check) reach this one at, never 0.0.0.0."""
+        if self.advertise_host:
+            return self.advertise_host
+        return socket.gethostname() if self.host in _ANY_ADDRESS else self.host

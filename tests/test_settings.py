@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from agents.guide.settings import PREFIX as GUIDE_PREFIX
+from agents.guide.settings import GuideSettings
+from services.eviction_worker.settings import PREFIX as EVICTION_PREFIX
+from services.eviction_worker.settings import EvictionSettings
+from services.gateway.settings import PREFIX as GATEWAY_PREFIX
+from services.gateway.settings import Settings as GatewaySettings
+from services.post_office_api.settings import PREFIX as API_PREFIX
+from services.post_office_api.settings import ApiSettings
 from services.traffic_cop_stub.settings import PREFIX as TC_PREFIX
 from services.traffic_cop_stub.settings import Settings as TrafficCopSettings
 from shared.settings import (
     COMMON_VARIABLES,
+    LOG_LEVELS,
+    MIN_PRODUCTION_KEY_LENGTH,
+    ProcessSettings,
+    ServiceSettings,
     SettingsError,
     format_help,
     load,
     load_or_exit,
     masked_repr,
+    port_setting,
     setting,
 )
 from tests.helpers import ROOT, timeout
@@ -192,7 +207,8 @@ def test_production_refuses_development_keys_without_showing_them():
     # The default key is a development key too.
     with pytest.raises(SettingsError):
         load(TrafficCopSettings, TC_PREFIX, {"ENVIRONMENT": "production"})
-    ok = load(TrafficCopSettings, TC_PREFIX, {**env, "TRAFFIC_COP_SERVICE_KEY": "a-real-key"})
+    real_key = "r" * MIN_PRODUCTION_KEY_LENGTH
+    ok = load(TrafficCopSettings, TC_PREFIX, {**env, "TRAFFIC_COP_SERVICE_KEY": real_key})
     assert ok.environment == "production"
     with pytest.raises(SettingsError, match="must be one of development, production"):
         load(TrafficCopSettings, TC_PREFIX, {"ENVIRONMENT": "staging"})
@@ -278,3 +294,206 @@ def test_bad_environment_exits_2_with_a_clear_message(env, fragment):
     assert fragment in result.stderr
     assert "Traceback" not in result.stderr
     assert "dev-traffic_cop" not in result.stderr
+
+
+# --- the shared base: ServiceSettings and ProcessSettings ---------------------------------
+
+SERVICES: list[tuple[type[ServiceSettings], str, int]] = [
+    (GatewaySettings, GATEWAY_PREFIX, 8100),
+    (ApiSettings, API_PREFIX, 8200),
+    (TrafficCopSettings, TC_PREFIX, 8300),
+    (EvictionSettings, EVICTION_PREFIX, 8400),
+]
+SHARED_FIELDS = [f.name for f in dataclasses.fields(ServiceSettings)]
+LONG_KEY = "k" * MIN_PRODUCTION_KEY_LENGTH
+
+
+@dataclass(frozen=True, repr=False)
+class DemoService(ServiceSettings):
+    PREFIX = "DEMOSVC_"
+    INSTANCE_NAME = "demo"
+
+    port: int = port_setting(9999)
+    api_key: str = setting("dev-demo", "a key", secret=True)
+
+    def validate(self) -> None:
+        super().validate()
+        self.refuse_development_keys("DEMOSVC_API_KEY", (self.api_key,))
+
+
+def test_the_shared_fields_are_declared_once_in_the_base():
+    assert SHARED_FIELDS == [
+        "host",
+        "port",
+        "advertise_host",
+        "instance_id",
+        "redis_url",
+        "consul_url",
+        "shutdown_timeout",
+        "log_level",
+        "environment",
+    ]
+    for cls, prefix, port in SERVICES:
+        assert issubclass(cls, ServiceSettings)
+        assert prefix == cls.PREFIX
+        names = [f.name for f in dataclasses.fields(cls)]
+        assert names[: len(SHARED_FIELDS)] == SHARED_FIELDS, cls
+        # PREFIX and INSTANCE_NAME are no settings, even to code reading the raw field table.
+        assert list(cls.__dataclass_fields__) == names
+        defaults = load(cls, prefix, {})
+        assert defaults.port == port  # redeclared: the subclass's default, the base's place
+        assert defaults.host == "127.0.0.1"
+        assert defaults.shutdown_timeout == 10.0
+        assert defaults.environment == "development"
+        # One declaration: the same variable names and rules for every service.
+        s = load(
+            cls,
+            prefix,
+            {
+                "REDIS_URL": "redis://shared:6379/0",
+                "CONSUL_URL": "http://consul:8500",
+                "LOG_LEVEL": "debug",
+                f"{prefix}ADVERTISE_HOST": "svc.internal",
+                f"{prefix}SHUTDOWN_TIMEOUT": "2.5",
+            },
+        )
+        assert (s.redis_url, s.consul_url, s.log_level) == (
+            "redis://shared:6379/0",
+            "http://consul:8500",
+            "debug",
+        )
+        assert (s.advertised_host, s.shutdown_timeout) == ("svc.internal", 2.5)
+
+
+def test_the_guide_agent_has_the_process_fields_but_no_listener():
+    names = {f.name for f in dataclasses.fields(GuideSettings)}
+    assert issubclass(GuideSettings, ProcessSettings)
+    assert not issubclass(GuideSettings, ServiceSettings)
+    assert {"log_level", "environment"} <= names
+    assert not names & {"host", "port", "advertise_host", "instance_id", "shutdown_timeout"}
+    with pytest.raises(SettingsError, match="unknown setting"):
+        load(GuideSettings, GUIDE_PREFIX, {"GUIDE_AGENT_PORT": "1"})
+
+
+@pytest.mark.parametrize("level", LOG_LEVELS)
+def test_every_log_level_is_accepted_in_any_case(level):
+    for cls, prefix, _port in SERVICES:
+        assert load(cls, prefix, {"LOG_LEVEL": level.lower()}).log_level == level.lower()
+    assert load(GuideSettings, GUIDE_PREFIX, {"LOG_LEVEL": level}).log_level == level
+
+
+def test_a_bad_log_level_names_the_services_variable():
+    allowed = "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"
+    for cls, prefix in [(c, p) for c, p, _ in SERVICES] + [(GuideSettings, GUIDE_PREFIX)]:
+        with pytest.raises(SettingsError) as info:
+            load(cls, prefix, {"LOG_LEVEL": "LOUD"})
+        assert str(info.value) == f"{prefix}LOG_LEVEL='LOUD': {allowed}"
+
+
+def test_the_environment_has_two_choices_everywhere():
+    for cls, prefix in [(c, p) for c, p, _ in SERVICES] + [(GuideSettings, GUIDE_PREFIX)]:
+        with pytest.raises(SettingsError, match="must be one of development, production"):
+            load(cls, prefix, {"ENVIRONMENT": "staging"})
+
+
+@pytest.mark.parametrize(
+    ("key", "fragment"),
+    [
+        ("dev-demo", "a development key"),
+        ("DEV-" + LONG_KEY, "a development key"),  # any case
+        ("Dev-" + LONG_KEY, "a development key"),
+        ("k" * (MIN_PRODUCTION_KEY_LENGTH - 1), f"at least {MIN_PRODUCTION_KEY_LENGTH} characters"),
+    ],
+)
+def test_production_refuses_development_and_short_keys_without_showing_them(key, fragment):
+    env = {"ENVIRONMENT": "production", "DEMOSVC_API_KEY": key}
+    with pytest.raises(SettingsError) as info:
+        load(DemoService, "DEMOSVC_", env)
+    message = str(info.value)
+    assert message.startswith("DEMOSVC_API_KEY: ")
+    assert fragment in message and "ENVIRONMENT=production" in message
+    assert key not in message
+    # The same key is fine in development, and a long random one in production.
+    assert load(DemoService, "DEMOSVC_", {"DEMOSVC_API_KEY": key}).api_key == key
+    ok = load(DemoService, "DEMOSVC_", {**env, "DEMOSVC_API_KEY": LONG_KEY})
+    assert ok.production
+
+
+@pytest.mark.parametrize(
+    ("cls", "prefix", "env"),
+    [
+        (GatewaySettings, GATEWAY_PREFIX, {}),
+        (EvictionSettings, EVICTION_PREFIX, {}),
+        (ApiSettings, API_PREFIX, {"REALM_KEYS": f"{LONG_KEY}:smart_city"}),
+        (TrafficCopSettings, TC_PREFIX, {}),
+    ],
+)
+def test_every_service_refuses_a_development_traffic_cop_key_in_production(cls, prefix, env):
+    base = {"ENVIRONMENT": "production", **env}
+    for key in ("dev-traffic_cop", "DEV-" + LONG_KEY, "short"):
+        with pytest.raises(SettingsError, match="TRAFFIC_COP_SERVICE_KEY") as info:
+            load(cls, prefix, {**base, "TRAFFIC_COP_SERVICE_KEY": key})
+        assert key not in str(info.value)
+    assert load(cls, prefix, {**base, "TRAFFIC_COP_SERVICE_KEY": LONG_KEY}).production
+
+
+def test_the_guide_agent_refuses_development_and_short_realm_keys():
+    env = {"ENVIRONMENT": "production"}
+    with pytest.raises(SettingsError, match="GUIDE_AGENT_REALM_KEY: a development key"):
+        load(GuideSettings, GUIDE_PREFIX, env)
+    with pytest.raises(SettingsError, match="at least 32 characters"):
+        load(GuideSettings, GUIDE_PREFIX, {**env, "GUIDE_AGENT_REALM_KEY": "short"})
+    assert load(GuideSettings, GUIDE_PREFIX, {**env, "GUIDE_AGENT_REALM_KEY": LONG_KEY})
+
+
+@pytest.mark.parametrize(
+    ("host", "advertise", "expected"),
+    [
+        ("127.0.0.1", "", "127.0.0.1"),
+        ("10.0.0.5", "", "10.0.0.5"),
+        ("0.0.0.0", "", socket.gethostname()),
+        ("::", "", socket.gethostname()),
+        ("", "", socket.gethostname()),
+        ("0.0.0.0", "gw-1.internal", "gw-1.internal"),
+    ],
+)
+def test_advertised_host_is_never_a_wildcard(host, advertise, expected):
+    for cls, prefix, _port in SERVICES:
+        s = load(cls, prefix, {f"{prefix}HOST": host, f"{prefix}ADVERTISE_HOST": advertise})
+        assert s.advertised_host == expected
+
+
+def test_instance_defaults_to_the_service_name_hostname_and_port_or_pid():
+    hostname = socket.gethostname()
+    assert load(DemoService, "DEMOSVC_", {}).instance == f"demo-{hostname}-9999"
+    assert load(GatewaySettings, GATEWAY_PREFIX, {}).instance == f"gateway-{hostname}-8100"
+    assert load(ApiSettings, API_PREFIX, {}).instance == f"post-office-api-{hostname}-8200"
+    assert load(TrafficCopSettings, TC_PREFIX, {}).instance == f"traffic-cop-{hostname}-8300"
+    assert load(EvictionSettings, EVICTION_PREFIX, {}).instance == (
+        f"eviction-{hostname}-{os.getpid()}"
+    )
+    for cls, prefix, _port in SERVICES:
+        assert load(cls, prefix, {f"{prefix}INSTANCE_ID": "mine"}).instance == "mine"
+
+
+def test_base_help_lists_shared_fields_with_the_subclass_defaults():
+    text = format_help(DemoService, "DEMOSVC_", "Demo.")
+    assert "DEMOSVC_PORT  default 9999" in text
+    assert "DEMOSVC_LOG_LEVEL (or LOG_LEVEL)  default 'INFO'" in text
+    assert "DEMOSVC_ADVERTISE_HOST  default ''" in text
+    assert "dev-demo" not in text
+    assert "api_key='***'" in repr(load(DemoService, "DEMOSVC_", {}))
+
+
+def _fields_of(cls: type[Any]) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def test_traffic_cop_registers_its_advertised_address():
+    assert "advertise_host" in _fields_of(TrafficCopSettings)
+    s = load(
+        TrafficCopSettings,
+        TC_PREFIX,
+        {"TRAFFIC_COP_HOST": "0.0.0.0", "TRAFFIC_COP_ADVERTISE_HOST": "traffic-cop"},
+    )
+    assert s.advertised_host == "traffic-cop"

@@ -6,12 +6,9 @@ from dataclasses import dataclass
 
 from agents.guide.agent import DEFAULT_MAX_ANSWER_CHARS
 from shared.protocol import DEFAULT_CHANNELS
-from shared.settings import SettingsError, masked_repr, setting
+from shared.settings import MIN_PRODUCTION_KEY_LENGTH, ProcessSettings, SettingsError, setting
 
 __all__ = ["DESCRIPTION", "MIN_PRODUCTION_KEY_LENGTH", "PREFIX", "GuideSettings"]
-
-#: Production realm keys are at least this long (the API refuses shorter ones too).
-MIN_PRODUCTION_KEY_LENGTH = 32
 
 PREFIX = "GUIDE_AGENT_"
 DESCRIPTION = (
@@ -21,7 +18,11 @@ DESCRIPTION = (
 
 
 @dataclass(frozen=True, repr=False)
-class GuideSettings:
+class GuideSettings(ProcessSettings):
+    """No host or port: the agent listens on nothing, it only calls the API."""
+
+    PREFIX = PREFIX
+
     post_office_url: str = setting(
         "http://127.0.0.1:8200", "base URL of the Post Office API", common=True
     )
@@ -61,35 +62,16 @@ class GuideSettings:
         minimum=16,
         maximum=200000,
     )
-    log_level: str = setting("INFO", "DEBUG, INFO, WARNING or ERROR", common=True)
-    environment: str = setting(
-        "development",
-        "development or production (production refuses dev- keys)",
-        common=True,
-        choices=("development", "production"),
-    )
-
-    __repr__ = masked_repr
 
     def validate(self) -> None:
+        super().validate()
         if not self.post_office_url.startswith(("http://", "https://")):
             raise SettingsError(
                 f"{PREFIX}POST_OFFICE_URL={self.post_office_url!r}: must start with http(s)://"
             )
         if not self.realm_key:
             raise SettingsError(f"{PREFIX}REALM_KEY is empty")
-        if self.environment == "production":
-            if self.realm_key.lower().startswith("dev-"):
-                raise SettingsError(
-                    f"{PREFIX}REALM_KEY: a development key is refused when ENVIRONMENT=production"
-                )
-            if len(self.realm_key) < MIN_PRODUCTION_KEY_LENGTH:
-                raise SettingsError(
-                    f"{PREFIX}REALM_KEY: ENVIRONMENT=production needs a key of at least "
-                    f"{MIN_PRODUCTION_KEY_LENGTH} characters"
-                )
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise SettingsError(f"{PREFIX}LOG_LEVEL={self.log_level!r}: unknown level")
+        self.refuse_development_keys(f"{PREFIX}REALM_KEY", (self.realm_key,))
         if self.backoff_min_seconds > self.backoff_max_seconds:
             raise SettingsError(
                 f"{PREFIX}BACKOFF_MIN_SECONDS is larger than {PREFIX}BACKOFF_MAX_SECONDS"

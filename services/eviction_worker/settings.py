@@ -7,7 +7,13 @@ import socket
 from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
-from shared.settings import SettingsError, masked_repr, setting
+from shared.settings import (
+    ServiceSettings,
+    SettingsError,
+    instance_id_setting,
+    port_setting,
+    setting,
+)
 
 __all__ = ["PREFIX", "EvictionSettings"]
 
@@ -19,14 +25,12 @@ DESCRIPTION = (
 
 
 @dataclass(frozen=True, repr=False)
-class EvictionSettings:
-    host: str = setting("127.0.0.1", "address to bind /health, /ready and /metrics to")
-    port: int = setting(8400, "port of /health, /ready and /metrics", minimum=0, maximum=65535)
-    advertise_host: str = setting(
-        "", "address registered in Consul (default: HOST, or the hostname when HOST is 0.0.0.0)"
-    )
-    instance_id: str = setting("", "this worker's id in logs and Consul (default: host-pid)")
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL", common=True)
+class EvictionSettings(ServiceSettings):
+    PREFIX = PREFIX
+    INSTANCE_NAME = "eviction"
+
+    port: int = port_setting(8400, "port of /health, /ready and /metrics", minimum=0)
+    instance_id: str = instance_id_setting("eviction-<hostname>-<pid>")
     traffic_cop_url: str = setting(
         "http://127.0.0.1:8300", "Traffic Cop base URL (Consul wins when set)", common=True
     )
@@ -51,7 +55,6 @@ class EvictionSettings:
         "jittered)",
         minimum=0.001,
     )
-    consul_url: str = setting("", "Consul agent URL; empty: no registration", common=True)
     max_idle_seconds: float = setting(
         300.0,
         "a connection with no frame or pong for this long is evicted",
@@ -89,18 +92,10 @@ class EvictionSettings:
     run_once: bool = setting(
         False, "run one pass, print its JSON summary on stdout and exit 0 (tests, cron)"
     )
-    shutdown_timeout: float = setting(
-        10.0, "on SIGTERM, how long the current pass may take to finish", minimum=0.0
-    )
-    log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING or ERROR", common=True)
-
-    __repr__ = masked_repr
 
     def validate(self) -> None:
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise SettingsError(
-                f"{PREFIX}LOG_LEVEL={self.log_level!r}: must be one of DEBUG, INFO, WARNING, ERROR"
-            )
+        super().validate()
+        self.refuse_development_keys("TRAFFIC_COP_SERVICE_KEY", (self.traffic_cop_service_key,))
         if not self.channels:
             raise SettingsError(f"{PREFIX}CHANNELS: at least one channel is required")
         if self.batch_size > self.pass_limit:
@@ -122,13 +117,5 @@ class EvictionSettings:
 
     @property
     def instance(self) -> str:
-        return self.instance_id or f"eviction-{socket.gethostname()}-{os.getpid()}"
-
-    @property
-    def advertised_host(self) -> str:
-        """The address other processes (Consul's check) reach this one at."""
-        if self.advertise_host:
-            return self.advertise_host
-        if self.host in ("0.0.0.0", "::", ""):
-            return socket.gethostname()
-        return self.host
+        # The pid, not the port: workers often listen on port 0 (any free port).
+        return self.instance_id or f"{self.INSTANCE_NAME}-{socket.gethostname()}-{os.getpid()}"

@@ -2,31 +2,30 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
-from shared.settings import SettingsError, masked_repr, setting
+from shared.settings import (
+    ServiceSettings,
+    SettingsError,
+    instance_id_setting,
+    port_setting,
+    setting,
+)
 
 __all__ = ["DESCRIPTION", "PREFIX", "Settings"]
 
 PREFIX = "GATEWAY_"
 DESCRIPTION = "Post Office gateway: the WebSocket ingress /ws (python -m services.gateway)."
 
-_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
-
 
 @dataclass(frozen=True, repr=False)
-class Settings:
-    host: str = setting("127.0.0.1", "address to listen on")
-    port: int = setting(8100, "port to listen on", minimum=1, maximum=65535)
-    advertise_host: str = setting(
-        "", "address registered in Consul (default: HOST, or the hostname when HOST is 0.0.0.0)"
-    )
-    instance_id: str = setting(
-        "", "this instance's id in Redis, logs and Consul; empty: gateway-<hostname>-<port>"
-    )
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL", common=True)
+class Settings(ServiceSettings):
+    PREFIX = PREFIX
+    INSTANCE_NAME = "gateway"
+
+    port: int = port_setting(8100)
+    instance_id: str = instance_id_setting("gateway-<hostname>-<port>", "Redis, logs and Consul")
     redis_max_connections: int = setting(
         64,
         "Redis connection pool size (pub/sub has its own); connects and disconnects use at most "
@@ -46,9 +45,6 @@ class Settings:
     )
     traffic_cop_max_connections: int = setting(
         32, "most concurrent calls to Traffic Cop (more wait for a free connection)", minimum=1
-    )
-    consul_url: str = setting(
-        "", "Consul agent to register with; empty: no registration", common=True
     )
     public_ws_url: str = setting(
         "", "public WebSocket URL (ws[s]://edge/ws); its origin is allowed too", common=True
@@ -204,28 +200,12 @@ class Settings:
     close_timeout: float = setting(
         5.0, "seconds a close handshake may take before the transport is dropped", minimum=0.05
     )
-    shutdown_timeout: float = setting(
-        10.0, "seconds SIGTERM waits for in-flight handlers before exiting", minimum=0
-    )
-    log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL", common=True)
     otel_exporter_otlp_endpoint: str = setting(
         "", "OTLP/HTTP endpoint for traces; empty: no export", common=True
     )
-    environment: str = setting(
-        "development",
-        "development or production",
-        common=True,
-        choices=("development", "production"),
-    )
-
-    __repr__ = masked_repr
 
     def validate(self) -> None:
-        """Cross-field checks; raise :class:`SettingsError` naming the variable."""
-        if self.log_level.upper() not in _LOG_LEVELS:
-            raise SettingsError(
-                f"{PREFIX}LOG_LEVEL={self.log_level!r}: must be one of {', '.join(_LOG_LEVELS)}"
-            )
+        super().validate()
         if not self.channels:
             raise SettingsError(f"{PREFIX}CHANNELS is empty: clients need at least one channel")
         if self.breaker_backoff_base > self.breaker_backoff_cap:
@@ -241,21 +221,7 @@ class Settings:
                 f"{PREFIX}RECORD_TTL_SECONDS={self.record_ttl_seconds!r}: must be at least twice "
                 f"{PREFIX}LIVENESS_FLUSH_SECONDS, or records expire between two flushes"
             )
-        if self.environment == "production" and self.traffic_cop_service_key.startswith("dev-"):
-            raise SettingsError(
-                "TRAFFIC_COP_SERVICE_KEY: a development key ('dev-...') is refused when "
-                "ENVIRONMENT=production"
-            )
-
-    @property
-    def instance(self) -> str:
-        return self.instance_id or f"gateway-{socket.gethostname()}-{self.port}"
-
-    @property
-    def advertised_host(self) -> str:
-        if self.advertise_host:
-            return self.advertise_host
-        return socket.gethostname() if self.host in ("0.0.0.0", "::") else self.host
+        self.refuse_development_keys("TRAFFIC_COP_SERVICE_KEY", (self.traffic_cop_service_key,))
 
     @property
     def record_ttl(self) -> float:

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import re
-import socket
 from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
-from shared.settings import SettingsError, masked_repr, setting
+from shared.settings import (
+    DEV_KEY_PREFIX,
+    MIN_PRODUCTION_KEY_LENGTH,
+    ServiceSettings,
+    SettingsError,
+    instance_id_setting,
+    port_setting,
+    setting,
+)
 
 __all__ = [
     "DESCRIPTION",
@@ -30,10 +37,6 @@ DESCRIPTION = (
 
 #: The realms of SPEC "Post Office HTTP API"; capabilities per realm are in auth.py.
 REALMS: tuple[str, ...] = ("smart_city", "experience", "business_enablement")
-#: Development keys start with this (in any case); production refuses them.
-DEV_KEY_PREFIX = "dev-"
-#: Production realm keys are at least this long (e.g. ``openssl rand -hex 32`` gives 64).
-MIN_PRODUCTION_KEY_LENGTH = 32
 #: Largest MAX_BODY_BYTES: an agent message (body plus envelope) must stay well below
 #: SSE_MAX_EVENT_BYTES and post_office_client's event limit (4 MiB).
 MAX_BODY_LIMIT = 1024 * 1024
@@ -90,20 +93,13 @@ def parse_realm_keys(entries: tuple[str, ...]) -> dict[str, str]:
 
 
 @dataclass(frozen=True, repr=False)
-class ApiSettings:
-    host: str = setting("127.0.0.1", "address to listen on (0.0.0.0 in containers)")
-    port: int = setting(8200, "port to listen on", minimum=0, maximum=65535)
-    advertise_host: str = setting(
-        "", "address registered in Consul (default: HOST, or the hostname when HOST is 0.0.0.0)"
-    )
-    instance_id: str = setting(
-        "", "this instance's id in logs and Consul (default: post-office-api-<hostname>-<port>)"
-    )
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL", common=True)
+class ApiSettings(ServiceSettings):
+    PREFIX = PREFIX
+    INSTANCE_NAME = "post-office-api"
+
+    port: int = port_setting(8200, minimum=0)
+    instance_id: str = instance_id_setting("post-office-api-<hostname>-<port>")
     redis_max_connections: int = setting(64, "Redis connection pool size", minimum=1)
-    consul_url: str = setting(
-        "", "Consul agent URL; empty: no registration, env fallback", common=True
-    )
     realm_keys: tuple[str, ...] = setting(
         (
             "dev-smart_city:smart_city",
@@ -214,60 +210,18 @@ class ApiSettings:
     pubsub_backoff_max_seconds: float = setting(
         5.0, "cap of the pub/sub listener's jittered exponential backoff", minimum=0.001
     )
-    shutdown_timeout: float = setting(
-        10.0, "on SIGTERM, how long in-flight requests may take to finish", minimum=0.0
-    )
-    log_level: str = setting("INFO", "log level: DEBUG, INFO, WARNING or ERROR", common=True)
-    environment: str = setting(
-        "development",
-        "development or production (production refuses dev- realm keys)",
-        common=True,
-        choices=("development", "production"),
-    )
-
-    __repr__ = masked_repr
-
-    @property
-    def instance(self) -> str:
-        return self.instance_id or f"post-office-api-{socket.gethostname()}-{self.port}"
-
-    @property
-    def advertised_host(self) -> str:
-        """The address Consul hands to callers (never 0.0.0.0)."""
-        if self.advertise_host:
-            return self.advertise_host
-        return socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
 
     def validate(self) -> None:
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise SettingsError(
-                f"{PREFIX}LOG_LEVEL={self.log_level!r}: must be one of DEBUG, INFO, WARNING, ERROR"
-            )
+        super().validate()
         if not self.channels:
             raise SettingsError(f"{PREFIX}CHANNELS: at least one channel is required")
         check_channel_names(f"{PREFIX}CHANNELS", self.channels)
         keys = parse_realm_keys(self.realm_keys)
         if not keys:
             raise SettingsError(f"{PREFIX}REALM_KEYS: at least one KEY:REALM pair is required")
-        if self.environment == "production":
-            if any(k.lower().startswith(DEV_KEY_PREFIX) for k in keys):
-                raise SettingsError(
-                    f"{PREFIX}REALM_KEYS: ENVIRONMENT=production refuses development keys "
-                    f"(starting with {DEV_KEY_PREFIX!r}); set real keys"
-                )
-            if any(len(k) < MIN_PRODUCTION_KEY_LENGTH for k in keys):
-                raise SettingsError(
-                    f"{PREFIX}REALM_KEYS: ENVIRONMENT=production needs keys of at least "
-                    f"{MIN_PRODUCTION_KEY_LENGTH} characters"
-                )
-        if (
-            self.environment == "production"
-            and self.traffic_cop_url
-            and self.traffic_cop_service_key.lower().startswith(DEV_KEY_PREFIX)
-        ):
-            raise SettingsError(
-                "TRAFFIC_COP_SERVICE_KEY: ENVIRONMENT=production refuses development keys"
-            )
+        self.refuse_development_keys(f"{PREFIX}REALM_KEYS", keys)
+        if self.traffic_cop_url:  # no reports, no key used
+            self.refuse_development_keys("TRAFFIC_COP_SERVICE_KEY", (self.traffic_cop_service_key,))
         if self.traffic_cop_url and not self.traffic_cop_url.startswith(("http://", "https://")):
             raise SettingsError(
                 f"{PREFIX}TRAFFIC_COP_URL={self.traffic_cop_url!r}: must start with http(s)://"

@@ -42,7 +42,7 @@ def create_app(settings: Settings) -> web.Application:
         registration_context(
             TRAFFIC_COP_SERVICE,
             settings.instance,
-            settings.host,
+            settings.advertised_host,
             settings.port,
             settings.consul_url or None,
         )
