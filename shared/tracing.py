@@ -9,7 +9,8 @@ With it set, :func:`tracing_context` installs a tracer provider exporting over O
 batches (``OTEL_BSP_*`` and ``OTEL_TRACES_SAMPLER*`` are honoured, as the SDK reads them), and:
 
 * every HTTP request except ``/health``, ``/ready``, ``/metrics`` and WebSocket upgrades gets a
-  SERVER span that continues the caller's ``traceparent`` header;
+  SERVER span that continues the caller's ``traceparent`` header or, without one, the
+  ``traceparent`` of its JSON body (the delivery contract: agents put it there);
 * every outgoing request of a client session built with :func:`client_trace_config` gets a
   CLIENT span and carries ``traceparent``;
 * every :func:`message_traceparent` records a PRODUCER span (``message publish``), child of the
@@ -25,12 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+import orjson
 from aiohttp import web
 
 from shared.protocol import is_valid_traceparent, new_traceparent
@@ -64,22 +66,58 @@ def tracing_enabled() -> bool:
     return _active is not None
 
 
-def message_traceparent(parent: str | None = None) -> str:
-    """A traceparent for a new hop: same trace as ``parent`` when it is valid, new span id."""
+def _continuable(traceparent: object) -> bool:
+    """A traceparent W3C lets us continue: well formed, not version ``ff``, and neither id all
+    zeros (``is_valid_traceparent`` checks only the shape)."""
+    return (
+        is_valid_traceparent(traceparent)
+        and isinstance(traceparent, str)
+        and not traceparent.startswith("ff")
+        and traceparent[3:35] != _ZERO_TRACE
+        and traceparent[36:52] != _ZERO_SPAN
+    )
+
+
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+
+
+def message_traceparent(
+    parent: str | None = None, *, channel: str | None = None, message_id: str | None = None
+) -> str:
+    """A traceparent for a new hop: same trace as ``parent`` when it is valid, new span id.
+
+    With tracing on, that span id is a PRODUCER span's (``message publish``, with the channel
+    and message id as ``messaging.*`` attributes): the agent that continues the traceparent
+    hangs its calls under it. Its cost on the gateway's hot path (a few microseconds per
+    message; no I/O, the batch processor exports from its own thread) is bounded by the
+    sampler: an unsampled span is a bare id, and its ``-00`` flags tell the API not to sample
+    the agent's answer either, so a trace is kept or dropped whole (docs/operations.md)."""
     t = _active
     if t is None:
-        if parent and is_valid_traceparent(parent):
+        if parent and _continuable(parent):
             version, trace_id, _span, flags = parent.split("-")
             return f"{version}-{trace_id}-{os.urandom(8).hex()}-{flags}"
         return new_traceparent()
-    # Parent given: continue it; otherwise continue whatever span is current (the HTTP request
-    # being served), or start a new trace.
-    context = (
-        t.propagator.extract({"traceparent": parent})
-        if parent and is_valid_traceparent(parent)
-        else None
+    # Parent given: continue it, unless the span being served (an API request that already
+    # continued it) is in the same trace, whose child this publish then is. No parent: the
+    # current span (the HTTP request being served), or a new trace.
+    context = None
+    if parent and _continuable(parent):
+        current = t.trace.get_current_span().get_span_context()
+        if not (current.is_valid and current.trace_id == int(parent[3:35], 16)):
+            context = t.propagator.extract({"traceparent": parent})
+    attributes: dict[str, str] = {}
+    if channel is not None:
+        attributes["messaging.destination.name"] = channel
+    if message_id is not None:
+        attributes["messaging.message.id"] = message_id
+    span = t.tracer.start_span(
+        "message publish",
+        context=context,
+        kind=t.trace.SpanKind.PRODUCER,
+        attributes=attributes,
     )
-    span = t.tracer.start_span("message publish", context=context, kind=t.trace.SpanKind.PRODUCER)
     span.end()
     sc = span.get_span_context()
     return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
@@ -100,7 +138,7 @@ async def tracing_middleware(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else request.path
-    context = t.propagator.extract(request.headers)
+    context = t.propagator.extract(await _parent_carrier(request))
     attributes = {
         "http.request.method": request.method,
         "http.route": route,
@@ -126,6 +164,43 @@ async def tracing_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise
         _set_status(t, span, response.status)
         return response
+
+
+#: Largest body :func:`_parent_carrier` reads to find a ``traceparent`` in.
+MAX_PEEKED_BODY = 4 * 1024 * 1024
+
+
+async def _parent_carrier(request: web.Request) -> Mapping[str, str]:
+    """Where the request's parent span is named: the ``traceparent`` header, else (delivery
+    bodies carry one, SPEC) the ``traceparent`` of a JSON object body.
+
+    The body is read only for a POST with a JSON content type, no content encoding and a
+    declared length within the app's ``client_max_size`` and :data:`MAX_PEEKED_BODY`
+    (the cost, one JSON parse more, is paid only while tracing is on and only by callers that
+    do not send the header, as the Python client does): aiohttp keeps what
+    ``read()`` returned, so the handler reads the same bytes again for free, and a body too
+    large, chunked or broken is left alone for the handler to refuse with its own error."""
+    header = request.headers.get("traceparent")
+    if header is not None and _continuable(header.strip()):
+        return request.headers
+    length = request.content_length
+    if (
+        request.method != "POST"
+        or request.content_type != "application/json"
+        or length is None
+        or length > min(request.client_max_size, MAX_PEEKED_BODY)
+        # A compressed body may inflate past client_max_size: a 413 is the handler's to give.
+        or "Content-Encoding" in request.headers
+    ):
+        return request.headers
+    try:
+        body = orjson.loads(await request.read())
+    except (orjson.JSONDecodeError, web.HTTPException, aiohttp.ClientError, OSError):
+        return request.headers
+    value = body.get("traceparent") if isinstance(body, dict) else None
+    if isinstance(value, str) and _continuable(value):
+        return {"traceparent": value}
+    return request.headers
 
 
 def _set_status(t: _Tracing, span: Any, status: int) -> None:

@@ -260,7 +260,7 @@ async def publish_to_channel(request: web.Request) -> web.Response:
     channel = _channel(request)
     message, parent = await _delivery_body(request)
     outcome = await request.app[DELIVERIES].publish(
-        channel, message, message_traceparent(parent), request[REALM]
+        channel, message, message_traceparent(parent, channel=channel), request[REALM]
     )
     metrics.PUBLISHED.labels(outcome=outcome.status).inc()
     if outcome.status == "refused":
