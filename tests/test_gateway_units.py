@@ -153,6 +153,30 @@ async def test_answers_leave_in_the_order_their_messages_came():
     assert _queued(conn)[-1] == "error-5"
 
 
+async def test_a_delivery_never_overtakes_a_pending_ack():
+    # The agent's reply can reach the gateway before the publisher's round trip returns; the
+    # client must see the ack (which names the message id) before any reply to it.
+    conn = _conn(queue_frames=4, queue_bytes=1000)
+    place = conn.reserve()
+    assert conn.send('{"type":"response","in_reply_to":"m1"}')
+    assert _queued(conn) == []
+    conn.answer(place, '{"type":"ack","message_id":"m1"}')
+    assert _queued(conn) == [
+        '{"type":"ack","message_id":"m1"}',
+        '{"type":"response","in_reply_to":"m1"}',
+    ]
+    assert conn.send("after")  # nothing pending: straight out
+    assert _queued(conn)[-1] == "after"
+
+    # What waits counts against the byte budget.
+    conn = _conn(queue_frames=8, queue_bytes=100)
+    conn.reserve()
+    assert conn.send("x" * 60)
+    assert not conn.send("y" * 60)
+    assert (conn.close_code, conn.close_reason) == (1013, "too slow")
+    await conn.wait_closed()
+
+
 async def test_the_send_queue_is_bounded_in_frames_and_bytes():
     conn = _conn(queue_frames=3, queue_bytes=100)
     assert conn.send("x" * 40) and conn.send("y" * 40)

@@ -9,7 +9,10 @@ much memory.
 Answers (acks and errors) reach the client in the order its messages arrived. An ack waits for
 the publisher's round trip while an error is known at once, so each accepted message reserves
 a place in a per-connection FIFO (:meth:`Connection.reserve`); an error behind pending acks
-waits there until they are answered. The held answers count against the same budget.
+waits there until they are answered. Deliveries wait there too while acks are pending: the
+agent's reply travels through other Redis connections than the ack's round trip and can win
+the race, and a client must never see a reply ``in_reply_to`` a message id its ack has not
+told it yet. What waits counts against the same frame and byte budget.
 
 Closing: every close but 1013 "too slow" first lets the writer flush what is queued (acks of
 published messages included, and the answers still pending) for at most
@@ -66,10 +69,11 @@ class TokenBucket:
 class Answer:
     """A place in a connection's answer FIFO; ``text`` is None until the answer is known."""
 
-    __slots__ = ("text",)
+    __slots__ = ("size", "text")
 
-    def __init__(self, text: str | None = None) -> None:
+    def __init__(self, text: str | None = None, size: int = 0) -> None:
         self.text = text
+        self.size = size
 
 
 class Connection:
@@ -104,6 +108,7 @@ class Connection:
         self._out: deque[tuple[str | None, int]] = deque()
         self._out_bytes = 0
         self._answers: deque[Answer] = deque()  # in client order; the head may be pending
+        self._answers_bytes = 0  # size of the known texts waiting in _answers
         self._wake = asyncio.Event()  # set when the writer has something to write
         self._progress = asyncio.Event()  # set when the writer wrote, or stopped
         self._sealed = False  # nothing more may be queued (the Close frame is next)
@@ -164,7 +169,10 @@ class Connection:
         """
         if self.closing:
             return False
-        return self._push(text, len(text) if size is None else size)
+        size = len(text) if size is None else size
+        if self._answers:
+            return self._hold(text, size)
+        return self._push(text, size)
 
     def ping(self) -> bool:
         """Queue a protocol-level ping, written in turn by the writer (never waits here)."""
@@ -180,7 +188,11 @@ class Connection:
 
     def answer(self, place: Answer, text: str) -> None:
         """Fill a reserved place; answers are written once every earlier one is known."""
+        if self._sealed:
+            return
         place.text = text
+        place.size = len(text)
+        self._answers_bytes += place.size
         self._release()
 
     def answer_now(self, text: str) -> None:
@@ -188,17 +200,29 @@ class Connection:
         if not self._answers:
             self._push(text, len(text))
             return
-        if len(self._answers) + len(self._out) >= self.queue_frames:
+        self._hold(text, len(text))
+
+    def _hold(self, text: str, size: int) -> bool:
+        """Queue ``text`` behind the pending answers, within the same budget as the queue."""
+        if self._sealed:
+            return False
+        if (
+            len(self._answers) + len(self._out) >= self.queue_frames
+            or self._out_bytes + self._answers_bytes + size > self.queue_bytes
+        ):
             self._overflow()
-            return
-        self._answers.append(Answer(text))
+            return False
+        self._answers.append(Answer(text, size))
+        self._answers_bytes += size
+        return True
 
     def _release(self) -> None:
         answers = self._answers
         while answers and answers[0].text is not None:
-            text = answers.popleft().text
-            if text is not None:
-                self._push(text, len(text))
+            done = answers.popleft()
+            self._answers_bytes -= done.size
+            if done.text is not None:
+                self._push(done.text, done.size)
 
     def _push(self, text: str | None, size: int) -> bool:
         if self._sealed:
@@ -222,6 +246,7 @@ class Connection:
         self._out.clear()
         self._out_bytes = 0
         self._answers.clear()
+        self._answers_bytes = 0
         if self.closing:
             # A close was already flushing: it must not wait on a queue that is gone.
             self._progress.set()
