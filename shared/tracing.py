@@ -3,7 +3,7 @@
 With ``OTEL_EXPORTER_OTLP_ENDPOINT`` unset nothing is exported and no span objects are built on
 the hot path: :func:`message_traceparent` then only continues the caller's trace id (or starts
 a new one) with a fresh span id, which is all agents need to correlate, and
-:func:`tracing_middleware` / :func:`client_trace_config` cost one ``None`` check.
+:func:`tracing_middleware` costs one ``None`` check.
 
 With it set, :func:`tracing_context` installs a tracer provider exporting over OTLP/HTTP in
 batches (``OTEL_BSP_*`` and ``OTEL_TRACES_SAMPLER*`` are honoured, as the SDK reads them), and:
@@ -11,8 +11,9 @@ batches (``OTEL_BSP_*`` and ``OTEL_TRACES_SAMPLER*`` are honoured, as the SDK re
 * every HTTP request except ``/health``, ``/ready``, ``/metrics`` and WebSocket upgrades gets a
   SERVER span that continues the caller's ``traceparent`` header or, without one, the
   ``traceparent`` of its JSON body (the delivery contract: agents put it there);
-* every outgoing request of a client session built with :func:`client_trace_config` gets a
-  CLIENT span and carries ``traceparent``;
+* calls between services carry no CLIENT spans: the trace travels in the messages'
+  ``traceparent`` instead, and Traffic Cop's paths hold session tokens that must never reach a
+  span name or attribute;
 * every :func:`message_traceparent` records a PRODUCER span (``message publish``), child of the
   message's parent or of the current span, whose id is the one returned — so an agent that
   continues the message's ``traceparent`` joins the same trace.
@@ -28,7 +29,6 @@ import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -38,7 +38,6 @@ from aiohttp import web
 from shared.protocol import is_valid_traceparent, new_traceparent
 
 __all__ = [
-    "client_trace_config",
     "message_traceparent",
     "tracing_context",
     "tracing_enabled",
@@ -207,58 +206,6 @@ def _set_status(t: _Tracing, span: Any, status: int) -> None:
     span.set_attribute("http.response.status_code", status)
     if status >= 500:
         span.set_status(t.trace.Status(t.trace.StatusCode.ERROR))
-
-
-def client_trace_config() -> aiohttp.TraceConfig:
-    """An aiohttp ``TraceConfig`` for ``ClientSession(trace_configs=[...])``: while tracing is
-    on, a CLIENT span per request and its ``traceparent`` header on the request."""
-
-    async def on_start(
-        _s: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestStartParams
-    ) -> None:
-        t = _active
-        ctx.span = None
-        if t is None:
-            return
-        span = t.tracer.start_span(
-            f"{params.method} {params.url.host}{params.url.path}",
-            kind=t.trace.SpanKind.CLIENT,
-            attributes={
-                "http.request.method": params.method,
-                "url.full": str(params.url.with_query(None)),
-            },
-        )
-        ctx.span = span
-        t.propagator.inject(params.headers, context=t.trace.set_span_in_context(span))
-
-    async def on_end(
-        _s: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestEndParams
-    ) -> None:
-        span = getattr(ctx, "span", None)
-        t = _active
-        if span is not None:
-            if t is not None:
-                _set_status(t, span, params.response.status)
-            span.end()
-
-    async def on_error(
-        _s: aiohttp.ClientSession, ctx: SimpleNamespace, params: aiohttp.TraceRequestExceptionParams
-    ) -> None:
-        span = getattr(ctx, "span", None)
-        t = _active
-        if span is not None:
-            if t is not None:
-                span.record_exception(params.exception)
-                span.set_status(
-                    t.trace.Status(t.trace.StatusCode.ERROR, type(params.exception).__name__)
-                )
-            span.end()
-
-    config = aiohttp.TraceConfig()
-    config.on_request_start.append(on_start)
-    config.on_request_end.append(on_end)
-    config.on_request_exception.append(on_error)
-    return config
 
 
 def _traces_url(endpoint: str) -> str:
