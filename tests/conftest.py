@@ -21,6 +21,15 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, which it may stop and start again on the same port
+    (outages, restarts) without disturbing the session's shared one."""
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> Iterator[str]:
     yield redis_server.url
     import redis as sync_redis

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-from collections.abc import Iterator
 
 import aiohttp
 import orjson
@@ -32,13 +31,6 @@ def api_process(redis_url: str, **env: str) -> ServiceProcess:
     )
     service.env["POST_OFFICE_PORT"] = str(service.port)
     return service
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
 
 
 def test_help_lists_the_settings() -> None:

@@ -46,11 +46,8 @@ from tests.helpers import (
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    """A private Redis the test may stop and start again (on the same port)."""
-    redis_server = RedisServer().start()
-    yield redis_server
-    redis_server.cleanup()
+def server(private_redis: RedisServer) -> RedisServer:
+    return private_redis
 
 
 @pytest.fixture

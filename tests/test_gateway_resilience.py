@@ -23,10 +23,8 @@ from tests.helpers import ServiceProcess, create_session, wait_for
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    redis_server = RedisServer().start()
-    yield redis_server
-    redis_server.cleanup()
+def server(private_redis: RedisServer) -> RedisServer:
+    return private_redis
 
 
 @pytest.fixture

@@ -4,25 +4,16 @@ Traffic Cop as the example service (it is built on the skeleton and nothing more
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from typing import Any
 
 import prometheus_client
-import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
 from services.traffic_cop_stub.app import create_app
 from services.traffic_cop_stub.settings import Settings
 from shared.service import SERVICE, ServiceState, background, base_app
-from tests.helpers import TRAFFIC_COP_KEY, RedisServer, ServiceProcess, wait_for
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    yield server
-    server.cleanup()
+from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, wait_for
 
 
 async def _ready(client: Any) -> tuple[int, dict[str, Any]]:
