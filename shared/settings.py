@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import socket
 import sys
 import types
@@ -41,9 +42,11 @@ __all__ = [
     "DEV_KEY_PREFIX",
     "LOG_LEVELS",
     "MIN_PRODUCTION_KEY_LENGTH",
+    "RESERVED_CHANNEL_NAMES",
     "ProcessSettings",
     "ServiceSettings",
     "SettingsError",
+    "check_channel_names",
     "format_help",
     "instance_id_setting",
     "load",
@@ -155,6 +158,32 @@ def _check(value: Any, field: dataclasses.Field[Any], name: str) -> None:
     choices = meta.get("choices")
     if choices and value not in choices:
         raise SettingsError(f"{name}={value!r}: must be one of {', '.join(choices)}")
+
+
+#: A channel is one or two segments of letters, digits, ``_`` and ``-`` (``guide``,
+#: ``pillar:content``), so ``websocket:<channel>`` never reaches another Redis name.
+_CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}(:[A-Za-z0-9_-]{1,64})?\Z")
+#: First segments that are Redis names of their own under ``websocket:``.
+RESERVED_CHANNEL_NAMES = frozenset(
+    {"events", "connection", "connections", "user", "channel", "gateway", "gateways", "queue"}
+)
+
+
+def check_channel_names(variable: str, channels: tuple[str, ...]) -> None:
+    """Raise :class:`SettingsError` for a channel name that is unsafe as a Redis name part."""
+    for channel in channels:
+        if not _CHANNEL_RE.match(channel):
+            raise SettingsError(
+                f"{variable}: {channel[:80]!r} is not a channel name (one or two ':'-separated "
+                "segments of letters, digits, '_' and '-', at most 64 characters each)"
+            )
+        if channel.split(":", 1)[0].lower() in RESERVED_CHANNEL_NAMES:
+            raise SettingsError(
+                f"{variable}: {channel!r} collides with an internal Redis name; reserved first "
+                f"segments: {', '.join(sorted(RESERVED_CHANNEL_NAMES))}"
+            )
+    if len(set(channels)) != len(channels):
+        raise SettingsError(f"{variable}: a channel is listed twice")
 
 
 def load(cls: type[T], prefix: str, environ: Mapping[str, str] | None = None) -> T:

@@ -49,6 +49,8 @@ def test_configured_origins_replace_the_localhost_default():
     assert not policy.allows("http://localhost:3000", "gw:8100")
     assert not policy.allows("http://app.example.com", "gw:8100")  # scheme matters
     assert OriginPolicy(("*",)).allows("https://anything.example", "gw:8100")
+    # Any page can make itself a null origin (a sandboxed iframe): "*" does not admit it.
+    assert not OriginPolicy(("*",)).allows("null", "gw:8100")
 
 
 def test_token_bucket_allows_a_burst_then_the_rate():

@@ -497,3 +497,24 @@ def test_traffic_cop_registers_its_advertised_address():
         {"TRAFFIC_COP_HOST": "0.0.0.0", "TRAFFIC_COP_ADVERTISE_HOST": "traffic-cop"},
     )
     assert s.advertised_host == "traffic-cop"
+
+
+@pytest.mark.parametrize(
+    ("cls", "prefix"),
+    [
+        ("services.gateway.settings:Settings", "GATEWAY_"),
+        ("services.post_office_api.settings:ApiSettings", "POST_OFFICE_"),
+        ("services.eviction_worker.settings:EvictionSettings", "EVICTION_"),
+    ],
+)
+@pytest.mark.parametrize("channels", ["events", "queue:x", "guide,guide", "a b", "x:y:z", "*"])
+def test_every_service_refuses_the_same_unsafe_channel_names(cls, prefix, channels):
+    # websocket:<channel> must never reach another Redis name (websocket:events, queues...),
+    # and the three services that list channels must agree on what a channel name is.
+    import importlib
+
+    module, name = cls.split(":")
+    settings_class = getattr(importlib.import_module(module), name)
+    with pytest.raises(SettingsError, match=f"{prefix}CHANNELS"):
+        load(settings_class, prefix, {f"{prefix}CHANNELS": channels})
+    assert load(settings_class, prefix, {f"{prefix}CHANNELS": "guide,pillar:content"})

@@ -10,6 +10,7 @@ from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
     ServiceSettings,
     SettingsError,
+    check_channel_names,
     instance_id_setting,
     port_setting,
     setting,
@@ -98,6 +99,7 @@ class EvictionSettings(ServiceSettings):
         self.refuse_development_keys("TRAFFIC_COP_SERVICE_KEY", (self.traffic_cop_service_key,))
         if not self.channels:
             raise SettingsError(f"{PREFIX}CHANNELS: at least one channel is required")
+        check_channel_names(f"{PREFIX}CHANNELS", self.channels)
         if self.batch_size > self.pass_limit:
             raise SettingsError(
                 f"{PREFIX}BATCH_SIZE={self.batch_size!r} is larger than "

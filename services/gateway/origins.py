@@ -49,11 +49,13 @@ class OriginPolicy:
     def allows(self, origin: str | None, host: str | None) -> bool:
         if origin is None:
             return True
-        if self.any:
-            return True
         normalised = _normalise(origin)
         if normalised is None:
-            return False  # "null" (sandboxed frames, file://) and garbage
+            # "null" (sandboxed frames, file://) and garbage: refused even with "*", since any
+            # page can make itself a null origin.
+            return False
+        if self.any:
+            return True
         if host and normalised.split("://", 1)[1] == _authority(host):
             return True
         if normalised in self.allowed:

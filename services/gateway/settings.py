@@ -8,6 +8,7 @@ from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
     ServiceSettings,
     SettingsError,
+    check_channel_names,
     instance_id_setting,
     port_setting,
     setting,
@@ -208,6 +209,7 @@ class Settings(ServiceSettings):
         super().validate()
         if not self.channels:
             raise SettingsError(f"{PREFIX}CHANNELS is empty: clients need at least one channel")
+        check_channel_names(f"{PREFIX}CHANNELS", self.channels)
         if self.breaker_backoff_base > self.breaker_backoff_cap:
             raise SettingsError(
                 f"{PREFIX}BREAKER_BACKOFF_BASE must not exceed {PREFIX}BREAKER_BACKOFF_CAP"

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
     DEV_KEY_PREFIX,
     MIN_PRODUCTION_KEY_LENGTH,
+    RESERVED_CHANNEL_NAMES,
     ServiceSettings,
     SettingsError,
+    check_channel_names,
     instance_id_setting,
     port_setting,
     setting,
@@ -42,30 +43,6 @@ REALMS: tuple[str, ...] = ("smart_city", "experience", "business_enablement")
 MAX_BODY_LIMIT = 1024 * 1024
 #: Room for the agent-message envelope around a published body.
 _ENVELOPE_ROOM = 4096
-#: A channel is one or two segments of letters, digits, ``_`` and ``-`` (``guide``,
-#: ``pillar:content``), so ``websocket:<channel>`` never reaches another Redis name.
-_CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}(:[A-Za-z0-9_-]{1,64})?\Z")
-#: First segments that are Redis names of their own under ``websocket:``.
-RESERVED_CHANNEL_NAMES = frozenset(
-    {"events", "connection", "connections", "user", "channel", "gateway", "gateways", "queue"}
-)
-
-
-def check_channel_names(variable: str, channels: tuple[str, ...]) -> None:
-    """Raise :class:`SettingsError` for a channel name that is unsafe as a Redis name part."""
-    for channel in channels:
-        if not _CHANNEL_RE.match(channel):
-            raise SettingsError(
-                f"{variable}: {channel[:80]!r} is not a channel name (one or two ':'-separated "
-                "segments of letters, digits, '_' and '-', at most 64 characters each)"
-            )
-        if channel.split(":", 1)[0].lower() in RESERVED_CHANNEL_NAMES:
-            raise SettingsError(
-                f"{variable}: {channel!r} collides with an internal Redis name; reserved first "
-                f"segments: {', '.join(sorted(RESERVED_CHANNEL_NAMES))}"
-            )
-    if len(set(channels)) != len(channels):
-        raise SettingsError(f"{variable}: a channel is listed twice")
 
 
 def parse_realm_keys(entries: tuple[str, ...]) -> dict[str, str]:
