@@ -4,6 +4,10 @@ Every service builds its clients here so that pool limits and failure behaviour 
 everywhere and visible in one place. Retries cover a dropped connection (one reconnect with
 jittered, capped backoff); a Redis that stays down surfaces as ``redis.exceptions.ConnectionError``
 to the caller, which decides (the gateway opens its circuit breaker, HTTP handlers answer 503).
+
+A timeout is never retried: the command (a publish script, an eviction script) may have run,
+and sending a whole pipeline again would publish twice or count an eviction as lost. It
+surfaces as ``redis.exceptions.TimeoutError`` to the caller, like an outage.
 """
 
 from __future__ import annotations
@@ -12,7 +16,6 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import EqualJitterBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["make_redis"]
 
@@ -33,7 +36,9 @@ def make_redis(
     A pub/sub connection read by one task while another sends SUBSCRIBE needs
     ``health_check_interval=0``: the health check's PING would read concurrently with the reader.
     """
-    retry = Retry(EqualJitterBackoff(cap=1.0, base=0.02), retries)
+    retry = Retry(
+        EqualJitterBackoff(cap=1.0, base=0.02), retries, supported_errors=(RedisConnectionError,)
+    )
     # A blocking pool: past ``max_connections`` a caller waits (up to ``pool_timeout``) for a
     # connection instead of failing at once with "Too many connections", so a burst of
     # requests larger than the pool queues briefly rather than answering 503.
@@ -46,7 +51,7 @@ def make_redis(
         socket_keepalive=True,
         health_check_interval=health_check_interval,
         retry=retry,
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry_on_error=[RedisConnectionError],
         decode_responses=False,
         client_name=name,
     )

@@ -74,6 +74,7 @@ COMMON_VARIABLES = frozenset(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "TRAFFIC_COP_SERVICE_KEY",
         "REALM_KEYS",
+        "CHANNELS",
     }
 )
 

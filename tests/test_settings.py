@@ -518,3 +518,24 @@ def test_every_service_refuses_the_same_unsafe_channel_names(cls, prefix, channe
     with pytest.raises(SettingsError, match=f"{prefix}CHANNELS"):
         load(settings_class, prefix, {f"{prefix}CHANNELS": channels})
     assert load(settings_class, prefix, {f"{prefix}CHANNELS": "guide,pillar:content"})
+
+
+@pytest.mark.parametrize(
+    ("cls", "prefix"),
+    [
+        ("services.gateway.settings:Settings", "GATEWAY_"),
+        ("services.post_office_api.settings:ApiSettings", "POST_OFFICE_"),
+        ("services.eviction_worker.settings:EvictionSettings", "EVICTION_"),
+        ("agents.guide.settings:GuideSettings", "GUIDE_AGENT_"),
+    ],
+)
+def test_one_channels_variable_sets_every_process(cls, prefix):
+    # A channel the gateways accept but the worker does not drain stalls for good once one
+    # message is queued, so the stack reads one unprefixed CHANNELS; a prefixed one still wins.
+    import importlib
+
+    module, name = cls.split(":")
+    settings_class = getattr(importlib.import_module(module), name)
+    assert load(settings_class, prefix, {"CHANNELS": "guide,extra"}).channels == ("guide", "extra")
+    both = {"CHANNELS": "guide,extra", f"{prefix}CHANNELS": "guide"}
+    assert load(settings_class, prefix, both).channels == ("guide",)

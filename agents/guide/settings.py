@@ -33,7 +33,7 @@ class GuideSettings(ProcessSettings):
         secret=True,
     )
     channel: str = setting("guide", "the agent channel to answer")
-    channels: tuple[str, ...] = setting(DEFAULT_CHANNELS, "channels that 'help' lists")
+    channels: tuple[str, ...] = setting(DEFAULT_CHANNELS, "channels that 'help' lists", common=True)
     backoff_min_seconds: float = setting(
         0.1, "first pause before re-subscribing after the stream broke", minimum=0.001
     )

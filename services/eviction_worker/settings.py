@@ -85,7 +85,10 @@ class EvictionSettings(ServiceSettings):
         50_000, "most queued messages moved per channel per pass", minimum=1
     )
     channels: tuple[str, ...] = setting(
-        DEFAULT_CHANNELS, "agent channels whose queues are drained (comma-separated)"
+        DEFAULT_CHANNELS,
+        "agent channels whose queues are drained (comma-separated); set CHANNELS once for the "
+        "whole stack: a channel the worker does not drain stalls once one message is queued",
+        common=True,
     )
     error_backoff_seconds: float = setting(
         5.0, "longest pause between two passes while passes fail (Redis down)", minimum=0.01

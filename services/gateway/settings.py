@@ -59,7 +59,10 @@ class Settings(ServiceSettings):
         common=True,
     )
     channels: tuple[str, ...] = setting(
-        DEFAULT_CHANNELS, "comma-separated logical channels clients may use"
+        DEFAULT_CHANNELS,
+        "comma-separated logical channels clients may use; set CHANNELS once for the whole "
+        "stack, so gateways, API and worker agree",
+        common=True,
     )
     max_frame_bytes: int = setting(
         65536, "largest client frame; a larger one closes the socket with 1009", minimum=256

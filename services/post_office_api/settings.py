@@ -123,7 +123,11 @@ class ApiSettings(ServiceSettings):
     otel_exporter_otlp_endpoint: str = setting(
         "", "OpenTelemetry collector (OTLP/HTTP) base URL; empty: no span export", common=True
     )
-    channels: tuple[str, ...] = setting(DEFAULT_CHANNELS, "agent channels (comma-separated)")
+    channels: tuple[str, ...] = setting(
+        DEFAULT_CHANNELS,
+        "agent channels (comma-separated); set CHANNELS once for the whole stack",
+        common=True,
+    )
     max_body_bytes: int = setting(
         65536, "largest request body; larger ones get 413", minimum=64, maximum=MAX_BODY_LIMIT
     )
