@@ -244,7 +244,6 @@ class Stack:
         self.own_redis = not self.redis_url
         self.redis_dir: str | None = None
         self.children: list[Child] = []
-        self.skipped: list[str] = []
         self.stop_signal: str | None = None
         # Set by the signal handlers; every wait polls it, so a Ctrl-C during start-up is
         # honoured as promptly as one while running.
@@ -288,8 +287,12 @@ class Stack:
 
         def add(name: str, module: str, port: int | None, tier: int, env: dict[str, str]) -> None:
             if not module_exists(module):
-                self.skipped.append(f"{name} ({module} does not exist yet)")
-                return
+                # Every part of the stack exists; a module that cannot be found means the
+                # script runs outside the repository's import path (python scripts/run_stack.py).
+                raise SystemExit(
+                    f"cannot find {module}: run `make run`, or `python -m scripts.run_stack` "
+                    "from the repository root"
+                )
             self.children.append(
                 Child(
                     name=name,
@@ -330,10 +333,7 @@ class Stack:
                 3,
                 {"GATEWAY_PORT": str(port), "GATEWAY_INSTANCE_ID": f"gateway-{number}"},
             )
-        if any(c.name == "post_office_api" for c in self.children):
-            add("guide_agent", "agents.guide", None, 4, {})
-        else:
-            self.skipped.append("guide_agent (it needs the Post Office API)")
+        add("guide_agent", "agents.guide", None, 4, {})
 
     def check_ports(self) -> None:
         busy = [f"{c.port} ({c.name})" for c in self.children if c.port and port_in_use(c.port)]
@@ -384,9 +384,10 @@ class Stack:
             port=port,
             tier=0,
         )
+        # In the list before it is spawned, so the state file written at spawn names it too.
+        self.children.insert(0, redis)
         self._spawn(redis)
         print(f"starting redis (pid {redis.pid}) on port {port} ...", flush=True)
-        self.children.insert(0, redis)
         self._wait(redis, lambda: _redis_command(self.redis_url, "PING") == b"+PONG\r\n", "PING")
 
     def _redis_shown(self) -> str:
@@ -480,7 +481,6 @@ class Stack:
                 for c in self.children
                 if c.proc is not None
             ],
-            "skipped": self.skipped,
         }
         tmp = self.state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -499,10 +499,7 @@ class Stack:
             lines.append(f"  {c.name:<{width}}  {where:<40}  pid {c.pid}")
         if not self.own_redis:
             lines.append(f"  {'redis':<{width}}  {self._redis_shown()} (given by REDIS_URL)")
-        for skipped in self.skipped:
-            lines.append(f"  skipped: {skipped}")
-        if any(c.name == "post_office_api" for c in self.children):
-            lines.append(f"  API reference: http://{HOST}:{self.api_port}/v1/openapi.json")
+        lines.append(f"  API reference: http://{HOST}:{self.api_port}/v1/openapi.json")
         lines.append("  every service: /health, /ready, /metrics")
         lines += ["", "  development realm keys (Authorization: Bearer <key> on the API):"]
         lines += [f"    {key:<26} realm {realm}" for key, realm in REALM_KEYS.items()]
