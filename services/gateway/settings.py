@@ -164,7 +164,9 @@ class Settings(ServiceSettings):
     )
     record_ttl_seconds: float = setting(
         0.0,
-        "TTL of a connection record, refreshed by the liveness flush; 0: 2 x MAX_IDLE_SECONDS",
+        "TTL of a connection record, refreshed by the liveness flush; 0: the larger of one day "
+        "and 2 x MAX_IDLE_SECONDS. A last resort only: the eviction worker removes records and "
+        "their index entries; a record that expires instead leaves its index entries behind",
         minimum=0,
     )
     instance_ttl_seconds: float = setting(
@@ -230,6 +232,8 @@ class Settings(ServiceSettings):
 
     @property
     def record_ttl(self) -> float:
+        # Long by default: the worker is what cleans up (records and indexes together); the TTL
+        # only bounds what is left if no worker ever runs.
         return self.record_ttl_seconds or max(
-            2 * self.max_idle_seconds, 4 * self.liveness_flush_seconds
+            86400.0, 2 * self.max_idle_seconds, 4 * self.liveness_flush_seconds
         )
