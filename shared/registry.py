@@ -38,8 +38,14 @@ _UNREGISTER = """
 --       5 ISO timestamp, 6 user set tpl, 7 channel set tpl, 8 gateway set tpl, 9 session set tpl,
 --       10 expected gateway ('' = any), 11 optional gateway control channel tpl,
 --       12 optional close code: when both are given, the holding gateway is told to close the
---       socket in the same script, so an evicted connection is closed exactly once
+--       socket in the same script, so an evicted connection is closed exactly once,
+--       13 optional gateway liveness key tpl (with 10): returns -3 and touches nothing while the
+--       expected gateway's liveness key exists, so cleaning up after a dead gateway never
+--       removes connections of the instance that came back (same id) since it was found dead
 local id = ARGV[1]
+if ARGV[13] and ARGV[13] ~= '' and ARGV[10] ~= '' then
+  if redis.call('EXISTS', (string.gsub(ARGV[13], '{}', ARGV[10]))) == 1 then return -3 end
+end
 if redis.call('EXISTS', KEYS[1]) == 0 then
   redis.call('ZREM', KEYS[2], id)
   return 0
@@ -82,13 +88,19 @@ return 1
 """
 
 _TOUCH = """
--- KEYS: 1 record hash, 2 last-seen zset.
+-- KEYS: 1 record hash, 2 last-seen zset, 3 optional session key (session:id:<sid>).
 -- ARGV: 1 connection id, 2 last activity ('' = not seen), 3 record TTL,
 --       4 full channel list as JSON ('' = unchanged), 5 channel set tpl, 6.. newly used channels
+-- Returns 1 touched, 0 record gone, -1 record gone and the session key too.
 -- Touches only a record that still exists: a gateway tick that lands just after the
 -- eviction worker removed the connection must not bring back a half record (no user_id)
--- that lingers for the TTL, nor leave the id in channel sets.
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+-- that lingers for the TTL, nor leave the id in channel sets. A record gone while its
+-- session lives was removed on purpose (evicted, its gateway taken for dead); gone together
+-- with its session, Redis most likely lost its data: the caller tells the two apart.
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if KEYS[3] and redis.call('EXISTS', KEYS[3]) == 0 then return -1 end
+  return 0
+end
 if ARGV[2] ~= '' then
   redis.call('ZADD', KEYS[2], 'XX', ARGV[2], ARGV[1])
   redis.call('HSET', KEYS[1], 'last_heartbeat', ARGV[2])
@@ -114,17 +126,25 @@ return 2
 """
 
 _DRAIN_QUEUE = """
--- KEYS: 1 agent channel, 2 queue list.  ARGV: 1 most messages to move
--- A message leaves the queue only once a subscriber received it.
-local sent = 0
+-- KEYS: 1 agent channel, 2 queue list.  ARGV: 1 most messages to move, 2 most bytes to move
+-- ('' = no byte bound; the first message always moves, however large).
+-- Returns {moved, messages left in the queue}.
+-- A message leaves the queue only once a subscriber received it. Redis writes to clients only
+-- between commands, so everything one run publishes sits in each subscriber's output buffer at
+-- once: the byte bound keeps that well under client-output-buffer-limit pubsub, past which
+-- Redis would drop the subscriber after the messages already left the queue.
+local sent, size = 0, 0
+local cap = tonumber(ARGV[2])
 for _ = 1, tonumber(ARGV[1]) do
   local m = redis.call('LINDEX', KEYS[2], 0)
   if not m then break end
+  if cap and sent > 0 and size + #m > cap then break end
   if redis.call('PUBLISH', KEYS[1], m) == 0 then break end
   redis.call('LPOP', KEYS[2])
   sent = sent + 1
+  size = size + #m
 end
-return sent
+return {sent, redis.call('LLEN', KEYS[2])}
 """
 
 
@@ -293,13 +313,17 @@ class Registry:
         stale_before: float | None = None,
         expected_gateway: str | None = None,
         close_code: int | None = None,
+        unless_gateway_alive: bool = False,
     ) -> list[int | Exception]:
         """:meth:`unregister` for many connections in one pipelined round trip.
 
         Each id gets its own atomic script run, so the exactly-once guarantees are those of
         :meth:`unregister`. With ``close_code`` the script that removes a record also publishes
         ``{"op": "close", "connection_id", "code", "reason"}`` on the holding gateway's control
-        channel. Results come back in order: the script's code, or the exception a failing
+        channel. With ``unless_gateway_alive`` (and ``expected_gateway``) a run does nothing and
+        answers -3 while that gateway's liveness key exists: the check and the removal are one
+        atomic step, so a gateway that restarted with the same instance id keeps its new
+        connections. Results come back in order: the script's code, or the exception a failing
         run raised (one bad id does not hide the others' outcomes).
         """
         ids = list(connection_ids)
@@ -314,6 +338,7 @@ class Registry:
             expected_gateway or "",
             names.gateway_control(_T) if close_code is not None else "",
             "" if close_code is None else str(int(close_code)),
+            names.gateway_instance(_T) if unless_gateway_alive and expected_gateway else "",
         ]
         cutoff = "" if stale_before is None else repr(stale_before)
         raw = await self.run_scripts(
@@ -346,25 +371,37 @@ class Registry:
         seen: Mapping[str, float],
         channels_used: Mapping[str, Iterable[str]] | None = None,
         all_channels: Mapping[str, Iterable[str]] | None = None,
-    ) -> None:
+        sessions: Mapping[str, str] | None = None,
+    ) -> list[str]:
         """Record liveness for many connections in one round trip (the gateway's tick).
 
         ``seen`` maps connection id to last activity; ``channels_used`` adds newly used
         channels to the channel indexes, with ``all_channels`` the full list to store.
+
+        Returns the ids whose record no longer exists (nothing is written for them). With
+        ``sessions`` (connection id to session id), an id whose session key is gone as well is
+        left out: a record and its session vanishing together means Redis lost its data (a
+        restart without persistence), not that someone removed the connection.
         """
         used = channels_used or {}
         if not seen and not used:
-            return
+            return []
+        sids = sessions or {}
         template = names.channel_connections(_T)
+        ids = list({**seen, **used})
         calls: list[ScriptCall] = []
-        for cid in {**seen, **used}:
+        for cid in ids:
             ts = seen.get(cid)
             new = list(used.get(cid, ()))
             full = list((all_channels or {}).get(cid, new)) if cid in used else None
+            sid = sids.get(cid)
+            keys = [names.connection(cid), names.LAST_SEEN]
+            if sid is not None:
+                keys.append(names.session_by_id(sid))
             calls.append(
                 (
                     self._touch,
-                    [names.connection(cid), names.LAST_SEEN],
+                    keys,
                     [
                         cid,
                         "" if ts is None else repr(ts),
@@ -375,9 +412,13 @@ class Registry:
                     ],
                 )
             )
-        for result in await self.run_scripts(calls):
+        gone: list[str] = []
+        for cid, result in zip(ids, await self.run_scripts(calls), strict=True):
             if isinstance(result, Exception):
                 raise result
+            if int(result) == 0:
+                gone.append(cid)
+        return gone
 
     async def get(self, connection_id: str) -> dict[str, Any] | None:
         # The client is built with decode_responses=False: keys and values are bytes.
@@ -399,9 +440,18 @@ class Registry:
             )
         )
 
-    async def drain_queue(self, channel: str, batch: int) -> int:
-        return int(
-            await self._drain(
-                keys=[names.agent_channel(channel), names.queue(channel)], args=[batch]
-            )
+    async def drain_queue(self, channel: str, batch: int, max_bytes: int | None = None) -> int:
+        """Move up to ``batch`` queued messages (and, with ``max_bytes``, at most that many
+        bytes, but always at least one message) to the channel's subscribers, oldest first;
+        how many moved. Nothing moves while nobody listens."""
+        return (await self.drain_queue_step(channel, batch, max_bytes))[0]
+
+    async def drain_queue_step(
+        self, channel: str, batch: int, max_bytes: int | None = None
+    ) -> tuple[int, int]:
+        """:meth:`drain_queue`, also answering how many messages are left in the queue."""
+        sent, left = await self._drain(
+            keys=[names.agent_channel(channel), names.queue(channel)],
+            args=[batch, "" if max_bytes is None else int(max_bytes)],
         )
+        return int(sent), int(left)

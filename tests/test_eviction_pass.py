@@ -7,6 +7,9 @@ readiness) is in ``test_eviction_worker.py``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -14,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from services.eviction_worker.app import traffic_cop_reporter
+from services.eviction_worker.reporter import TrafficCopReporter
 from services.eviction_worker.settings import PREFIX, EvictionSettings
 from services.eviction_worker.worker import Evictor
 from shared import redis_names as names
@@ -21,7 +25,7 @@ from shared.registry import PublishResult, Registry
 from shared.settings import load
 from shared.traffic_cop_client import TrafficCopClient
 from tests.eviction_util import Subscriber, gateway_alive, gone, register, stale_time, traces
-from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, timeout, wait_for
+from tests.helpers import TRAFFIC_COP_KEY, RedisServer, ServiceProcess, timeout, wait_for
 
 MAX_IDLE = 30.0
 
@@ -197,21 +201,87 @@ async def test_pass_limit_leaves_the_rest_for_the_next_pass(
 async def test_a_dead_gateway_that_came_back_is_not_forgotten(
     redis: Redis, redis_url: str, registry: Registry
 ) -> None:
-    """Its records go (they are the dead process's), but a live instance keeps its bookkeeping."""
+    """The instance restarts with the same id after the worker found it dead and before the
+    cleanup scripts run: its records (the new process's, as far as anyone can tell) stay, and
+    so does its bookkeeping."""
     now = time.time()
     await gateway_alive(redis, "gw-back")
     await redis.delete(names.gateway_instance("gw-back"))
-    old = await register(registry, "dave", "gw-back", now)
+    kept = await register(registry, "dave", "gw-back", now)
 
     class ComesBack(Evictor):
         async def _unregister(self, summary, ids, **kwargs):  # type: ignore[no-untyped-def]
             await gateway_alive(self.redis, "gw-back")
             return await super()._unregister(summary, ids, **kwargs)
 
-    summary = await ComesBack.from_settings(redis, settings(redis_url)).run_pass()
-    assert summary.evicted["gateway_lost"] == 1 and summary.dead_gateways == []
-    assert gone(await traces(redis, old, "dave", "gw-back"))
+    async with Subscriber(redis_url, names.EVENTS) as sub:
+        summary = await ComesBack.from_settings(redis, settings(redis_url)).run_pass()
+        assert summary.evicted["gateway_lost"] == 0 and summary.dead_gateways == []
+        assert summary.gateway_back == 1
+        await redis.publish(names.EVENTS, b'{"type": "marker"}')
+        await wait_for(lambda: sub.received, what="the marker")
+        assert sub.json() == [{"type": "marker"}]
+    t = await traces(redis, kept, "dave", "gw-back")
+    assert t["record"] and t["last_seen"] and t["user_index"] and t["gateway_index"]
     assert await redis.sismember(names.GATEWAYS, "gw-back")
+
+
+async def test_a_gateway_coming_back_between_pages_keeps_the_later_pages(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    """Pages removed before the instance came back are gone (they were the dead process's);
+    from the moment its liveness key exists, nothing of it is touched."""
+    now = time.time()
+    await gateway_alive(redis, "gw-flap")
+    await redis.delete(names.gateway_instance("gw-flap"))
+    ids = [await register(registry, f"eve{i}", "gw-flap", now) for i in range(12)]
+
+    class BackAfterFirstEviction(Evictor):
+        pages = 0
+
+        async def _unregister(self, summary, ids, **kwargs):  # type: ignore[no-untyped-def]
+            self.pages += 1
+            results = await super()._unregister(summary, ids, **kwargs)
+            if 1 in results:
+                await gateway_alive(self.redis, "gw-flap")
+            return results
+
+    # SSCAN's COUNT is a hint: a small set comes back in one page. Enough members for a
+    # hashtable-encoded set, and a COUNT of 1, give several pages.
+    await redis.sadd(names.gateway_connections("gw-flap"), *[f"filler{i}" for i in range(200)])
+    evictor = BackAfterFirstEviction.from_settings(
+        redis, settings(redis_url, EVICTION_BATCH_SIZE="1")
+    )
+    assert isinstance(evictor, BackAfterFirstEviction)
+    summary = await evictor.run_pass()
+    assert evictor.pages >= 2
+    assert summary.gateway_back >= 1 and summary.dead_gateways == []
+    removed = [
+        cid for i, cid in enumerate(ids) if gone(await traces(redis, cid, f"eve{i}", "gw-flap"))
+    ]
+    assert removed and summary.evicted["gateway_lost"] == len(removed)
+    kept = [cid for cid in ids if cid not in removed]
+    assert kept, "every record went although the gateway came back"
+    for i, cid in enumerate(ids):
+        if cid in kept:
+            t = await traces(redis, cid, f"eve{i}", "gw-flap")
+            assert t["record"] and t["user_index"] and t["gateway_index"] and t["last_seen"]
+    assert await redis.sismember(names.GATEWAYS, "gw-flap")
+
+
+async def test_a_dead_gateways_records_go_when_it_stays_dead(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    now = time.time()
+    await gateway_alive(redis, "gw-gone")
+    await redis.delete(names.gateway_instance("gw-gone"))
+    ids = [await register(registry, f"fay{i}", "gw-gone", now) for i in range(3)]
+    summary = await Evictor.from_settings(redis, settings(redis_url)).run_pass()
+    assert summary.evicted["gateway_lost"] == 3 and summary.dead_gateways == ["gw-gone"]
+    assert summary.gateway_back == 0
+    for i, cid in enumerate(ids):
+        assert gone(await traces(redis, cid, f"fay{i}", "gw-gone"))
+    assert not await redis.sismember(names.GATEWAYS, "gw-gone")
 
 
 async def test_queue_drain_keeps_order_and_respects_its_limit(
@@ -258,3 +328,113 @@ async def test_a_stop_request_ends_the_pass_after_the_page_in_flight(
     summary = await evictor.run_pass()
     assert (summary.evicted["idle"], summary.complete) == (5, False)
     assert await redis.zcard(names.LAST_SEEN) == 7
+
+
+async def test_draining_large_messages_loses_none_of_them(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    """600 messages of 66 KB (40 MB, past Redis' default 32 MB pubsub output-buffer hard limit
+    had they gone out in one script run, which would disconnect the subscriber after they had
+    left the queue): runs bounded by bytes deliver every one, in order."""
+    channel = "guide"
+    queued = [b'{"n":%d,"p":"%s"}' % (i, b"x" * 66_000) for i in range(600)]
+    answers = await registry.run_scripts(
+        [registry.publish_or_queue_call(channel, data, 10_000) for data in queued]
+    )
+    assert answers == [PublishResult.QUEUED] * 600
+    evictor = Evictor.from_settings(redis, settings(redis_url))
+    assert evictor.queue_drain_bytes == 1 << 20
+    async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
+        summary = await evictor.run_pass()
+        assert summary.drained[channel] == 600
+        # 15 messages of 66 KB fit in 1 MiB: 40 runs, after the stale page, the gateway set
+        # and the queue lengths.
+        assert summary.round_trips == 3 + 40
+        await wait_for(lambda: len(sub.received) >= 600, what="all 600 messages")
+        assert sub.data(names.agent_channel(channel)) == queued
+    assert await redis.llen(names.queue(channel)) == 0
+
+
+async def test_a_message_larger_than_the_byte_bound_still_moves(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    channel = "guide"
+    queued = [b"a" * 3000, b"b" * 10, b"c" * 10, b"d" * 3000]
+    for data in queued:
+        assert await registry.publish_or_queue(channel, data, 100) == PublishResult.QUEUED
+    async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
+        # One run: the first message alone is past the bound and moves anyway, nothing else.
+        assert await registry.drain_queue_step(channel, 10, 1000) == (1, 3)
+        assert await registry.drain_queue_step(channel, 10, 1000) == (2, 1)
+        evictor = Evictor.from_settings(redis, settings(redis_url, EVICTION_QUEUE_DRAIN_BYTES="1"))
+        assert (await evictor.run_pass()).drained[channel] == 1
+        await wait_for(lambda: len(sub.received) >= 4, what="the 4 messages")
+        assert sub.data(names.agent_channel(channel)) == queued
+
+
+async def test_after_a_redis_outage_idle_eviction_waits_for_the_gateways(
+    private_redis: RedisServer,
+) -> None:
+    """While Redis was away the gateways could not write last-seen times: once it answers again
+    idle eviction waits out the grace period, dead-gateway cleanup does not wait."""
+    grace = timeout(1.0)
+    client = Redis.from_url(private_redis.url)
+    evictor = Evictor.from_settings(
+        client,
+        settings(private_redis.url, EVICTION_RECOVERY_GRACE_SECONDS=str(grace)),
+    )
+    assert evictor.recovery_grace_seconds == grace
+    task = asyncio.create_task(evictor.run(0.02, error_backoff_cap=0.1))
+    try:
+        await wait_for(lambda: evictor.last_summary is not None, what="a first pass")
+        private_redis.stop()
+        await wait_for(lambda: evictor.last_error is not None, what="a failed pass")
+        private_redis.start()  # same port, empty
+        registry = Registry(client, 3600)
+        idle = await register(registry, "gus", "gw-live", stale_time(MAX_IDLE))
+        await gateway_alive(client, "gw-live")
+        await gateway_alive(client, "gw-dead")
+        await client.delete(names.gateway_instance("gw-dead"))
+        orphan = await register(registry, "hal", "gw-dead", time.time())
+
+        await wait_for(lambda: _forgotten(client, "gw-dead"), what="the dead gateway cleaned up")
+        assert gone(await traces(client, orphan, "hal", "gw-dead"))
+        summary = evictor.last_summary
+        assert summary is not None and summary.idle_deferred and summary.stale_found == 0
+        assert (await traces(client, idle, "gus", "gw-live"))["record"]
+
+        await wait_for(
+            lambda: _gone(client, idle), seconds=grace + 5, what="idle eviction after the grace"
+        )
+        assert evictor.last_error is None
+    finally:
+        evictor.stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout(5))
+        await client.aclose()
+
+
+async def _gone(client: Redis, cid: str) -> bool:
+    return not await client.exists(names.connection(cid))
+
+
+async def _forgotten(client: Redis, instance: str) -> bool:
+    return not await client.sismember(names.GATEWAYS, instance)
+
+
+async def test_dropped_reports_are_logged_at_most_once_a_second(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A long Traffic Cop outage can drop a whole backlog: one log line per second with a count,
+    not one per report."""
+    client = TrafficCopClient("http://127.0.0.1:9", TRAFFIC_COP_KEY, timeout=timeout(1))
+    try:
+        reporter = TrafficCopReporter(client, concurrency=1, limit=10)
+        with caplog.at_level(logging.WARNING, logger="services.eviction_worker.reporter"):
+            reporter.submit(f"ws_u_{i:08x}" for i in range(10_010))
+        assert reporter.dropped == 10_000 and reporter.pending == 10
+        lines = [r for r in caplog.records if "dropped" in r.getMessage()]
+        assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]  # 2: a second boundary
+        assert "(1 so far)" in lines[0].getMessage()
+    finally:
+        await client.close()

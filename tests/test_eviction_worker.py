@@ -141,8 +141,18 @@ async def test_two_workers_announce_every_eviction_exactly_once(
     """Two processes race over the same 500 connections as they turn stale together."""
     count = 500
     await gateway_alive(redis, "gw-a")
+    # Two ids per page and one page in flight make a pass over the 500 a chain of 250 round
+    # trips, while the other worker starts a pass every 10 ms: the passes overlap, so both
+    # workers claim ids from the same pages.
     workers = [
-        worker_process(redis_url, NOWHERE, MAX_IDLE_SECONDS="1", EVICTION_BATCH_SIZE="25")
+        worker_process(
+            redis_url,
+            NOWHERE,
+            MAX_IDLE_SECONDS="1",
+            EVICTION_BATCH_SIZE="2",
+            EVICTION_CONCURRENCY="1",
+            EVICTION_INTERVAL_SECONDS="0.01",
+        )
         for _ in range(2)
     ]
     async with Subscriber(redis_url, names.EVENTS, names.gateway_control("gw-a")) as sub:
@@ -168,7 +178,10 @@ async def test_two_workers_announce_every_eviction_exactly_once(
     assert all(e["type"] == "evicted" and e["reason"] == "idle" for e in events)
     assert Counter(c["connection_id"] for c in closes) == Counter(ids)
     per_worker = [metric(t, "postoffice_eviction_evictions_total", 'reason="idle"') for t in texts]
-    assert sum(per_worker) == count, per_worker
+    lost = [metric(t, "postoffice_eviction_already_gone_total") for t in texts]
+    assert sum(per_worker) == count, (per_worker, lost)
+    # They did race: both claimed some, or one found ids the other had just taken.
+    assert min(per_worker) > 0 or sum(lost) > 0, (per_worker, lost)
 
 
 async def test_queued_messages_reach_a_subscriber_that_appears_in_order(
@@ -230,7 +243,11 @@ async def test_sigterm_exits_0_and_deregisters_from_consul(redis_url: str) -> No
 
 async def test_ready_names_redis_while_it_is_down_and_evictions_resume() -> None:
     server = RedisServer().start()
-    worker = worker_process(server.url, NOWHERE, MAX_IDLE_SECONDS="60")
+    # A short recovery grace: idle eviction waits it out after the outage (that wait is tested
+    # in-process in test_eviction_pass.py).
+    worker = worker_process(
+        server.url, NOWHERE, MAX_IDLE_SECONDS="60", EVICTION_RECOVERY_GRACE_SECONDS="0.3"
+    )
     client = Redis.from_url(server.url)
     try:
         worker.start()

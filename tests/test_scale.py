@@ -341,3 +341,5 @@ async def test_two_workers_evict_thirty_idle_clients_each_exactly_once(
     evicted = [metric(t, "postoffice_eviction_evictions_total", 'reason="idle"') for t in texts]
     lost = [metric(t, "postoffice_eviction_already_gone_total") for t in texts]
     assert sum(evicted) == 30, (evicted, lost)
+    # They did race: both claimed some, or one found ids the other had just taken.
+    assert min(evicted) > 0 or sum(lost) > 0, (evicted, lost)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
@@ -23,6 +24,10 @@ from shared.traffic_cop_client import TrafficCopRejected, TrafficCopUnavailable
 __all__ = ["ConnectionUnregistrar", "TrafficCopReporter"]
 
 log = logging.getLogger(__name__)
+
+#: Least pause between two "dropped" log lines: a long Traffic Cop outage can drop a whole
+#: backlog, and one line per report would flood the logs.
+DROP_LOG_INTERVAL = 1.0
 
 
 class ConnectionUnregistrar(Protocol):
@@ -53,6 +58,8 @@ class TrafficCopReporter:
         self.rejected = 0  # a 4xx it should not give (wrong service key ...): not retried
         self.failures = 0  # calls that found Traffic Cop unavailable (each retried)
         self.dropped = 0  # reports given up because the backlog passed ``limit``
+        self._unlogged_drops = 0
+        self._drop_logged_at = -DROP_LOG_INTERVAL
         self._pending: deque[str] = deque()
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
@@ -78,11 +85,18 @@ class TrafficCopReporter:
     def _drop(self, connection_id: str) -> None:
         self.dropped += 1
         metrics.TRAFFIC_COP_REPORTS.labels("dropped").inc()
-        log.warning(
-            "traffic cop backlog is over %d reports; dropped the oldest",
-            self.limit,
-            extra={"connection_id": connection_id},
-        )
+        self._unlogged_drops += 1
+        now = time.monotonic()
+        if now - self._drop_logged_at >= DROP_LOG_INTERVAL:
+            log.warning(
+                "traffic cop backlog is over %d reports; dropped %d more of the oldest (%d so far)",
+                self.limit,
+                self._unlogged_drops,
+                self.dropped,
+                extra={"connection_id": connection_id},
+            )
+            self._unlogged_drops = 0
+            self._drop_logged_at = now
 
     async def flush(self, seconds: float) -> bool:
         """Wait until every queued report went out (or was given up); False on timeout."""

@@ -21,7 +21,7 @@ __all__ = ["PREFIX", "EvictionSettings"]
 PREFIX = "EVICTION_"
 DESCRIPTION = (
     "Post Office eviction worker: evicts idle connections, cleans up after dead gateways and "
-    "drains the agent-channel queues. Serves /health, /ready and /metrics only."
+    "drains the agent-channel queues. Serves /health, /ready, /metrics and /status only."
 )
 
 
@@ -30,7 +30,7 @@ class EvictionSettings(ServiceSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "eviction"
 
-    port: int = port_setting(8400, "port of /health, /ready and /metrics", minimum=0)
+    port: int = port_setting(8400, "port of /health, /ready, /metrics and /status", minimum=0)
     instance_id: str = instance_id_setting("eviction-<hostname>-<pid>")
     traffic_cop_url: str = setting(
         "http://127.0.0.1:8300", "Traffic Cop base URL (Consul wins when set)", common=True
@@ -74,7 +74,8 @@ class EvictionSettings(ServiceSettings):
     )
     concurrency: int = setting(
         4,
-        "pages in flight to Redis at once, and Traffic Cop calls in flight",
+        "Redis connections one page's scripts are split over (pages of 128 ids or more; one "
+        "page is in flight at a time), and Traffic Cop calls in flight",
         minimum=1,
         maximum=256,
     )
@@ -83,6 +84,20 @@ class EvictionSettings(ServiceSettings):
     )
     queue_drain_limit: int = setting(
         50_000, "most queued messages moved per channel per pass", minimum=1
+    )
+    queue_drain_bytes: int = setting(
+        1 << 20,
+        "most bytes of queued messages moved per channel per round trip (at least one message "
+        "always moves); keep it well under Redis' client-output-buffer-limit pubsub, since one "
+        "round trip's messages reach each subscriber's output buffer at once",
+        minimum=1,
+    )
+    recovery_grace_seconds: float = setting(
+        15.0,
+        "after Redis was unreachable, idle eviction waits this long once it answers again, so "
+        "gateways can write the last-seen times they could not write meanwhile; at least twice "
+        "the gateways' LIVENESS_FLUSH_SECONDS",
+        minimum=0.0,
     )
     channels: tuple[str, ...] = setting(
         DEFAULT_CHANNELS,

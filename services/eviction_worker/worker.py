@@ -12,10 +12,16 @@ A pass does three things, each in pages of pipelined Redis work, never a key sca
    Ids without a record only lose their last-seen entry.
 2. **Dead gateways.** Members of ``websocket:gateways`` whose liveness key is gone: every
    connection in the instance's set is unregistered (``gateway_lost``, only if the record still
-   names that instance), then the instance is forgotten, unless its key came back meanwhile.
+   names that instance, and only while the liveness key is still absent: the script re-checks
+   it, so an instance that restarted with the same id keeps its new connections), then the
+   instance is forgotten, unless its key came back meanwhile.
 3. **Queues.** One pipelined ``LLEN`` finds the configured channels with queued messages; each
-   of those queues is drained to its subscribers, oldest first; a message leaves the queue only
-   once a subscriber got it.
+   of those queues is drained to its subscribers, oldest first, in script runs bounded by count
+   and bytes; a message leaves the queue only once a subscriber got it.
+
+After a failed pass (Redis unreachable) idle eviction waits ``recovery_grace_seconds`` from the
+moment Redis answers again: while Redis was away the gateways could not write last-seen times,
+so every connection would look idle until their next flush.
 
 Evicted ids go to the :class:`~services.eviction_worker.reporter.TrafficCopReporter`, which
 tells Traffic Cop in the background so an unreachable Traffic Cop never holds a pass up.
@@ -74,6 +80,8 @@ class PassSummary:
     still_alive: int = 0
     already_gone: int = 0
     held_elsewhere: int = 0
+    gateway_back: int = 0
+    idle_deferred: bool = False
     errors: int = 0
     dead_gateways: list[str] = field(default_factory=list)
     drained: dict[str, int] = field(default_factory=dict)
@@ -107,6 +115,8 @@ class Evictor:
         channels: Sequence[str] = (),
         queue_drain_batch: int = 500,
         queue_drain_limit: int = 50_000,
+        queue_drain_bytes: int = 1 << 20,
+        recovery_grace_seconds: float = 15.0,
         reporter: TrafficCopReporter | None = None,
         stop: asyncio.Event | None = None,
     ) -> None:
@@ -120,10 +130,15 @@ class Evictor:
         self.channels = tuple(channels)
         self.queue_drain_batch = queue_drain_batch
         self.queue_drain_limit = queue_drain_limit
+        self.queue_drain_bytes = queue_drain_bytes
+        self.recovery_grace_seconds = recovery_grace_seconds
         self.reporter = reporter
         self.stop = stop or asyncio.Event()
         self.last_summary: PassSummary | None = None
         self.last_error: str | None = None
+        # Set by a pass that failed on Redis; the next pass that reaches Redis starts the grace.
+        self._recovering = False
+        self._idle_paused_until = 0.0
 
     @classmethod
     def from_settings(
@@ -142,6 +157,8 @@ class Evictor:
             channels=settings.channels,
             queue_drain_batch=settings.queue_drain_batch,
             queue_drain_limit=settings.queue_drain_limit,
+            queue_drain_bytes=settings.queue_drain_bytes,
+            recovery_grace_seconds=settings.recovery_grace_seconds,
             reporter=reporter,
             stop=stop,
         )
@@ -158,6 +175,7 @@ class Evictor:
                 await self.run_pass()
             except RedisError as exc:
                 failures += 1
+                self._recovering = True
                 self._failed(exc)
                 log.warning("pass failed (%d in a row): %r", failures, exc)
             except Exception as exc:  # a bug must not end eviction for good: log, retry
@@ -184,7 +202,22 @@ class Evictor:
         clock = time.perf_counter()
         summary = PassSummary(started_at=started, cutoff=started - self.max_idle_seconds)
         with metrics.PASS_DURATION.time():
-            await self._evict_stale(summary)
+            if self._recovering:
+                # Redis answers again: the gateways get the grace to flush last-seen times
+                # they could not write while it was away before anything counts as idle.
+                await self.redis.ping()
+                summary.round_trips += 1
+                self._recovering = False
+                self._idle_paused_until = time.monotonic() + self.recovery_grace_seconds
+                if self.recovery_grace_seconds > 0:
+                    log.info(
+                        "redis is back: idle eviction resumes in %.1fs",
+                        self.recovery_grace_seconds,
+                    )
+            if time.monotonic() < self._idle_paused_until:
+                summary.idle_deferred = True
+            else:
+                await self._evict_stale(summary)
             await self._clean_dead_gateways(summary)
             await self._drain_queues(summary)
         summary.duration_seconds = round(time.perf_counter() - clock, 6)
@@ -264,11 +297,20 @@ class Evictor:
                 summary.round_trips += 1
                 ids = [_text(i) for i in raw]
                 budget -= len(ids)
+                back = False
                 if ids:
                     results = await self._unregister(
-                        summary, ids, reason=GATEWAY_LOST, expected_gateway=instance
+                        summary,
+                        ids,
+                        reason=GATEWAY_LOST,
+                        expected_gateway=instance,
+                        unless_gateway_alive=True,
                     )
                     self._tally(summary, ids, results, GATEWAY_LOST)
+                    back = -3 in results
+                if back:
+                    log.info("gateway %s came back while its records were being removed", instance)
+                    break
                 if cursor == 0:
                     break
                 if self.stop.is_set() or budget <= 0:
@@ -300,10 +342,14 @@ class Evictor:
             moved = 0
             while moved < self.queue_drain_limit and not self.stop.is_set():
                 want = min(self.queue_drain_batch, self.queue_drain_limit - moved)
-                sent = await self.registry.drain_queue(channel, want)
+                sent, left = await self.registry.drain_queue_step(
+                    channel, want, self.queue_drain_bytes
+                )
                 summary.round_trips += 1
                 moved += sent
-                if sent < want:
+                # sent == 0: nobody listens. A run may stop short of ``want`` on its byte
+                # bound with messages left: those go in the next run.
+                if sent == 0 or left == 0:
                     break
             return moved
 
@@ -324,6 +370,7 @@ class Evictor:
         stale_before: float | None = None,
         expected_gateway: str | None = None,
         close_code: int | None = None,
+        unless_gateway_alive: bool = False,
     ) -> list[int | Exception]:
         """The page's scripts, pipelined over up to ``concurrency`` connections at once."""
         parts = max(1, min(self.concurrency, len(ids) // _MIN_CHUNK))
@@ -338,6 +385,7 @@ class Evictor:
                     stale_before=stale_before,
                     expected_gateway=expected_gateway,
                     close_code=close_code,
+                    unless_gateway_alive=unless_gateway_alive,
                 )
                 for chunk in chunks
             )
@@ -361,6 +409,8 @@ class Evictor:
                 gone += 1
             elif result == -1:
                 summary.still_alive += 1
+            elif result == -3:
+                summary.gateway_back += 1
             else:
                 summary.held_elsewhere += 1
         summary.errors += failed
