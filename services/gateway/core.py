@@ -10,7 +10,8 @@ batched publisher, the registry and the Traffic Cop client, and runs:
     1008 "idle", evicted) and the session expiry check (``expires_at`` passed: close 4401
     "session expired");
   - the liveness flush: changed last-seen times and newly used channels, one pipeline every
-    ``LIVENESS_FLUSH_SECONDS``;
+    ``LIVENESS_FLUSH_SECONDS``; a socket whose record is gone while its session lives (this
+    instance was taken for dead while it stalled) is closed with 1008 "stale";
   - the session check: after every pub/sub (re)subscription (a revocation published while the
     pub/sub connection was down is lost) and every ``SESSION_CHECK_SECONDS``, one pipeline of
     ``EXISTS session:id:<session_id>`` for every session held; a missing session closes its
@@ -319,11 +320,25 @@ class Gateway:
             )
         return closed
 
-    async def flush_liveness(self) -> None:
-        """Write changed last-seen times and new channel use in one pipeline."""
+    async def flush_liveness(self) -> int:
+        """Write changed last-seen times and new channel use in one pipeline; close the
+        sockets whose record is gone (1008 "stale"). Returns how many were closed.
+
+        Only connections that showed life or used a channel since the last flush are in the
+        batch, and a connection shows life only once its registration is done (the handler
+        reads frames after it), so a missing record is never one still being written. A record
+        gone while its session key exists was removed by someone else: the eviction worker
+        took this instance for dead while it stalled past its TTL (``gateway_lost``), or
+        evicted the connection. Such a socket has no registry record, so deliveries to it
+        would answer 410 and the agent's replies would be lost: close it, so the client
+        reconnects. The worker already announced the removal and told Traffic Cop; leaving
+        unregisters a missing record, which announces nothing. A record gone together with its
+        session means Redis lost its data: those sockets stay open (as in the session check).
+        """
         seen: dict[str, float] = {}
         used: dict[str, list[str]] = {}
         full: dict[str, list[str]] = {}
+        sessions: dict[str, str] = {}
         batch: list[tuple[Connection, float, list[str]]] = []
         for conn in self.connections:
             changed = conn.last_seen_wall != conn.flushed_wall
@@ -334,18 +349,30 @@ class Gateway:
             if conn.new_channels:
                 used[conn.id] = list(conn.new_channels)
                 full[conn.id] = list(conn.channels)
+            sessions[conn.id] = conn.session_id
             batch.append((conn, conn.last_seen_wall, list(conn.new_channels)))
         if not batch:
-            return
+            return 0
         try:
             async with self.flush_lock:
-                await self.registry.touch(seen, used, full)
+                gone = await self.registry.touch(seen, used, full, sessions)
         except (RedisError, OSError) as exc:
             log.warning("liveness flush failed, retried next tick: %r", exc)
-            return
+            return 0
         for conn, wall, new in batch:
             conn.flushed_wall = wall
             del conn.new_channels[: len(new)]
+        closed = 0
+        for cid in gone:
+            stale = self.connections.get(cid)
+            if stale is not None and not stale.closing:
+                log.warning(
+                    "registry record gone (this gateway was taken for dead?), closing",
+                    extra={"connection_id": cid},
+                )
+                stale.close(CloseCode.POLICY_VIOLATION, "stale", evicted=True)
+                closed += 1
+        return closed
 
     # -- Traffic Cop unregisters that failed ----------------------------------------------------
 

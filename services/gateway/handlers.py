@@ -210,6 +210,11 @@ async def _serve(
             metrics.CONNECTIONS_TOTAL.inc()
             log.info("connected", extra={"connection_id": cid})
             await _read(gw, conn)
+    except Exception:
+        # A bug while serving: the client learns it from 1011 (the leave below would otherwise
+        # close normally), and the process goes on serving every other socket.
+        log.exception("unexpected error", extra={"connection_id": cid})
+        conn.close(CloseCode.INTERNAL_ERROR, "internal error")
     finally:
         await _leave(gw, conn, registered=registered, maybe_tied=maybe_tied)
     return ws
