@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 import platform
-import select
+import selectors
 import shutil
 import subprocess
 import sys
@@ -185,9 +185,13 @@ class CountingSubscriber:
         )
         # A bounded wait, so a subscriber that never subscribes cannot outlast the benchmark's
         # own deadline.
-        ready, _, _ = (
-            select.select([self.proc.stdout], [], [], 30) if self.proc.stdout else ([], 0, 0)
-        )
+        # selectors, not select.select: a benchmark holding 1,000 sockets has descriptors past
+        # select()'s limit of 1024.
+        ready = False
+        if self.proc.stdout is not None:
+            with selectors.DefaultSelector() as selector:
+                selector.register(self.proc.stdout, selectors.EVENT_READ)
+                ready = bool(selector.select(timeout=30))
         line = self.proc.stdout.readline().strip() if ready and self.proc.stdout else ""
         if line != "ready":
             self.proc.kill()
