@@ -128,7 +128,7 @@ return 2
 _DRAIN_QUEUE = """
 -- KEYS: 1 agent channel, 2 queue list.  ARGV: 1 most messages to move, 2 most bytes to move
 -- ('' = no byte bound; the first message always moves, however large).
--- Returns {moved, messages left in the queue}.
+-- Returns {moved, messages left in the queue, bytes moved}.
 -- A message leaves the queue only once a subscriber received it. Redis writes to clients only
 -- between commands, so everything one run publishes sits in each subscriber's output buffer at
 -- once: the byte bound keeps that well under client-output-buffer-limit pubsub, past which
@@ -144,7 +144,7 @@ for _ = 1, tonumber(ARGV[1]) do
   sent = sent + 1
   size = size + #m
 end
-return {sent, redis.call('LLEN', KEYS[2])}
+return {sent, redis.call('LLEN', KEYS[2]), size}
 """
 
 
@@ -448,10 +448,11 @@ class Registry:
 
     async def drain_queue_step(
         self, channel: str, batch: int, max_bytes: int | None = None
-    ) -> tuple[int, int]:
-        """:meth:`drain_queue`, also answering how many messages are left in the queue."""
-        sent, left = await self._drain(
+    ) -> tuple[int, int, int]:
+        """:meth:`drain_queue`, also answering how many messages are left in the queue and how
+        many bytes moved: ``(moved, left, bytes)``."""
+        sent, left, size = await self._drain(
             keys=[names.agent_channel(channel), names.queue(channel)],
             args=[batch, "" if max_bytes is None else int(max_bytes)],
         )
-        return int(sent), int(left)
+        return int(sent), int(left), int(size)

@@ -344,12 +344,17 @@ async def test_draining_large_messages_loses_none_of_them(
     assert answers == [PublishResult.QUEUED] * 600
     evictor = Evictor.from_settings(redis, settings(redis_url))
     assert evictor.queue_drain_bytes == 1 << 20
+    assert evictor.queue_drain_pass_bytes == 4 << 20
+    size = len(queued[0])
     async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
-        summary = await evictor.run_pass()
-        assert summary.drained[channel] == 600
-        # 15 messages of 66 KB fit in 1 MiB: 40 runs, after the stale page, the gateway set
-        # and the queue lengths.
-        assert summary.round_trips == 3 + 40
+        drained = []
+        while await redis.llen(names.queue(channel)):
+            drained.append((await evictor.run_pass()).drained[channel])
+            assert len(drained) <= 20, drained
+        # Each pass stops at its 4 MiB budget (the run that crosses it moves at least one
+        # message), so no pass puts more than ~4 MiB into the agent's output buffer.
+        assert sum(drained) == 600
+        assert all(0 < n * size <= (4 << 20) + size for n in drained), drained
         await wait_for(lambda: len(sub.received) >= 600, what="all 600 messages")
         assert sub.data(names.agent_channel(channel)) == queued
     assert await redis.llen(names.queue(channel)) == 0
@@ -364,8 +369,8 @@ async def test_a_message_larger_than_the_byte_bound_still_moves(
         assert await registry.publish_or_queue(channel, data, 100) == PublishResult.QUEUED
     async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
         # One run: the first message alone is past the bound and moves anyway, nothing else.
-        assert await registry.drain_queue_step(channel, 10, 1000) == (1, 3)
-        assert await registry.drain_queue_step(channel, 10, 1000) == (2, 1)
+        assert await registry.drain_queue_step(channel, 10, 1000) == (1, 3, 3000)
+        assert await registry.drain_queue_step(channel, 10, 1000) == (2, 1, 20)
         evictor = Evictor.from_settings(redis, settings(redis_url, EVICTION_QUEUE_DRAIN_BYTES="1"))
         assert (await evictor.run_pass()).drained[channel] == 1
         await wait_for(lambda: len(sub.received) >= 4, what="the 4 messages")
@@ -375,8 +380,9 @@ async def test_a_message_larger_than_the_byte_bound_still_moves(
 async def test_after_a_redis_outage_idle_eviction_waits_for_the_gateways(
     private_redis: RedisServer,
 ) -> None:
-    """While Redis was away the gateways could not write last-seen times: once it answers again
-    idle eviction waits out the grace period, dead-gateway cleanup does not wait."""
+    """While Redis was away the gateways could neither write last-seen times nor refresh their
+    liveness keys: once it answers again, idle eviction and dead-gateway cleanup both wait out
+    the grace period, or a Redis blip would evict every live connection."""
     grace = timeout(1.0)
     client = Redis.from_url(private_redis.url)
     evictor = Evictor.from_settings(
@@ -396,16 +402,23 @@ async def test_after_a_redis_outage_idle_eviction_waits_for_the_gateways(
         await gateway_alive(client, "gw-dead")
         await client.delete(names.gateway_instance("gw-dead"))
         orphan = await register(registry, "hal", "gw-dead", time.time())
+        registered = time.time()
 
-        await wait_for(lambda: _forgotten(client, "gw-dead"), what="the dead gateway cleaned up")
-        assert gone(await traces(client, orphan, "hal", "gw-dead"))
+        def deferred_pass_after_registering() -> bool:
+            summary = evictor.last_summary
+            return bool(summary and summary.started_at > registered and summary.idle_deferred)
+
+        await wait_for(deferred_pass_after_registering, what="a pass inside the grace")
         summary = evictor.last_summary
-        assert summary is not None and summary.idle_deferred and summary.stale_found == 0
+        assert summary is not None and summary.stale_found == 0 and not summary.dead_gateways
         assert (await traces(client, idle, "gus", "gw-live"))["record"]
+        assert (await traces(client, orphan, "hal", "gw-dead"))["record"]
 
         await wait_for(
             lambda: _gone(client, idle), seconds=grace + 5, what="idle eviction after the grace"
         )
+        await wait_for(lambda: _forgotten(client, "gw-dead"), what="the dead gateway cleaned up")
+        assert gone(await traces(client, orphan, "hal", "gw-dead"))
         assert evictor.last_error is None
     finally:
         evictor.stop.set()
@@ -438,3 +451,28 @@ async def test_dropped_reports_are_logged_at_most_once_a_second(
         assert "(1 so far)" in lines[0].getMessage()
     finally:
         await client.close()
+
+
+async def test_one_pass_moves_at_most_its_byte_budget_per_channel(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    # Redis does not wait for an agent to read: a pass that drained run after run would pile
+    # a whole backlog into the agent's output buffer. Each pass stops at its byte budget.
+    channel = "guide"
+    queued = [bytes([97 + i]) * 1000 for i in range(10)]
+    for data in queued:
+        assert await registry.publish_or_queue(channel, data, 100) == PublishResult.QUEUED
+    async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
+        evictor = Evictor.from_settings(
+            redis,
+            settings(
+                redis_url,
+                EVICTION_QUEUE_DRAIN_BYTES="1000",
+                EVICTION_QUEUE_DRAIN_PASS_BYTES="3000",
+            ),
+        )
+        assert (await evictor.run_pass()).drained[channel] == 3
+        assert await redis.llen(names.queue(channel)) == 7
+        assert [(await evictor.run_pass()).drained[channel] for _ in range(3)] == [3, 3, 1]
+        await wait_for(lambda: len(sub.received) >= 10, what="the 10 messages")
+        assert sub.data(names.agent_channel(channel)) == queued

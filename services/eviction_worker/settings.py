@@ -92,11 +92,19 @@ class EvictionSettings(ServiceSettings):
         "round trip's messages reach each subscriber's output buffer at once",
         minimum=1,
     )
+    queue_drain_pass_bytes: int = setting(
+        4 << 20,
+        "most bytes of queued messages moved per channel per pass: Redis does not wait for a "
+        "subscriber to read, so this bounds what one pass adds to an agent's pub/sub output "
+        "buffer; the agent reads it during the interval before the next pass",
+        minimum=1,
+    )
     recovery_grace_seconds: float = setting(
         15.0,
-        "after Redis was unreachable, idle eviction waits this long once it answers again, so "
-        "gateways can write the last-seen times they could not write meanwhile; at least twice "
-        "the gateways' LIVENESS_FLUSH_SECONDS",
+        "after Redis was unreachable, idle eviction and dead-gateway cleanup wait this long once "
+        "it answers again, so gateways can write the last-seen times and liveness keys they "
+        "could not write meanwhile (a gateway retries its key every second after a failure); "
+        "at least twice the gateways' LIVENESS_FLUSH_SECONDS",
         minimum=0.0,
     )
     channels: tuple[str, ...] = setting(

@@ -116,6 +116,7 @@ class Evictor:
         queue_drain_batch: int = 500,
         queue_drain_limit: int = 50_000,
         queue_drain_bytes: int = 1 << 20,
+        queue_drain_pass_bytes: int = 4 << 20,
         recovery_grace_seconds: float = 15.0,
         reporter: TrafficCopReporter | None = None,
         stop: asyncio.Event | None = None,
@@ -131,6 +132,7 @@ class Evictor:
         self.queue_drain_batch = queue_drain_batch
         self.queue_drain_limit = queue_drain_limit
         self.queue_drain_bytes = queue_drain_bytes
+        self.queue_drain_pass_bytes = queue_drain_pass_bytes
         self.recovery_grace_seconds = recovery_grace_seconds
         self.reporter = reporter
         self.stop = stop or asyncio.Event()
@@ -158,6 +160,7 @@ class Evictor:
             queue_drain_batch=settings.queue_drain_batch,
             queue_drain_limit=settings.queue_drain_limit,
             queue_drain_bytes=settings.queue_drain_bytes,
+            queue_drain_pass_bytes=settings.queue_drain_pass_bytes,
             recovery_grace_seconds=settings.recovery_grace_seconds,
             reporter=reporter,
             stop=stop,
@@ -215,10 +218,12 @@ class Evictor:
                         self.recovery_grace_seconds,
                     )
             if time.monotonic() < self._idle_paused_until:
+                # Gateways' liveness keys may have expired while Redis was away, too: cleaning
+                # "dead" gateways now would evict every live connection after a Redis blip.
                 summary.idle_deferred = True
             else:
                 await self._evict_stale(summary)
-            await self._clean_dead_gateways(summary)
+                await self._clean_dead_gateways(summary)
             await self._drain_queues(summary)
         summary.duration_seconds = round(time.perf_counter() - clock, 6)
         self.last_summary = summary
@@ -339,16 +344,22 @@ class Evictor:
             summary.drained[channel] = 0
 
         async def drain(channel: str) -> int:
-            moved = 0
-            while moved < self.queue_drain_limit and not self.stop.is_set():
+            moved = moved_bytes = 0
+            while (
+                moved < self.queue_drain_limit
+                and moved_bytes < self.queue_drain_pass_bytes
+                and not self.stop.is_set()
+            ):
                 want = min(self.queue_drain_batch, self.queue_drain_limit - moved)
-                sent, left = await self.registry.drain_queue_step(
-                    channel, want, self.queue_drain_bytes
-                )
+                run_bytes = min(self.queue_drain_bytes, self.queue_drain_pass_bytes - moved_bytes)
+                sent, left, size = await self.registry.drain_queue_step(channel, want, run_bytes)
                 summary.round_trips += 1
                 moved += sent
+                moved_bytes += size
                 # sent == 0: nobody listens. A run may stop short of ``want`` on its byte
-                # bound with messages left: those go in the next run.
+                # bound with messages left: those go in the next run, or the next pass once
+                # this one has moved its byte budget (Redis does not wait for the agent to
+                # read, so the budget bounds the agent's output buffer, not each run alone).
                 if sent == 0 or left == 0:
                     break
             return moved

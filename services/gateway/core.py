@@ -211,6 +211,10 @@ class Gateway:
                     await pipe.execute()
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh the instance key: %r", exc)
+                # Retry soon: the key may have expired meanwhile, and the worker must see this
+                # gateway alive again before its recovery grace ends.
+                await asyncio.sleep(min(ttl / 3, 1.0))
+                continue
             await asyncio.sleep(ttl / 3)
 
     async def tick(self) -> None:
