@@ -46,6 +46,7 @@ __all__ = [
     "ProcessSettings",
     "ServiceSettings",
     "SettingsError",
+    "TrafficCopCallerSettings",
     "check_channel_names",
     "format_help",
     "instance_id_setting",
@@ -379,3 +380,23 @@ class ServiceSettings(ProcessSettings, _Endpoint):
         if self.advertise_host:
             return self.advertise_host
         return socket.gethostname() if self.host in _ANY_ADDRESS else self.host
+
+
+@dataclass(frozen=True, repr=False)
+class TrafficCopCallerSettings(ServiceSettings):
+    """A service that calls Traffic Cop's internal API (the gateway, the API, the worker).
+
+    Each subclass still refuses a development key in production in its own :meth:`validate`,
+    since whether the key is used at all differs (the API may run without Traffic Cop)."""
+
+    traffic_cop_url: str = setting(
+        "http://127.0.0.1:8300",
+        "Traffic Cop base URL (Consul wins when CONSUL_URL is set)",
+        common=True,
+    )
+    traffic_cop_service_key: str = setting(
+        "dev-traffic_cop", "bearer key for Traffic Cop's internal API", secret=True, common=True
+    )
+    traffic_cop_timeout_seconds: float = setting(
+        2.0, "timeout of one Traffic Cop call", minimum=0.05
+    )

@@ -194,14 +194,7 @@ class TrafficCopClient:
 
     async def revoke(self, token: str) -> bool:
         """Revoke the session; ``False`` when Traffic Cop does not know the token."""
-        route = "DELETE /v1/sessions/{token}"
-        path = "/v1/sessions/" + quote(token, safe="")
-        answer = await self._call("DELETE", path, route, None)
-        if answer.status == 204:
-            return True
-        if answer.status == 404:
-            return False
-        raise self._unexpected(route, answer)
+        return await self._delete("DELETE /v1/sessions/{token}", "/v1/sessions/", token)
 
     async def register_connection(
         self, connection_id: str, session_id: str, user_id: str, gateway_instance: str
@@ -223,9 +216,13 @@ class TrafficCopClient:
 
     async def unregister_connection(self, connection_id: str) -> bool:
         """Forget a connection; ``False`` when Traffic Cop does not know it."""
-        route = "DELETE /v1/connections/{connection_id}"
-        path = "/v1/connections/" + quote(connection_id, safe="")
-        answer = await self._call("DELETE", path, route, None)
+        return await self._delete(
+            "DELETE /v1/connections/{connection_id}", "/v1/connections/", connection_id
+        )
+
+    async def _delete(self, route: str, collection: str, item: str) -> bool:
+        """``DELETE collection/item``: True on 204, False on 404 (unknown), else an error."""
+        answer = await self._call("DELETE", collection + quote(item, safe=""), route, None)
         if answer.status == 204:
             return True
         if answer.status == 404:

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
-    ServiceSettings,
     SettingsError,
+    TrafficCopCallerSettings,
     check_channel_names,
     instance_id_setting,
     port_setting,
@@ -26,21 +26,12 @@ DESCRIPTION = (
 
 
 @dataclass(frozen=True, repr=False)
-class EvictionSettings(ServiceSettings):
+class EvictionSettings(TrafficCopCallerSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "eviction"
 
     port: int = port_setting(8400, "port of /health, /ready, /metrics and /status", minimum=0)
     instance_id: str = instance_id_setting("eviction-<hostname>-<pid>")
-    traffic_cop_url: str = setting(
-        "http://127.0.0.1:8300", "Traffic Cop base URL (Consul wins when set)", common=True
-    )
-    traffic_cop_service_key: str = setting(
-        "dev-traffic_cop", "bearer key for Traffic Cop's internal API", secret=True, common=True
-    )
-    traffic_cop_timeout_seconds: float = setting(
-        2.0, "timeout of one Traffic Cop call", minimum=0.05
-    )
     traffic_cop_pending_limit: int = setting(
         100_000,
         "evicted connections waiting to be reported to Traffic Cop; past it the oldest report "

@@ -349,6 +349,10 @@ def _on_text(gw: Gateway, conn: Connection, data: str) -> None:
     client_id = envelope.id
     place = conn.reserve()  # the answer goes out in the order the message came in
 
+    def unavailable(why: str) -> None:
+        metrics.ERRORS.labels(str(ErrorCode.UNAVAILABLE)).inc()
+        conn.answer(place, error_frame(client_id, ErrorCode.UNAVAILABLE, why))
+
     def done(result: int) -> None:
         if result == PublishResult.PUBLISHED:
             metrics.ACKS.labels("published").inc()
@@ -357,27 +361,13 @@ def _on_text(gw: Gateway, conn: Connection, data: str) -> None:
             metrics.ACKS.labels("queued").inc()
             conn.answer(place, ack_frame(client_id, message_id, "queued"))
         else:
-            metrics.ERRORS.labels(str(ErrorCode.UNAVAILABLE)).inc()
-            conn.answer(
-                place,
-                error_frame(
-                    client_id,
-                    ErrorCode.UNAVAILABLE,
-                    "the message could not be taken; retry later",
-                ),
-            )
+            unavailable("the message could not be taken; retry later")
 
     if not gw.publisher.submit(Item(envelope.channel, body, done)):
-        metrics.ERRORS.labels(str(ErrorCode.UNAVAILABLE)).inc()
-        conn.answer(
-            place,
-            error_frame(
-                client_id,
-                ErrorCode.UNAVAILABLE,
-                "the gateway is shutting down; retry on another connection"
-                if not gw.ready
-                else "the gateway is overloaded; retry later",
-            ),
+        unavailable(
+            "the gateway is shutting down; retry on another connection"
+            if not gw.ready
+            else "the gateway is overloaded; retry later"
         )
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
-    ServiceSettings,
     SettingsError,
+    TrafficCopCallerSettings,
     check_channel_names,
     instance_id_setting,
     port_setting,
@@ -21,7 +21,7 @@ DESCRIPTION = "Post Office gateway: the WebSocket ingress /ws (python -m service
 
 
 @dataclass(frozen=True, repr=False)
-class Settings(ServiceSettings):
+class Settings(TrafficCopCallerSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "gateway"
 
@@ -32,17 +32,6 @@ class Settings(ServiceSettings):
         "Redis connection pool size (pub/sub has its own); connects and disconnects use at most "
         "all but 8 of them at once, the rest stay for the publisher and housekeeping",
         minimum=12,
-    )
-    traffic_cop_url: str = setting(
-        "http://127.0.0.1:8300",
-        "Traffic Cop base URL (Consul wins when CONSUL_URL is set)",
-        common=True,
-    )
-    traffic_cop_service_key: str = setting(
-        "dev-traffic_cop", "bearer key for Traffic Cop's internal API", secret=True, common=True
-    )
-    traffic_cop_timeout_seconds: float = setting(
-        2.0, "timeout of one Traffic Cop call", minimum=0.05
     )
     traffic_cop_max_connections: int = setting(
         32, "most concurrent calls to Traffic Cop (more wait for a free connection)", minimum=1

@@ -9,8 +9,8 @@ from shared.settings import (
     DEV_KEY_PREFIX,
     MIN_PRODUCTION_KEY_LENGTH,
     RESERVED_CHANNEL_NAMES,
-    ServiceSettings,
     SettingsError,
+    TrafficCopCallerSettings,
     check_channel_names,
     instance_id_setting,
     port_setting,
@@ -70,7 +70,7 @@ def parse_realm_keys(entries: tuple[str, ...]) -> dict[str, str]:
 
 
 @dataclass(frozen=True, repr=False)
-class ApiSettings(ServiceSettings):
+class ApiSettings(TrafficCopCallerSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "post-office-api"
 
@@ -104,15 +104,6 @@ class ApiSettings(ServiceSettings):
         "Traffic Cop base URL (Consul wins when CONSUL_URL is set), told about stale "
         "connections the API removes; empty: not told (its bookkeeping expires with the session)",
         common=True,
-    )
-    traffic_cop_service_key: str = setting(
-        "dev-traffic_cop",
-        "bearer key for Traffic Cop's internal API; ENVIRONMENT=production refuses dev- keys",
-        secret=True,
-        common=True,
-    )
-    traffic_cop_timeout_seconds: float = setting(
-        2.0, "timeout of one Traffic Cop call", minimum=0.05
     )
     traffic_cop_pending_limit: int = setting(
         1000,
