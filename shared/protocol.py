@@ -26,6 +26,7 @@ import orjson
 __all__ = [
     "DEFAULT_CHANNELS",
     "INTENTS",
+    "MAX_CLOSE_REASON_BYTES",
     "AgentMessage",
     "ClientEnvelope",
     "CloseCode",
@@ -34,7 +35,10 @@ __all__ = [
     "ack_frame",
     "agent_message",
     "check_depth",
+    "close_reason_fits",
     "error_frame",
+    "is_agent_close_code",
+    "is_close_command_code",
     "is_valid_connection_id",
     "is_valid_user_id",
     "iso_now",
@@ -44,6 +48,7 @@ __all__ = [
     "parse_client_frame",
     "parse_delivery_body",
     "ping_frame",
+    "truncate_close_reason",
     "validate_client_object",
     "welcome_frame",
 ]
@@ -79,6 +84,39 @@ class CloseCode(enum.IntEnum):
     TRY_AGAIN_LATER = 1013  # overloaded, or the client reads too slowly
     SESSION_INVALID = 4401  # invalid, expired or revoked session
     RATE_LIMITED = 4429  # rate limit exceeded repeatedly
+
+
+#: RFC 6455 5.5: a Close frame's body is at most 125 bytes, two of them the code.
+MAX_CLOSE_REASON_BYTES = 123
+
+#: Codes an agent (the Post Office API) may ask a gateway to close with: a normal close or an
+#: application code. The gateway's own codes (1001, 1008, 1011, 1013) mean something the
+#: documentation promises the client, so only the gateway and the eviction worker send them.
+_GATEWAY_ONLY_CLOSE_CODES = frozenset({1001, 1008, 1011, 1013})
+
+
+def is_agent_close_code(code: int) -> bool:
+    """True for a close code an agent may request: 1000 or an application code 3000-4999."""
+    return code == CloseCode.NORMAL or 3000 <= code <= 4999
+
+
+def is_close_command_code(code: int) -> bool:
+    """True for a code a gateway honours in a close command from its control channel: what an
+    agent may request, plus the gateway's own codes the eviction worker sends (1008 idle)."""
+    return is_agent_close_code(code) or code in _GATEWAY_ONLY_CLOSE_CODES
+
+
+def close_reason_fits(reason: str) -> bool:
+    """True when ``reason`` fits a Close frame (at most 123 bytes of UTF-8)."""
+    return len(reason.encode("utf-8", "surrogatepass")) <= MAX_CLOSE_REASON_BYTES
+
+
+def truncate_close_reason(reason: str) -> bytes:
+    """``reason`` as UTF-8 cut to 123 bytes on a character boundary (never half a character)."""
+    data = reason.encode("utf-8", "replace")
+    if len(data) <= MAX_CLOSE_REASON_BYTES:
+        return data
+    return data[:MAX_CLOSE_REASON_BYTES].decode("utf-8", "ignore").encode("utf-8")
 
 
 class ErrorCode(enum.StrEnum):
