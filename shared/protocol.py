@@ -17,7 +17,7 @@ import os
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +36,7 @@ __all__ = [
     "agent_message",
     "check_depth",
     "close_reason_fits",
+    "decode_client_frame",
     "error_frame",
     "is_agent_close_code",
     "is_close_command_code",
@@ -47,6 +48,7 @@ __all__ = [
     "new_traceparent",
     "parse_client_frame",
     "parse_delivery_body",
+    "peek_rate_limited_frame",
     "ping_frame",
     "truncate_close_reason",
     "validate_client_object",
@@ -180,7 +182,6 @@ class AgentMessage:
     message: dict[str, Any]
     timestamp: str
     traceparent: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_bytes(self) -> bytes:
         return orjson.dumps(
@@ -194,24 +195,6 @@ class AgentMessage:
                 "traceparent": self.traceparent,
             }
         )
-
-    @classmethod
-    def from_bytes(cls, data: bytes | str) -> AgentMessage:
-        raw = orjson.loads(data)
-        if not isinstance(raw, dict):
-            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, "agent message must be a JSON object")
-        try:
-            return cls(
-                message_id=str(raw["message_id"]),
-                connection_id=str(raw["connection_id"]),
-                user_id=str(raw["user_id"]),
-                gateway_instance=str(raw["gateway_instance"]),
-                message=dict(raw["message"]),
-                timestamp=str(raw["timestamp"]),
-                traceparent=str(raw.get("traceparent", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(ErrorCode.INVALID_ENVELOPE, f"agent message lacks {exc}") from None
 
 
 def check_depth(value: Any, limit: int = MAX_DEPTH) -> bool:
@@ -243,14 +226,56 @@ def _client_id(raw: dict[str, Any]) -> str | int | None:
     return value
 
 
+def _echo_id(raw: dict[str, Any]) -> str | int | None:
+    """The client ``id`` an error frame echoes: the id when it is a valid one, else None."""
+    try:
+        return _client_id(raw)
+    except ProtocolError:
+        return None
+
+
+def _is_pong(raw: Any) -> bool:
+    # The one pong rule: any JSON object whose "type" is "pong", whatever else it holds.
+    return isinstance(raw, dict) and raw.get("type") == "pong"
+
+
+def decode_client_frame(
+    data: str | bytes, allowed_channels: Iterable[str] = DEFAULT_CHANNELS
+) -> ClientEnvelope | None:
+    """One client text frame as the gateway reads it: None for the app pong (liveness, never
+    answered), else the validated message. Raises :class:`ProtocolError` on any defect, with
+    the client's ``id`` whenever it could be read, so the error frame can echo it: a client
+    never has to guess which of its messages was refused. The frame's size is the WebSocket
+    layer's to bound (``GATEWAY_MAX_FRAME_BYTES``, 1009)."""
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc.msg}") from None
+    if _is_pong(raw):
+        return None
+    return validate_client_object(raw, allowed_channels)
+
+
+def peek_rate_limited_frame(data: str | bytes, max_bytes: int) -> tuple[bool, str | int | None]:
+    """For a frame over the rate limit: (is it a pong, the ``id`` to echo). Only a frame of at
+    most ``max_bytes`` is parsed (a client over its limit must not buy parsing of large
+    frames); a longer one is no pong and echoes null."""
+    if len(data) > max_bytes:
+        return False, None
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False, None
+    if not isinstance(raw, dict):
+        return False, None
+    return _is_pong(raw), _echo_id(raw)
+
+
 def parse_client_frame(
     data: str | bytes, allowed_channels: Iterable[str] = DEFAULT_CHANNELS, max_bytes: int = 65536
 ) -> ClientEnvelope:
-    """Parse and validate one client frame; raise :class:`ProtocolError` on any defect.
-
-    The error carries the client's ``id`` whenever it could be read, so the error frame can
-    echo it: a client never has to guess which of its messages was refused.
-    """
+    """:func:`decode_client_frame` for a reader that wants a message and bounds the size itself
+    (an agent, a tool): a frame over ``max_bytes`` is ``too_large``, a pong is refused."""
     size = len(data.encode("utf-8", "surrogatepass")) if isinstance(data, str) else len(data)
     if size > max_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"frame is {size} bytes; the limit is {max_bytes}")
@@ -258,6 +283,7 @@ def parse_client_frame(
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc.msg}") from None
+    # No pong shortcut: a pong is no message, so its "type" is an unknown field here.
     return validate_client_object(raw, allowed_channels)
 
 
@@ -418,14 +444,3 @@ def error_frame(client_id: Any, code: ErrorCode | str, message: str) -> str:
 
 def ping_frame(now: float | None = None) -> str:
     return _dumps({"type": "ping", "timestamp": time.time() if now is None else now})
-
-
-def is_pong(data: str | bytes) -> bool:
-    """Cheap check for the application pong, ``{"type": "pong"}``, before full parsing."""
-    if len(data) > 64:
-        return False
-    try:
-        raw = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
-    return isinstance(raw, dict) and raw.get("type") == "pong"

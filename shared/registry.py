@@ -15,6 +15,7 @@ Index keys are passed to the scripts as templates built by :mod:`shared.redis_na
 
 from __future__ import annotations
 
+import enum
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ return {sent, redis.call('LLEN', KEYS[2]), size}
 """
 
 
-class PublishResult:
+class PublishResult(enum.IntEnum):
     """Outcome codes of :meth:`Registry.publish_or_queue`."""
 
     REFUSED = 0

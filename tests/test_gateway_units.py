@@ -8,14 +8,24 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
+import orjson
 import pytest
 from aiohttp import web
 
-from services.gateway.connection import Connection, ConnectionTable, TokenBucket
-from services.gateway.core import RefusedTokens
+from services.gateway.connection import Connection, ConnectionTable
+from services.gateway.connection_protocol import (
+    Answer,
+    ConnectionProtocol,
+    FrameKind,
+    Limits,
+    Publish,
+    TokenBucket,
+)
 from services.gateway.hub import Hub, backoff
 from services.gateway.origins import OriginPolicy
+from services.gateway.process import RefusedTokens
 from services.gateway.settings import PREFIX, Settings
+from shared.protocol import ErrorCode
 from shared.settings import SettingsError, load
 from tests.helpers import ROOT, timeout, wait_for
 
@@ -54,7 +64,7 @@ def test_configured_origins_replace_the_localhost_default():
 
 
 def test_token_bucket_allows_a_burst_then_the_rate():
-    bucket = TokenBucket(rate=10, burst=3)
+    bucket = TokenBucket(rate=10, burst=3, now=1000.0)
     start = bucket.stamp
     assert [bucket.take(start) for _ in range(4)] == [True, True, True, False]
     assert bucket.take(start + 0.1)  # one token back after 1/rate seconds
@@ -96,7 +106,7 @@ def test_help_lists_every_setting():
 
 
 def test_token_bucket_give_back_never_passes_the_burst():
-    bucket = TokenBucket(rate=0.001, burst=2)
+    bucket = TokenBucket(rate=0.001, burst=2, now=1000.0)
     now = bucket.stamp
     assert bucket.take(now) and bucket.take(now) and not bucket.take(now)
     bucket.give_back()
@@ -123,89 +133,139 @@ def test_refused_tokens_expire_and_stay_bounded():
     assert not off.refused("a", now=1)
 
 
-def _conn(**overrides: Any) -> Connection:
-    options: dict[str, Any] = {
+def _proto(**overrides: Any) -> ConnectionProtocol:
+    limits: dict[str, Any] = {
         "queue_frames": 8,
         "queue_bytes": 1000,
-        "bucket": TokenBucket(1, 1),
-        "pong_bucket": TokenBucket(1, 1),
-        "close_timeout": 1,
-        "flush_timeout": 1,
+        "rate_per_second": 1,
+        "rate_burst": 1,
+        "rate_limit_close_after": 20,
+        "pong_rate_per_second": 1,
+        "pong_burst": 1,
+        "max_idle_seconds": 60,
         **overrides,
     }
-    return Connection(cast(web.WebSocketResponse, None), "ws_u_00000000", "u", "s", **options)
+    return ConnectionProtocol(
+        "ws_u_00000000",
+        "u",
+        "s",
+        instance="gw",
+        channels=frozenset({"guide"}),
+        limits=Limits(**limits),
+        now=0.0,
+        wall=0.0,
+    )
 
 
-def _queued(conn: Connection) -> list[str]:
-    return [text for text, _ in conn._out]
+def _queued(proto: ConnectionProtocol) -> list[str]:
+    return [data for kind, data, _ in proto._out if kind is FrameKind.TEXT]  # type: ignore[misc]
+
+
+def _reserve(proto: ConnectionProtocol) -> tuple[Answer, Publish]:
+    """An accepted message whose ack is still pending (what receive_text reserves)."""
+    place = Answer()
+    proto._answers.append(place)
+    return place, Publish("guide", b"{}", "m", None, place)
+
+
+def _answer(proto: ConnectionProtocol, place: Answer, text: str) -> None:
+    proto._fill(place, text)
 
 
 async def test_answers_leave_in_the_order_their_messages_came():
-    conn = _conn()
-    first = conn.reserve()
-    conn.answer_now("error-2")  # known at once, but behind the pending ack
-    third = conn.reserve()
-    conn.answer_now("error-4")
+    conn = _proto()
+    first, _ = _reserve(conn)
+    conn._error(2, ErrorCode.INVALID_JSON, "e")  # known at once, but behind the pending ack
+    third, _ = _reserve(conn)
+    conn._error(4, ErrorCode.INVALID_JSON, "e")
     assert _queued(conn) == []
-    conn.answer(third, "ack-3")
+    _answer(conn, third, "ack-3")
     assert _queued(conn) == []  # the first answer is still unknown
-    conn.answer(first, "ack-1")
-    assert _queued(conn) == ["ack-1", "error-2", "ack-3", "error-4"]
-    conn.answer_now("error-5")  # nothing pending: straight out
-    assert _queued(conn)[-1] == "error-5"
+    _answer(conn, first, "ack-1")
+    assert [orjson.loads(t).get("id", t) if t.startswith("{") else t for t in _queued(conn)] == [
+        "ack-1",
+        2,
+        "ack-3",
+        4,
+    ]
+    conn._error(5, ErrorCode.INVALID_JSON, "e")  # nothing pending: straight out
+    assert orjson.loads(_queued(conn)[-1])["id"] == 5
 
 
 async def test_a_delivery_never_overtakes_a_pending_ack():
     # The agent's reply can reach the gateway before the publisher's round trip returns; the
     # client must see the ack (which names the message id) before any reply to it.
-    conn = _conn(queue_frames=4, queue_bytes=1000)
-    place = conn.reserve()
-    assert conn.send('{"type":"response","in_reply_to":"m1"}')
+    conn = _proto(queue_frames=4, queue_bytes=1000)
+    place, _ = _reserve(conn)
+    reply = '{"type":"response","in_reply_to":"m1"}'
+    assert conn.deliver(reply, len(reply))
     assert _queued(conn) == []
-    conn.answer(place, '{"type":"ack","message_id":"m1"}')
+    _answer(conn, place, '{"type":"ack","message_id":"m1"}')
     assert _queued(conn) == [
         '{"type":"ack","message_id":"m1"}',
         '{"type":"response","in_reply_to":"m1"}',
     ]
-    assert conn.send("after")  # nothing pending: straight out
+    assert conn.deliver("after", 5)  # nothing pending: straight out
     assert _queued(conn)[-1] == "after"
 
     # What waits counts against the byte budget.
-    conn = _conn(queue_frames=8, queue_bytes=100)
-    conn.reserve()
-    assert conn.send("x" * 60)
-    assert not conn.send("y" * 60)
-    assert (conn.close_code, conn.close_reason) == (1013, "too slow")
-    await conn.wait_closed()
+    conn = _proto(queue_frames=8, queue_bytes=100)
+    _reserve(conn)
+    assert conn.deliver("x" * 60, 60)
+    assert not conn.deliver("y" * 60, 60)
+    assert conn.close is not None
+    assert (conn.close.code, conn.close.reason) == (1013, "too slow")
 
 
 async def test_the_send_queue_is_bounded_in_frames_and_bytes():
-    conn = _conn(queue_frames=3, queue_bytes=100)
-    assert conn.send("x" * 40) and conn.send("y" * 40)
+    conn = _proto(queue_frames=3, queue_bytes=100)
+    assert conn.deliver("x" * 40, 40) and conn.deliver("y" * 40, 40)
     assert conn.queued_bytes == 80
-    assert not conn.send("z" * 30)  # 110 bytes: over the byte budget
-    assert (conn.close_code, conn.close_reason) == (1013, "too slow")
+    assert not conn.deliver("z" * 30, 30)  # 110 bytes: over the byte budget
+    assert conn.close is not None
+    assert (conn.close.code, conn.close.reason) == (1013, "too slow")
     assert conn.queued_frames == 0 and conn.queued_bytes == 0  # dropped, not written
-    await conn.wait_closed()
 
-    conn = _conn(queue_frames=2, queue_bytes=100)
-    assert conn.send("a") and conn.send("b")
-    assert not conn.send("c")
-    assert conn.close_code == 1013
-    await conn.wait_closed()
+    conn = _proto(queue_frames=2, queue_bytes=100)
+    assert conn.deliver("a", 1) and conn.deliver("b", 1)
+    assert not conn.deliver("c", 1)
+    assert conn.close is not None and conn.close.code == 1013
+
+
+class _Sink:
+    def submit(self, connection: Connection, publish: Publish) -> str | None:
+        return None
+
+
+def _conn(cid: str, session_id: str) -> Connection:
+    proto = ConnectionProtocol(
+        cid,
+        "u",
+        session_id,
+        instance="gw",
+        channels=frozenset({"guide"}),
+        limits=_proto().limits,
+        now=0.0,
+        wall=0.0,
+    )
+    return Connection(
+        cast(web.WebSocketResponse, None), proto, _Sink(), close_timeout=1, flush_timeout=1
+    )
 
 
 def test_the_connection_table_indexes_sessions_and_channels():
     table = ConnectionTable()
-    a, b = _conn(), _conn()
-    b.id = "ws_u_11111111"
-    b.session_id = "s2"
+    a, b = _conn("ws_u_00000000", "s"), _conn("ws_u_11111111", "s2")
     table.add(a)
     table.add(b)
-    table.use_channel(a, "guide")
-    table.use_channel(a, "guide")
+    a.protocol.bucket = TokenBucket(100, 100, 0.0)
+    message = '{"channel": "guide", "payload": {"message": "hi"}}'
+    for _ in range(2):
+        known = len(a.protocol.channels)
+        a.protocol.receive_text(message, 1.0, 1.0)
+        table.index_channels(a, a.protocol.channels[known:])
     assert table.using("guide") == [a]
-    assert a.new_channels == ["guide"]
+    assert a.protocol.new_channels == ["guide"]
     assert sorted(table.session_ids()) == ["s", "s2"]
     assert table.count_of_session("s") == 1
     table.remove(a)

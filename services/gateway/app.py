@@ -33,12 +33,13 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from services.gateway.core import Gateway
 from services.gateway.hub import Hub
 from services.gateway.keys import GATEWAY, ORIGINS, SETTINGS
 from services.gateway.origins import OriginPolicy
+from services.gateway.process import Gateway
 from services.gateway.routes import setup_routes
 from services.gateway.settings import Settings
+from services.gateway.upkeep import run_upkeep
 from shared.discovery import (
     DEREGISTER,
     GATEWAY_SERVICE,
@@ -157,7 +158,7 @@ async def _start(app: web.Application, gw: Gateway, life: _Lifecycle) -> None:
         for name, factory in (
             ("pubsub-reader", gw.hub.run),
             ("publisher", gw.publisher.run),
-            ("tick", gw.tick),
+            ("upkeep", lambda: run_upkeep(gw)),
             ("instance-heartbeat", gw.keep_instance_alive),
         ):
             task = asyncio.create_task(factory(), name=f"gateway-{name}")

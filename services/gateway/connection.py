@@ -1,23 +1,19 @@
-"""One client connection's local state, and the table of every connection this process holds.
+"""The I/O side of one client connection, and the table of every connection this process holds.
 
-Outbound policy (websockets' "broadcast" topic): nothing that fans out ever waits on a client.
-Frames for a socket go into its bounded queue (``SEND_QUEUE_FRAMES`` frames and
-``SEND_QUEUE_BYTES`` bytes), written by that socket's own writer task; a socket whose queue is
-full is closed with 1013 "too slow" and its frames dropped, so a slow reader costs at most that
-much memory.
+:class:`Connection` wraps a :class:`~services.gateway.connection_protocol.ConnectionProtocol`
+(which decides everything) around an aiohttp ``WebSocketResponse`` (which moves bytes). After
+every event it :meth:`~Connection.apply`\\ s what the protocol decided: client messages go to the
+process's publisher, frames wake the socket's writer task, and a close decision starts the
+close task. Nothing here waits on a client while fanning out: frames go into the protocol's
+bounded queue, and only this socket's own writer waits on its socket.
 
-Answers (acks and errors) reach the client in the order its messages arrived. An ack waits for
-the publisher's round trip while an error is known at once, so each accepted message reserves
-a place in a per-connection FIFO (:meth:`Connection.reserve`); an error behind pending acks
-waits there until they are answered. Deliveries wait there too while acks are pending: the
-agent's reply travels through other Redis connections than the ack's round trip and can win
-the race, and a client must never see a reply ``in_reply_to`` a message id its ack has not
-told it yet. What waits counts against the same frame and byte budget.
-
-Closing: every close but 1013 "too slow" first lets the writer flush what is queued (acks of
-published messages included, and the answers still pending) for at most
-``CLOSE_FLUSH_SECONDS``, then sends the Close frame. 1013 "too slow" closes at once: the queue
-is the problem.
+Closing (:meth:`Connection._close`): a close that flushes lets the writer write what is queued
+— owed acks included — for at most ``CLOSE_FLUSH_SECONDS``; then the writer stops and the Close
+frame is sent, for at most ``CLOSE_TIMEOUT``. 1013 "too slow" skips the flush: the queue is the
+problem. The close always finishes: a writer cancelled while blocked on a client that stopped
+reading can make aiohttp's ``close()`` raise ``CancelledError`` (its drain waiter is shared), and
+that is taken as an incomplete handshake (the transport is dropped), never as the end of the
+owner's clean-up.
 """
 
 from __future__ import annotations
@@ -25,59 +21,37 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import time
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Iterator
+from typing import Protocol
 
 from aiohttp import web
 
 from services.gateway import metrics
-from shared.protocol import CloseCode
+from services.gateway.connection_protocol import (
+    ConnectionProtocol,
+    FrameKind,
+    Publish,
+    State,
+)
+from shared.protocol import truncate_close_reason
+from shared.registry import PublishResult
 
-__all__ = ["Answer", "Connection", "ConnectionTable", "TokenBucket"]
+__all__ = ["Connection", "ConnectionTable", "PublishSink"]
 
 log = logging.getLogger(__name__)
 
 
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` banked; one token per client frame."""
+class PublishSink(Protocol):
+    """What a connection hands its accepted messages to (the process's publisher)."""
 
-    __slots__ = ("burst", "rate", "stamp", "tokens")
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp = time.monotonic()
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        # The epsilon absorbs float rounding of (now - stamp) * rate on large monotonic clocks,
-        # so a token that is due after exactly 1/rate seconds is given, not withheld.
-        if self.tokens >= 1.0 - 1e-9:
-            self.tokens = max(0.0, self.tokens - 1.0)
-            return True
-        return False
-
-    def give_back(self) -> None:
-        """Return the token :meth:`take` just took (a frame that turned out to be free)."""
-        self.tokens = min(self.burst, self.tokens + 1.0)
-
-
-class Answer:
-    """A place in a connection's answer FIFO; ``text`` is None until the answer is known."""
-
-    __slots__ = ("size", "text")
-
-    def __init__(self, text: str | None = None, size: int = 0) -> None:
-        self.text = text
-        self.size = size
+    def submit(self, connection: Connection, publish: Publish) -> str | None:
+        """Take ``publish``; None when taken, else why not (the client sees ``unavailable``)."""
+        ...
 
 
 class Connection:
-    """A registered socket: identity, outbound queue and writer, liveness, rate limit."""
+    """A registered socket: the protocol that decides, the writer and closer that act."""
 
     #: Frames written by every connection of the process (the detailed health view).
     frames_written = 0
@@ -85,255 +59,169 @@ class Connection:
     def __init__(
         self,
         ws: web.WebSocketResponse,
-        connection_id: str,
-        user_id: str,
-        session_id: str,
+        protocol: ConnectionProtocol,
+        sink: PublishSink,
         *,
-        queue_frames: int,
-        queue_bytes: int,
-        bucket: TokenBucket,
-        pong_bucket: TokenBucket,
         close_timeout: float,
         flush_timeout: float,
-        expires_at: float = math.inf,
     ) -> None:
         self.ws = ws
-        self.id = connection_id
-        self.user_id = user_id
-        self.session_id = session_id
-        self.expires_at = expires_at  # unix seconds: the session's end, enforced by the tick
-        self.queue_frames = queue_frames
-        self.queue_bytes = queue_bytes
-        # Text frames to write, with their size; None is a protocol-level ping.
-        self._out: deque[tuple[str | None, int]] = deque()
-        self._out_bytes = 0
-        self._answers: deque[Answer] = deque()  # in client order; the head may be pending
-        self._answers_bytes = 0  # size of the known texts waiting in _answers
-        self._wake = asyncio.Event()  # set when the writer has something to write
-        self._progress = asyncio.Event()  # set when the writer wrote, or stopped
-        self._sealed = False  # nothing more may be queued (the Close frame is next)
-        self.bucket = bucket
-        self.pong_bucket = pong_bucket
-        self.limited_in_a_row = 0
+        self.protocol = protocol
+        self.id = protocol.id
+        self.user_id = protocol.user_id
+        self.session_id = protocol.session_id
+        self.sink = sink
         self.close_timeout = close_timeout
         self.flush_timeout = flush_timeout
-        now = time.monotonic()
-        self.last_seen = now  # monotonic: the local idle check
-        self.last_seen_wall = time.time()  # wall clock: what Redis stores
-        self.flushed_wall = self.last_seen_wall  # last value written by the liveness flush
-        self.channels: list[str] = []  # channels used, in first-use order
-        self.new_channels: list[str] = []  # used since the last flush
-        self.close_code: int | None = None  # the code the gateway closes with, once it does
-        self.close_reason = ""
-        self.evicted = False
+        self._wake = asyncio.Event()  # set when the writer has something to do
+        self._progress = asyncio.Event()  # set when the writer wrote, or stopped
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
-        self.messages_in = 0
+        self._close_counted = False
         self.messages_out = 0
-        self.pongs = 0
 
     def __repr__(self) -> str:
         return f"Connection({self.id!r})"
 
     @property
     def closing(self) -> bool:
-        return self.close_code is not None
+        return self.protocol.closing
 
-    @property
-    def queued_bytes(self) -> int:
-        return self._out_bytes
+    # -- acting on the protocol's decisions ------------------------------------------------------
 
-    @property
-    def queued_frames(self) -> int:
-        return len(self._out)
+    def apply(self) -> None:
+        """Carry out what the protocol decided during the last event(s). Never waits."""
+        proto = self.protocol
+        publishes = proto.take_publishes()
+        for publish in publishes:
+            why = self.sink.submit(self, publish)
+            if why is not None:
+                proto.publish_refused(publish, why)
+        if proto.queued_frames:
+            self._wake.set()
+        if proto.close is not None and not self._close_counted:
+            self._close_counted = True
+            metrics.CLOSES.labels(str(proto.close.code)).inc()
+            if proto.close.send:
+                self._closer = asyncio.create_task(self._close(), name=f"ws-close-{self.id}")
+                self._wake.set()
 
-    def seen(self) -> None:
-        self.last_seen = time.monotonic()
-        self.last_seen_wall = time.time()
+    def published(self, publish: Publish, result: PublishResult) -> None:
+        """The publisher's outcome for one of this connection's messages."""
+        self.protocol.publish_done(publish, result)
+        self.apply()
 
-    def use_channel(self, channel: str) -> bool:
-        """Note the use of ``channel``; True the first time."""
-        if channel in self.channels:
-            return False
-        self.channels.append(channel)
-        self.new_channels.append(channel)
-        return True
+    def deliver(self, text: str, size: int) -> bool:
+        """A frame for the client; False when it was not queued (closing, or overflow)."""
+        queued = self.protocol.deliver(text, size)
+        self.apply()
+        return queued
 
-    # -- outbound ---------------------------------------------------------------------------
-
-    def send(self, text: str, size: int | None = None) -> bool:
-        """Queue one text frame (a delivery, a ping); on overflow close with 1013. Never waits.
-
-        ``size`` is the frame's length in bytes when the caller knows it (pub/sub gives bytes);
-        otherwise ``len(text)``, exact for the ASCII frames the gateway builds itself.
-        """
-        if self.closing:
-            return False
-        size = len(text) if size is None else size
-        if self._answers:
-            return self._hold(text, size)
-        return self._push(text, size)
-
-    def ping(self) -> bool:
-        """Queue a protocol-level ping, written in turn by the writer (never waits here)."""
-        if self.closing:
-            return False
-        return self._push(None, 0)
-
-    def reserve(self) -> Answer:
-        """A place in the answer FIFO for a message whose answer comes later (its ack)."""
-        place = Answer()
-        self._answers.append(place)
-        return place
-
-    def answer(self, place: Answer, text: str) -> None:
-        """Fill a reserved place; answers are written once every earlier one is known."""
-        if self._sealed:
-            return
-        place.text = text
-        place.size = len(text)
-        self._answers_bytes += place.size
-        self._release()
-
-    def answer_now(self, text: str) -> None:
-        """An answer known at once (an error): written now, or behind the pending acks."""
-        if not self._answers:
-            self._push(text, len(text))
-            return
-        self._hold(text, len(text))
-
-    def _hold(self, text: str, size: int) -> bool:
-        """Queue ``text`` behind the pending answers, within the same budget as the queue."""
-        if self._sealed:
-            return False
-        if (
-            len(self._answers) + len(self._out) >= self.queue_frames
-            or self._out_bytes + self._answers_bytes + size > self.queue_bytes
-        ):
-            self._overflow()
-            return False
-        self._answers.append(Answer(text, size))
-        self._answers_bytes += size
-        return True
-
-    def _release(self) -> None:
-        answers = self._answers
-        while answers and answers[0].text is not None:
-            done = answers.popleft()
-            self._answers_bytes -= done.size
-            if done.text is not None:
-                self._push(done.text, done.size)
-
-    def _push(self, text: str | None, size: int) -> bool:
-        if self._sealed:
-            return False
-        if len(self._out) >= self.queue_frames or self._out_bytes + size > self.queue_bytes:
-            self._overflow()
-            return False
-        self._out.append((text, size))
-        self._out_bytes += size
-        self._wake.set()
-        return True
-
-    def _overflow(self) -> None:
-        log.warning(
-            "send queue full (%d frames, %d bytes), closing",
-            len(self._out),
-            self._out_bytes,
-            extra={"connection_id": self.id},
-        )
-        self._sealed = True
-        self._out.clear()
-        self._out_bytes = 0
-        self._answers.clear()
-        self._answers_bytes = 0
-        if self.closing:
-            # A close was already flushing: it must not wait on a queue that is gone.
-            self._progress.set()
-            return
-        self.close(CloseCode.TRY_AGAIN_LATER, "too slow")
+    # -- the writer ------------------------------------------------------------------------------
 
     def start_writer(self) -> None:
         self._writer = asyncio.create_task(self._write(), name=f"ws-writer-{self.id}")
         self._writer.add_done_callback(lambda _task: self._progress.set())
 
     async def _write(self) -> None:
-        ws, out = self.ws, self._out
+        ws, proto = self.ws, self.protocol
         while True:
-            if not out:
+            frame = proto.next_frame()
+            if frame is None:
+                self._progress.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            text, size = out.popleft()
-            self._out_bytes -= size
+            kind, data = frame
             try:
-                if text is None:
+                if kind is FrameKind.TEXT:
+                    await ws.send_str(data)  # type: ignore[arg-type]
+                    self.messages_out += 1
+                    Connection.frames_written += 1
+                    metrics.FRAMES_OUT.inc()
+                elif kind is FrameKind.PING:
                     await ws.ping()
-                    self._progress.set()
-                    continue
-                await ws.send_str(text)
+                else:
+                    await ws.pong(data)  # type: ignore[arg-type]
             except (ConnectionError, RuntimeError) as exc:
                 # The peer went away mid-write; the reader side sees the close and cleans up.
                 log.debug("write failed: %r", exc, extra={"connection_id": self.id})
                 return
-            self.messages_out += 1
-            Connection.frames_written += 1
-            metrics.FRAMES_OUT.inc()
             self._progress.set()
 
-    # -- closing ----------------------------------------------------------------------------
+    async def _stop_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None and not writer.done():
+            writer.cancel()
+            await asyncio.wait([writer])
 
-    def close(self, code: int, reason: str, *, evicted: bool = False) -> None:
-        """Close the socket with ``code`` soon (from any task, never waiting); first call wins."""
-        if self.closing:
-            return
-        self.close_code = code
-        self.close_reason = reason
-        self.evicted = evicted
-        metrics.CLOSES.labels(str(code)).inc()
-        self._closer = asyncio.create_task(self._close(), name=f"ws-close-{self.id}")
-
-    async def _close(self) -> None:
-        code, reason = self.close_code or CloseCode.NORMAL, self.close_reason
-        # A "too slow" close sealed and emptied the queue already: nothing waits here then.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._flushed(), self.flush_timeout)
-        self._sealed = True
-        await self.stop_writer()
-        try:
-            # A reader that stopped reading must not hold the close forever: past the timeout
-            # aiohttp drops the transport (close() cancelled).
-            await asyncio.wait_for(
-                self.ws.close(code=code, message=reason.encode()[:120]), self.close_timeout
-            )
-        except (TimeoutError, ConnectionError, RuntimeError) as exc:
-            log.debug("close handshake incomplete: %r", exc, extra={"connection_id": self.id})
+    # -- closing ---------------------------------------------------------------------------------
 
     async def _flushed(self) -> None:
-        """Until everything queued and every pending answer is written (or the writer is gone)."""
-        while self._out or self._answers:
+        """Until every queued frame and owed answer is written, or the writer is gone."""
+        proto = self.protocol
+        while not proto.flushed:
             writer = self._writer
-            if writer is None or writer.done() or self._sealed:
+            if writer is None or writer.done() or proto.close is None or not proto.close.flush:
                 return
             self._progress.clear()
             await self._progress.wait()
 
-    async def stop_writer(self) -> None:
-        if self._writer is not None:
-            self._writer.cancel()
-            await asyncio.wait([self._writer])
-            self._writer = None
+    async def _close(self) -> None:
+        decision = self.protocol.close
+        if decision is None:  # pragma: no cover - apply() starts this only after a decision
+            return
+        if decision.flush:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flushed(), self.flush_timeout)
+        await self._stop_writer()
+        self.protocol.socket_ended()  # nothing more is written after the Close frame
+        try:
+            # A reader that stopped reading must not hold the close forever: past the timeout
+            # aiohttp drops the transport.
+            await asyncio.wait_for(
+                self.ws.close(code=decision.code, message=truncate_close_reason(decision.reason)),
+                self.close_timeout,
+            )
+        except (TimeoutError, ConnectionError, RuntimeError) as exc:
+            log.debug("close handshake incomplete: %r", exc, extra={"connection_id": self.id})
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # this task itself is being cancelled
+            # aiohttp's drain waiter was cancelled with the writer: the handshake is lost, and
+            # aiohttp already dropped the transport. The close is over all the same.
+            log.debug("close handshake cut short", extra={"connection_id": self.id})
 
-    async def wait_closed(self) -> None:
-        """Owner's cleanup: stop the writer, finish a pending close (or close if none was asked)."""
-        if self._closer is None and not self.ws.closed:
-            self.close_code = self.close_code or CloseCode.NORMAL
-            self._closer = asyncio.create_task(self._close(), name=f"ws-close-{self.id}")
+    async def finish(self) -> None:
+        """The owner's clean-up, whatever ended the socket: finish a pending close (or close
+        normally if none was decided and the socket is open), stop the writer. Returns only
+        when the socket is closed or dropped; never raises but for its own cancellation."""
+        proto = self.protocol
+        if self._closer is None and not self.ws.closed and proto.state is State.OPEN:
+            proto.decide_close(1000, "")
+            self.apply()
         if self._closer is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.shield(self._closer)
-        self._sealed = True
-        await self.stop_writer()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise
+            except Exception:  # a bug in the close path must not skip the unregister
+                log.exception("close failed", extra={"connection_id": self.id})
+        proto.socket_ended()
+        await self._stop_writer()
+        if not self.ws.closed:
+            _drop_transport(self.ws)
+
+
+def _drop_transport(ws: web.WebSocketResponse) -> None:
+    """The last resort when no Close could be sent: drop the TCP connection."""
+    request = ws._req  # aiohttp keeps the request; its transport is the TCP connection
+    transport = request.transport if request is not None else None
+    if transport is not None:
+        transport.close()
 
 
 class ConnectionTable:
@@ -356,7 +244,7 @@ class ConnectionTable:
     def add(self, conn: Connection) -> None:
         self._by_id[conn.id] = conn
         self._by_session[conn.session_id].add(conn.id)
-        for channel in conn.channels:
+        for channel in conn.protocol.channels:
             self._by_channel[channel].add(conn.id)
         metrics.CONNECTIONS.set(len(self._by_id))
 
@@ -364,14 +252,15 @@ class ConnectionTable:
         if self._by_id.pop(conn.id, None) is None:
             return
         _discard(self._by_session, conn.session_id, conn.id)
-        for channel in conn.channels:
+        for channel in conn.protocol.channels:
             _discard(self._by_channel, channel, conn.id)
         metrics.CONNECTIONS.set(len(self._by_id))
 
-    def use_channel(self, conn: Connection, channel: str) -> None:
-        """``conn`` used ``channel``: from now on it receives the channel's broadcasts."""
-        if conn.use_channel(channel) and conn.id in self._by_id:
-            self._by_channel[channel].add(conn.id)
+    def index_channels(self, conn: Connection, channels: list[str]) -> None:
+        """``conn`` used ``channels`` for the first time: it now receives their broadcasts."""
+        if conn.id in self._by_id:
+            for channel in channels:
+                self._by_channel[channel].add(conn.id)
 
     def of_session(self, session_id: str) -> list[Connection]:
         return [self._by_id[i] for i in self._by_session.get(session_id, ()) if i in self._by_id]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.gateway.core import Gateway
 from services.gateway.origins import OriginPolicy
+from services.gateway.process import Gateway
 from services.gateway.settings import Settings
 
 __all__ = ["GATEWAY", "ORIGINS", "SETTINGS"]

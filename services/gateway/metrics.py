@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from collections.abc import Iterator
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from services.gateway.connection_protocol import ProtocolStats
 
 __all__ = [
-    "ACKS",
     "BREAKER_BUFFERED",
     "BREAKER_OPEN",
     "CLOSES",
     "CONNECTIONS",
     "CONNECTIONS_REFUSED",
     "CONNECTIONS_TOTAL",
-    "ERRORS",
     "FRAMES_IN",
     "FRAMES_OUT",
-    "PONGS",
+    "PROTOCOL_STATS",
     "PUBLISH_BATCH",
     "PUBSUB_RECONNECTS",
     "UPGRADES_REFUSED",
@@ -34,11 +38,8 @@ CONNECTIONS_REFUSED = Counter(
     "invalid_token, invalid_token_cached)",
     ["reason"],
 )
-PONGS = Counter("postoffice_gateway_pongs", "App pongs received")
 FRAMES_IN = Counter("postoffice_gateway_frames_in", "Frames received from clients")
 FRAMES_OUT = Counter("postoffice_gateway_frames_out", "Frames written to clients")
-ACKS = Counter("postoffice_gateway_acks", "Acks sent, by status (published, queued)", ["status"])
-ERRORS = Counter("postoffice_gateway_errors", "Error frames sent, by code", ["code"])
 CLOSES = Counter(
     "postoffice_gateway_closes", "Sockets closed by the gateway, by close code", ["code"]
 )
@@ -52,3 +53,32 @@ BREAKER_BUFFERED = Gauge(
     "postoffice_gateway_breaker_buffered", "Messages held in memory by the breaker"
 )
 PUBSUB_RECONNECTS = Counter("postoffice_gateway_pubsub_reconnects", "Pub/sub reconnections")
+
+
+#: What every connection's protocol of this process counts (acks, errors, pongs).
+PROTOCOL_STATS = ProtocolStats()
+
+
+class _ProtocolCollector(Collector):
+    """Acks, error frames and pongs, read from :data:`PROTOCOL_STATS` when scraped."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = PROTOCOL_STATS
+        acks = CounterMetricFamily(
+            "postoffice_gateway_acks", "Acks sent, by status (published, queued)", labels=["status"]
+        )
+        for status, count in stats.acks.items():
+            acks.add_metric([status], count)
+        yield acks
+        errors = CounterMetricFamily(
+            "postoffice_gateway_errors", "Error frames sent, by code", labels=["code"]
+        )
+        for code, count in sorted(stats.errors.items()):
+            errors.add_metric([code], count)
+        yield errors
+        pongs = CounterMetricFamily("postoffice_gateway_pongs", "Pongs received (app and protocol)")
+        pongs.add_metric([], stats.pongs)
+        yield pongs
+
+
+REGISTRY.register(_ProtocolCollector())

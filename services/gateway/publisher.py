@@ -38,18 +38,19 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
-import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway import metrics
-from services.gateway.hub import backoff
+from services.gateway.connection_protocol import Publish
+from shared.backoff import backoff
 from shared.registry import PublishResult, Registry
 
-__all__ = ["Item", "Publisher"]
+__all__ = ["Item", "Outcome", "Publisher"]
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +63,29 @@ _DRAIN_PROBE_SECONDS = 0.25
 _IDS_PER_LINE = 500
 
 
+class Outcome(Protocol):
+    """Who hears a message's outcome: the connection that accepted it."""
+
+    def published(self, publish: Publish, result: PublishResult) -> None: ...
+
+
 @dataclass(slots=True, eq=False)  # compared by identity: the retry lists look items up
 class Item:
-    channel: str
-    data: bytes
-    done: Callable[[int], None]  # called once with a PublishResult code
+    owner: Outcome  # told the outcome once
+    publish: Publish
     promised: bool = False  # answered QUEUED by the breaker: it must still reach Redis
 
     @property
+    def channel(self) -> str:
+        return self.publish.channel
+
+    @property
+    def data(self) -> bytes:
+        return self.publish.data
+
+    @property
     def message_id(self) -> str:
-        """The server's message id inside ``data`` (for the loss log; not on the hot path)."""
-        try:
-            value = orjson.loads(self.data).get("message_id")
-        except (orjson.JSONDecodeError, AttributeError):
-            return "?"
-        return str(value) if value else "?"
+        return self.publish.message_id
 
 
 class Publisher:
@@ -181,7 +190,7 @@ class Publisher:
         delay = backoff(attempt, self.backoff_base, self.backoff_cap)
         return min(delay, _DRAIN_PROBE_SECONDS) if self.draining else delay
 
-    async def _publish(self, batch: list[Item]) -> list[int]:
+    async def _publish(self, batch: list[Item]) -> list[PublishResult]:
         """One round trip. While it is under way the batch is ``_inflight`` (a cancelled round
         trip leaves it there, so the shutdown accounting still sees it)."""
         metrics.PUBLISH_BATCH.observe(len(batch))
@@ -193,7 +202,7 @@ class Publisher:
                     for item in batch
                 ]
             )
-            out: list[int] = []
+            out: list[PublishResult] = []
             for value in raw:
                 if isinstance(value, _REDIS_DOWN):
                     raise value
@@ -201,7 +210,7 @@ class Publisher:
                     log.warning("publish script failed: %r", value)
                     out.append(PublishResult.REFUSED)
                 else:
-                    out.append(int(value))
+                    out.append(PublishResult(int(value)))
         except _REDIS_DOWN:
             self._inflight = []
             raise
@@ -232,7 +241,7 @@ class Publisher:
         for item, result in zip(send, results, strict=True):
             self._answer(item, result)
 
-    def _answer(self, item: Item, result: int) -> None:
+    def _answer(self, item: Item, result: PublishResult) -> None:
         if result == PublishResult.PUBLISHED:
             self.published += 1
         elif result == PublishResult.QUEUED:
@@ -242,11 +251,11 @@ class Publisher:
         self._call(item, result)
 
     @staticmethod
-    def _call(item: Item, result: int) -> None:
+    def _call(item: Item, result: PublishResult) -> None:
         try:
-            item.done(result)
+            item.owner.published(item.publish, result)
         except Exception:  # one connection's bug must not stop the process's publisher
-            log.exception("publish callback failed")
+            log.exception("publish outcome handler failed")
 
     def _open(self, exc: BaseException) -> None:
         if not self.breaker_open:
