@@ -434,10 +434,13 @@ class Registry:
         )
         return [i.decode() for i in ids]
 
-    async def publish_or_queue(self, channel: str, data: bytes, queue_bound: int) -> int:
-        return int(
-            await self._publish_or_queue(
-                keys=[names.agent_channel(channel), names.queue(channel)], args=[data, queue_bound]
+    async def publish_or_queue(self, channel: str, data: bytes, queue_bound: int) -> PublishResult:
+        return PublishResult(
+            int(
+                await self._publish_or_queue(
+                    keys=[names.agent_channel(channel), names.queue(channel)],
+                    args=[data, queue_bound],
+                )
             )
         )
 
