@@ -312,7 +312,7 @@ class ConnectionProtocol:
         if self._take(now):
             self._error(None, ErrorCode.INVALID_ENVELOPE, "binary frames are not accepted")
         else:
-            self._limited(None)
+            self._limited(b"")
 
     def receive_ping(self, data: bytes, now: float, wall: float) -> None:
         """A protocol ping: ponged within the budget; past it, counted toward 4429."""
@@ -446,18 +446,21 @@ class ConnectionProtocol:
         if self.pong_bucket.take(now):
             self.bucket.give_back()
 
-    def _limited(self, data: str | None) -> None:
+    def _limited(self, data: str | bytes | None) -> None:
         """A frame over the rate limit: answered ``rate_limited`` (a text frame that is not a
-        pong), or the socket closed with 4429 once too many came in a row. Only a frame of at
-        most ``RATE_LIMITED_PARSE_BYTES`` is parsed to echo its ``id``: a client over its
-        limit must not make the gateway parse 64 KiB frames."""
+        pong, a binary frame; ``data`` None: a protocol ping or pong, never answered), or the
+        socket closed with 4429 once too many came in a row. Only a text frame of at most
+        ``RATE_LIMITED_PARSE_BYTES`` is parsed to echo its ``id``: a client over its limit must
+        not make the gateway parse 64 KiB frames."""
         self.limited_in_a_row += 1
         if self.limited_in_a_row >= self.limits.rate_limit_close_after:
             self.decide_close(CloseCode.RATE_LIMITED, "rate limit exceeded")
             return
         if data is None:
-            return  # a ping, a pong or a binary frame: nothing to echo, no error frame owed
-        is_pong, client_id = peek_rate_limited_frame(data, RATE_LIMITED_PARSE_BYTES)
+            return  # a protocol ping or pong: no error frame for a control frame
+        is_pong, client_id = (
+            peek_rate_limited_frame(data, RATE_LIMITED_PARSE_BYTES) if data else (False, None)
+        )
         if not is_pong:
             self._error(client_id, ErrorCode.RATE_LIMITED, "too many messages; slow down")
 
