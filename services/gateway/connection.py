@@ -102,6 +102,12 @@ class Connection:
         if proto.close is not None and not self._close_counted:
             self._close_counted = True
             metrics.CLOSES.labels(str(proto.close.code)).inc()
+            log.info(
+                "closing: %d %s",
+                proto.close.code,
+                proto.close.reason,
+                extra={"connection_id": self.id},
+            )
             if proto.close.send:
                 self._closer = asyncio.create_task(self._close(), name=f"ws-close-{self.id}")
                 self._wake.set()
@@ -178,20 +184,25 @@ class Connection:
         self.protocol.socket_ended()  # nothing more is written after the Close frame
         try:
             # A reader that stopped reading must not hold the close forever: past the timeout
-            # aiohttp drops the transport.
+            # the transport is dropped.
             await asyncio.wait_for(
                 self.ws.close(code=decision.code, message=truncate_close_reason(decision.reason)),
                 self.close_timeout,
             )
+            return
         except (TimeoutError, ConnectionError, RuntimeError) as exc:
             log.debug("close handshake incomplete: %r", exc, extra={"connection_id": self.id})
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
+                _drop_transport(self.ws)
                 raise  # this task itself is being cancelled
-            # aiohttp's drain waiter was cancelled with the writer: the handshake is lost, and
-            # aiohttp already dropped the transport. The close is over all the same.
+            # aiohttp's drain waiter was cancelled with the writer: the handshake is lost.
             log.debug("close handshake cut short", extra={"connection_id": self.id})
+        # aiohttp "closes" the transport, which waits to flush what is buffered first: a client
+        # that reads nothing would hold the socket (and this connection's reader) open for
+        # ever. Abort it: the reader sees the end and the leave runs.
+        _drop_transport(self.ws)
 
     async def finish(self) -> None:
         """The owner's clean-up, whatever ended the socket: finish a pending close (or close
@@ -217,11 +228,11 @@ class Connection:
 
 
 def _drop_transport(ws: web.WebSocketResponse) -> None:
-    """The last resort when no Close could be sent: drop the TCP connection."""
+    """The last resort when no Close could be sent: drop the TCP connection, unflushed."""
     request = ws._req  # aiohttp keeps the request; its transport is the TCP connection
     transport = request.transport if request is not None else None
     if transport is not None:
-        transport.close()
+        transport.abort()
 
 
 class ConnectionTable:

@@ -51,13 +51,7 @@ def tick_all(gw: Gateway, now: float, wall: float) -> None:
             continue
         proto.tick(now, wall)
         if proto.closing:
-            decision = proto.close
-            log.info(
-                "closing: %s",
-                decision.reason if decision is not None else "?",
-                extra={"connection_id": conn.id},
-            )
-            conn.apply()
+            conn.apply()  # logs the decision
 
 
 async def _heartbeat_loop(gw: Gateway) -> None:
