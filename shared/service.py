@@ -6,10 +6,14 @@
 * :func:`redis_context` and :func:`background` — cleanup contexts: every resource and every
   background task is created, yielded, cancelled and awaited by its owner (aiohttp's
   ``cleanup_ctx``), so nothing outlives the app and nothing leaks in tests.
-* :func:`run` — uvloop, then ``web.run_app`` whose SIGTERM handling is the drain: stop
-  accepting, run ``on_shutdown`` (the gateway closes its sockets with 1001 there), wait up to
-  ``shutdown_timeout`` for in-flight handlers, run the cleanup contexts (Consul deregistration
-  among them), exit 0.
+* :func:`run` — uvloop, then ``web.run_app``. SIGTERM (or SIGINT) first runs the service's own
+  drain (:func:`on_drain`: the gateway leaves Consul, hands over what it accepted and closes its
+  sockets with 1001 there) while the server still reads from every connection, then aiohttp's
+  shutdown: stop accepting, ``on_shutdown``, wait up to ``shutdown_timeout`` for in-flight
+  handlers, run the cleanup contexts (Consul deregistration among them), exit 0. The service's
+  drain comes first because aiohttp's shutdown starts by marking every connection closing, and
+  a closing connection discards what it receives: frames a client sent during the drain would
+  get no answer at all.
 * :func:`fail` and :func:`supervise` — a process that cannot go on (a task that must run for
   the process's whole life has died, a dependency never answered at start) says so: ``/ready``
   answers 503 naming why, and under :func:`run` the process drains as on SIGTERM and then
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -43,6 +48,7 @@ __all__ = [
     "background",
     "base_app",
     "fail",
+    "on_drain",
     "redis_context",
     "run",
     "supervise",
@@ -71,6 +77,8 @@ class ServiceState:
     #: the test's own event loop, where a failure only turns ``/ready`` 503.
     stop_on_failure: bool = False
     stopping: bool = field(default=False, repr=False)
+    #: The service's drain (:func:`on_drain`), run before aiohttp's shutdown under :func:`run`.
+    drains: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
 
     def add_check(self, name: str, check: ReadinessCheck) -> None:
         self.checks[name] = check
@@ -202,10 +210,53 @@ def fail(app: web.Application, reason: str, exit_code: int = 1) -> None:
             # stopping now would skip the cleanup contexts. Start-up is short; look again soon.
             loop.call_later(0.05, stop)
             return
-        # What web.run_app's own SIGTERM handler raises: the same drain, then run() returns.
-        raise GracefulExit
+        _begin_stop(app)
 
     loop.call_soon(stop)
+
+
+def on_drain(app: web.Application, drain: Callable[[], Awaitable[None]]) -> None:
+    """Run ``drain`` when the process is told to stop (SIGTERM, SIGINT, :func:`fail`), before
+    aiohttp's own shutdown, while every connection is still read. It must be idempotent: under
+    a test server (no :func:`run`) nothing calls it, so the service also calls it from
+    ``on_shutdown``."""
+    app[SERVICE].drains.append(drain)
+
+
+def _begin_stop(app: web.Application) -> None:
+    """Drain, then raise what web.run_app's own SIGTERM handler raises (GracefulExit), which
+    makes it run aiohttp's shutdown and the cleanup contexts. Once only."""
+    state = app[SERVICE]
+    if state.draining:
+        return
+    state.draining = True
+    loop = asyncio.get_running_loop()
+
+    async def drain_then_exit() -> None:
+        for drain in state.drains:
+            try:
+                await drain()
+            except Exception:  # the shutdown must go on whatever a drain step did
+                log.exception("drain step failed")
+
+        def stop() -> None:
+            raise GracefulExit
+
+        loop.call_soon(stop)
+
+    task = loop.create_task(drain_then_exit(), name="service-drain")
+    _DRAINS.add(task)
+    task.add_done_callback(_DRAINS.discard)
+
+
+#: The drain task, owned here until it ends (it ends the process).
+_DRAINS: set[asyncio.Task[None]] = set()
+
+
+async def _install_signal_handlers(app: web.Application) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _begin_stop, app)
 
 
 def supervise(app: web.Application, task: asyncio.Task[Any]) -> None:
@@ -270,8 +321,9 @@ def run(
     import uvloop
 
     state = app[SERVICE] if isinstance(app, web.Application) else None
-    if state is not None:
+    if state is not None and isinstance(app, web.Application):
         state.stop_on_failure = True
+        app.on_startup.append(_install_signal_handlers)
     web.run_app(
         app,
         loop=uvloop.new_event_loop(),
@@ -280,7 +332,8 @@ def run(
         shutdown_timeout=shutdown_timeout,
         access_log=None,
         print=None,
-        handle_signals=True,
+        # Our own handlers (installed at start-up): the service's drain first, see above.
+        handle_signals=state is None,
     )
     if state is not None and state.exit_code:
         raise SystemExit(state.exit_code)

@@ -362,3 +362,38 @@ def test_a_dead_critical_task_stops_the_process_with_a_non_zero_exit():
     assert done.returncode == 1, done
     assert "cleanup ran" in done.stdout, done
     assert "doomed-task" in done.stderr, done
+
+
+async def test_frames_sent_during_a_slow_drain_are_all_answered(server, private_traffic_cop):
+    # Redis is down, so the drain waits its whole window for the breaker's buffer. Frames the
+    # client sends meanwhile must each get an answer (the publisher no longer takes messages:
+    # error "unavailable"), until the socket closes 1001 — not be discarded unanswered.
+    gw = start_gateway(
+        server.url, private_traffic_cop.url, GATEWAY_SHUTDOWN_TIMEOUT=str(timeout(6))
+    )
+    try:
+        token = create_session(private_traffic_cop.url, "slowdrain")
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:
+            await recv(ws)
+            server.stop()
+            await ws.send_str(chat("held", id="held"))
+            assert (await recv(ws))["status"] == "queued"
+            assert gw.proc is not None
+            gw.proc.send_signal(signal.SIGTERM)
+            await wait_for(lambda: "drain: handing 1 waiting" in gw.log(), 10, what="drain")
+            sent, answers = 0, []
+            for i in range(20):
+                await ws.send_str(chat(f"during {i}", id=i))
+                sent += 1
+            while len(answers) < sent:
+                answers.append(await recv(ws, 10))
+            unavailable = [a for a in answers if a.get("code") == "unavailable"]
+            acked = [a for a in answers if a["type"] == "ack"]
+            assert [a["id"] for a in answers] == list(range(20))  # in order, once each
+            assert (sent, len(acked) + len(unavailable)) == (20, 20)
+            assert "shutting down" in unavailable[0]["message"]
+            assert await close_of(ws, 10) == (1001, "server shutting down")
+        assert _exit_code(gw) == 0
+    finally:
+        server.start()
+        gw.stop()

@@ -11,7 +11,8 @@ Supervision. Those four tasks must live as long as the process: one that ends ot
 cancellation fails it (:func:`shared.service.fail`): ``/ws`` and ``/ready`` answer 503, the
 process drains as on SIGTERM and exits 1, so that its orchestrator restarts it.
 
-SIGTERM (``_drain``, in ``on_shutdown``, once the listener stopped and ``/ready`` turned 503):
+SIGTERM (``_drain``, before aiohttp's own shutdown so that every socket is still read, with
+``/ready`` and ``/ws`` answering 503):
 leave Consul first, so nothing new is routed here; then the publisher hands every accepted
 message to Redis, the breaker's buffer included (new messages are refused ``unavailable``
 meanwhile), for at most ``SHUTDOWN_TIMEOUT - CLOSE_TIMEOUT`` (at least half of
@@ -48,7 +49,7 @@ from shared.discovery import (
     registration_context,
 )
 from shared.protocol import CloseCode
-from shared.service import REDIS, SERVICE, base_app, fail, redis_context, supervise
+from shared.service import REDIS, SERVICE, base_app, fail, on_drain, redis_context, supervise
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient
 
@@ -91,6 +92,7 @@ class _Lifecycle:
     startup: asyncio.Task[None] | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     waiting_for: str = "redis"  # empty once started
+    drained: bool = False  # the drain ran (it runs once: before aiohttp's shutdown, or in it)
 
     async def check(self) -> None:
         if self.waiting_for:
@@ -190,8 +192,9 @@ def _stop_accepting(gw: Gateway, task: asyncio.Task[None]) -> None:
 async def _drain(app: web.Application, life: _Lifecycle) -> None:
     """SIGTERM: leave Consul, publish what was accepted, close every socket with 1001."""
     gw = app.get(GATEWAY)
-    if gw is None:
+    if gw is None or life.drained:
         return
+    life.drained = True
     settings = app[SETTINGS]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + settings.shutdown_timeout
@@ -240,6 +243,9 @@ def create_app(settings: Settings) -> web.Application:
     async def drain(app: web.Application) -> None:
         await _drain(app, life)
 
+    # Before aiohttp's shutdown, which would discard what clients send meanwhile (frames sent
+    # during the drain are answered); on_shutdown too, for servers started without run().
+    on_drain(app, lambda: _drain(app, life))
     app.on_shutdown.append(drain)
     setup_routes(app)
     return app
