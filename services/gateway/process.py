@@ -116,6 +116,7 @@ class Gateway:
             batch=settings.publish_batch,
             queue_size=settings.publish_queue,
             queue_bound=settings.queue_bound,
+            round_trip_timeout=settings.publish_timeout_seconds,
             buffer_size=settings.breaker_buffer,
             backoff_base=settings.breaker_backoff_base,
             backoff_cap=settings.breaker_backoff_cap,

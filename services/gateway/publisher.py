@@ -7,8 +7,10 @@ one non-transactional pipeline (one round trip), then calls each callback with
 in submission order, so a connection's messages reach the agent channel in the order it sent
 them.
 
-Circuit breaker. When a round trip fails with a Redis connection error or timeout the breaker
-opens: the batch and every later message go to an in-memory buffer (bounded by
+Circuit breaker. When a round trip fails with a Redis connection error, or takes longer than
+``PUBLISH_TIMEOUT_SECONDS`` (a stalled Redis; its outcome is then unknown, and the batch is
+re-sent later unchanged — same message ids — so at worst an agent sees a duplicate it can
+drop), the breaker opens: the batch and every later message go to an in-memory buffer (bounded by
 ``BREAKER_BUFFER``) and are answered ``QUEUED`` — *promised*; a message past the bound is
 answered ``REFUSED``. While the buffer holds anything the task probes Redis with capped,
 jittered backoff by flushing the buffer, oldest first. The breaker closes as soon as a round
@@ -97,6 +99,7 @@ class Publisher:
         queue_size: int,
         queue_bound: int,
         buffer_size: int,
+        round_trip_timeout: float = 0.5,
         backoff_base: float,
         backoff_cap: float,
     ) -> None:
@@ -105,6 +108,7 @@ class Publisher:
         self.queue_size = queue_size
         self.queue_bound = queue_bound
         self.buffer_size = buffer_size
+        self.round_trip_timeout = round_trip_timeout
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self._pending: deque[Item] = deque()  # submitted, not answered yet
@@ -196,11 +200,20 @@ class Publisher:
         metrics.PUBLISH_BATCH.observe(len(batch))
         self._inflight = batch
         try:
-            raw = await self.registry.run_scripts(
-                [
-                    self.registry.publish_or_queue_call(item.channel, item.data, self.queue_bound)
-                    for item in batch
-                ]
+            # Bounded: a Redis that stalls (SIGSTOP, a long fork) must not hold every ack for
+            # the client's socket timeout. Past it the outcome is unknown: the batch goes to the
+            # breaker's buffer as it is, so a re-send carries the same message ids and an agent
+            # can drop what it already has (TimeoutError is an OSError: _REDIS_DOWN takes it).
+            raw = await asyncio.wait_for(
+                self.registry.run_scripts(
+                    [
+                        self.registry.publish_or_queue_call(
+                            item.channel, item.data, self.queue_bound
+                        )
+                        for item in batch
+                    ]
+                ),
+                self.round_trip_timeout,
             )
             out: list[PublishResult] = []
             for value in raw:

@@ -173,6 +173,13 @@ class Settings(TrafficCopCallerSettings):
         "past it clients get error 'unavailable'",
         minimum=0,
     )
+    publish_timeout_seconds: float = setting(
+        0.5,
+        "longest a publish round trip may take before its messages are acked 'queued' and held "
+        "by the breaker (a stalled Redis never holds acks longer; a batch whose outcome is "
+        "unknown is re-sent with the same message ids)",
+        minimum=0.01,
+    )
     breaker_buffer: int = setting(
         10000,
         "messages held in memory while Redis is down (acked 'queued'); past it 'unavailable'",
