@@ -48,6 +48,7 @@ __all__ = [
     "new_traceparent",
     "parse_client_frame",
     "parse_delivery_body",
+    "parse_reply_body",
     "peek_rate_limited_frame",
     "ping_frame",
     "truncate_close_reason",
@@ -340,6 +341,18 @@ def parse_delivery_body(data: bytes) -> tuple[dict[str, Any], str | None]:
     """Validate a Post Office delivery body ``{"message": {...}, "traceparent"?}``.
 
     An invalid ``traceparent`` (wrong type or shape) is returned as None, as if absent."""
+    message, traceparent, _ack = _parse_delivery(data, frozenset({"message", "traceparent"}))
+    return message, traceparent
+
+
+def parse_reply_body(data: bytes) -> tuple[dict[str, Any], str | None, Any]:
+    """:func:`parse_delivery_body` for a reply that may also carry ``"ack"`` (the stream entry
+    it answers, acked in the same request); the ``ack`` value is returned unchecked (None when
+    absent): the API validates it."""
+    return _parse_delivery(data, frozenset({"message", "traceparent", "ack"}))
+
+
+def _parse_delivery(data: bytes, allowed: frozenset[str]) -> tuple[dict[str, Any], str | None, Any]:
     try:
         raw = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -356,12 +369,12 @@ def parse_delivery_body(data: bytes) -> tuple[dict[str, Any], str | None]:
         # W3C Trace Context: a traceparent that cannot be parsed is ignored and the trace
         # restarts; refusing the delivery would lose the message over a tracing detail.
         traceparent = None
-    unknown = set(raw) - {"message", "traceparent"}
+    unknown = set(raw) - allowed
     if unknown:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST, f"unknown field(s): {', '.join(sorted(unknown))[:200]}"
         )
-    return message, traceparent
+    return message, traceparent, raw.get("ack")
 
 
 def is_valid_user_id(user_id: object) -> bool:

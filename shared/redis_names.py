@@ -17,14 +17,16 @@ __all__ = [
     "channel_connections",
     "connection",
     "connection_messages",
+    "dead_letters",
     "gateway_connections",
     "gateway_control",
     "gateway_instance",
-    "queue",
     "session",
     "session_by_id",
     "session_connections",
     "session_of_connection",
+    "stream",
+    "stream_consumers",
     "user_connections",
 ]
 
@@ -45,7 +47,9 @@ SESSION_REVOCATIONS = "session:revocations"
 
 
 def agent_channel(channel: str) -> str:
-    """websocket:<channel> — pub/sub: client messages for agents on that logical channel."""
+    """websocket:<channel> — pub/sub: the live tap, every client message for agents on that
+    logical channel as it is appended to :func:`stream` (at most once; observers, simple
+    listeners). Durable, competing delivery is the stream's consumer groups."""
     return f"{_PREFIX}:{channel}"
 
 
@@ -90,9 +94,31 @@ def gateway_control(instance: str) -> str:
     return f"{_PREFIX}:gateway:{instance}:control"
 
 
-def queue(channel: str) -> str:
-    """websocket:queue:<channel> — list, bounded: agent messages held while no agent listens."""
-    return f"{_PREFIX}:queue:{channel}"
+# The keys one script touches together share a Redis Cluster hash tag: the channel in braces.
+# A publish touches the stream (and the tap, a pub/sub channel: no slot); a reclaim, a dead
+# letter and a re-queue touch the stream and its dead-letter stream.
+
+
+def stream(channel: str) -> str:
+    """websocket:stream:{<channel>} — stream: every accepted client message for agents on the
+    channel (field ``data``: the agent message JSON). Agents consume it through consumer groups
+    (XREADGROUP/XACK); nothing a group has not acked is trimmed."""
+    return f"{_PREFIX}:stream:{{{channel}}}"
+
+
+def stream_consumers(channel: str) -> str:
+    """websocket:consumers:{<channel>} — sorted set: ``<group>/<consumer>`` scored by the unix
+    time it last asked for messages. Redis before 7.2 does not refresh a consumer's idle time
+    on a read that finds nothing, so a quiet but live consumer says so here (the API's group
+    streams do; raw-Redis consumers on Redis 7.0/7.1 ZADD it themselves)."""
+    return f"{_PREFIX}:consumers:{{{channel}}}"
+
+
+def dead_letters(channel: str) -> str:
+    """websocket:dead:{<channel>} — stream: messages of the channel that a group did not ack
+    within MAX_DELIVERIES deliveries (fields data, stream_id, group, deliveries, reason,
+    dead_at)."""
+    return f"{_PREFIX}:dead:{{{channel}}}"
 
 
 def session(token_hash: str) -> str:

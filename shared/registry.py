@@ -1,4 +1,4 @@
-"""The connection registry in Redis, and the agent-channel queue: every multi-key write.
+"""The connection registry in Redis, and the agent-channel publish: every multi-key write.
 
 Gateways register and unregister connections here, the eviction worker evicts and cleans up
 after dead gateways here, the Post Office API removes stale records here. Each write that
@@ -28,6 +28,7 @@ from redis.exceptions import NoScriptError
 
 from shared import redis_names as names
 from shared.protocol import iso_now
+from shared.streams import PUBLISH_SCRIPT
 
 __all__ = ["ConnectionRecord", "PublishResult", "Registry", "ScriptCall"]
 
@@ -114,43 +115,14 @@ end
 return 1
 """
 
-_PUBLISH_OR_QUEUE = """
--- KEYS: 1 agent channel, 2 queue list.  ARGV: 1 data, 2 queue bound
--- Returns 1 published, 2 queued, 0 refused (queue full).
--- While older messages wait in the queue, newer ones queue behind them to keep order.
-if redis.call('LLEN', KEYS[2]) == 0 then
-  if redis.call('PUBLISH', KEYS[1], ARGV[1]) > 0 then return 1 end
-end
-if redis.call('LLEN', KEYS[2]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[1])
-return 2
-"""
-
-_DRAIN_QUEUE = """
--- KEYS: 1 agent channel, 2 queue list.  ARGV: 1 most messages to move, 2 most bytes to move
--- ('' = no byte bound; the first message always moves, however large).
--- Returns {moved, messages left in the queue, bytes moved}.
--- A message leaves the queue only once a subscriber received it. Redis writes to clients only
--- between commands, so everything one run publishes sits in each subscriber's output buffer at
--- once: the byte bound keeps that well under client-output-buffer-limit pubsub, past which
--- Redis would drop the subscriber after the messages already left the queue.
-local sent, size = 0, 0
-local cap = tonumber(ARGV[2])
-for _ = 1, tonumber(ARGV[1]) do
-  local m = redis.call('LINDEX', KEYS[2], 0)
-  if not m then break end
-  if cap and sent > 0 and size + #m > cap then break end
-  if redis.call('PUBLISH', KEYS[1], m) == 0 then break end
-  redis.call('LPOP', KEYS[2])
-  sent = sent + 1
-  size = size + #m
-end
-return {sent, redis.call('LLEN', KEYS[2]), size}
-"""
+# The publish script appends to the channel's stream and publishes on its tap (shared/streams.py).
+_PUBLISH_OR_QUEUE = PUBLISH_SCRIPT
 
 
 class PublishResult(enum.IntEnum):
-    """Outcome codes of :meth:`Registry.publish_or_queue`."""
+    """Outcome codes of :meth:`Registry.publish_or_queue`: appended to the channel's stream
+    with a consumer group reading it (``PUBLISHED``) or none yet (``QUEUED``), or refused
+    because the slowest group has ``STREAM_MAX_PENDING`` unconsumed entries (``REFUSED``)."""
 
     REFUSED = 0
     PUBLISHED = 1
@@ -208,7 +180,6 @@ class Registry:
         self.record_ttl = max(1, int(record_ttl))
         self._unregister = redis.register_script(_UNREGISTER)
         self._publish_or_queue = redis.register_script(_PUBLISH_OR_QUEUE)
-        self._drain = redis.register_script(_DRAIN_QUEUE)
         self._forget_gateway = redis.register_script(_FORGET_GATEWAY)
         self._touch = redis.register_script(_TOUCH)
 
@@ -237,10 +208,11 @@ class Registry:
             return list(await pipe.execute(raise_on_error=False))
 
     def publish_or_queue_call(self, channel: str, data: bytes, queue_bound: int) -> ScriptCall:
-        """One :meth:`publish_or_queue` for :meth:`run_scripts` (the gateway's batches)."""
+        """One :meth:`publish_or_queue` for :meth:`run_scripts` (the gateway's batches);
+        ``queue_bound`` is ``STREAM_MAX_PENDING``."""
         return (
             self._publish_or_queue,
-            [names.agent_channel(channel), names.queue(channel)],
+            [names.stream(channel), names.agent_channel(channel)],
             [data, queue_bound],
         )
 
@@ -435,28 +407,7 @@ class Registry:
         return [i.decode() for i in ids]
 
     async def publish_or_queue(self, channel: str, data: bytes, queue_bound: int) -> PublishResult:
-        return PublishResult(
-            int(
-                await self._publish_or_queue(
-                    keys=[names.agent_channel(channel), names.queue(channel)],
-                    args=[data, queue_bound],
-                )
-            )
-        )
-
-    async def drain_queue(self, channel: str, batch: int, max_bytes: int | None = None) -> int:
-        """Move up to ``batch`` queued messages (and, with ``max_bytes``, at most that many
-        bytes, but always at least one message) to the channel's subscribers, oldest first;
-        how many moved. Nothing moves while nobody listens."""
-        return (await self.drain_queue_step(channel, batch, max_bytes))[0]
-
-    async def drain_queue_step(
-        self, channel: str, batch: int, max_bytes: int | None = None
-    ) -> tuple[int, int, int]:
-        """:meth:`drain_queue`, also answering how many messages are left in the queue and how
-        many bytes moved: ``(moved, left, bytes)``."""
-        sent, left, size = await self._drain(
-            keys=[names.agent_channel(channel), names.queue(channel)],
-            args=[batch, "" if max_bytes is None else int(max_bytes)],
-        )
-        return int(sent), int(left), int(size)
+        """Append an agent message to the channel's stream and publish it on the tap, unless
+        the slowest group has ``queue_bound`` (``STREAM_MAX_PENDING``) unconsumed entries."""
+        script, keys, args = self.publish_or_queue_call(channel, data, queue_bound)
+        return PublishResult(int(await script(keys=keys, args=args)))

@@ -248,3 +248,11 @@ def create_session(traffic_cop_url: str, user_id: str, ttl_seconds: int | None =
     )
     with urllib.request.urlopen(request, timeout=timeout(5)) as r:
         return str(json.loads(r.read())["session_token"])
+
+
+async def stream_data(redis: Any, channel: str) -> list[bytes]:
+    """The agent messages a channel's stream holds, oldest first (what was accepted and not
+    trimmed: the durable counterpart of the tap)."""
+    from shared import redis_names
+
+    return [fields[b"data"] for _id, fields in await redis.xrange(redis_names.stream(channel))]

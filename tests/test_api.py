@@ -33,7 +33,7 @@ from tests.api_util import (
     read_event,
     read_until_subscribed,
 )
-from tests.helpers import ServiceProcess, timeout, wait_for
+from tests.helpers import ServiceProcess, stream_data, timeout, wait_for
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -153,6 +153,10 @@ CALLS: dict[str, tuple[str, str, bytes | None]] = {
     "close_connection": ("DELETE", f"/v1/connections/{CID}", None),
     "send_to_user": ("POST", "/v1/users/alice/messages", body()),
     "broadcast_to_channel": ("POST", "/v1/channels/guide/broadcast", body()),
+    "consume_group": ("GET", "/v1/channels/guide/groups/guide/events?consumer=c1", None),
+    "ack_group": ("POST", "/v1/channels/guide/groups/guide/acks", b'{"ids": ["1-0"]}'),
+    "list_dead_letters": ("GET", "/v1/channels/guide/dead-letters", None),
+    "requeue_dead_letters": ("POST", "/v1/channels/guide/dead-letters/requeue", b'{"ids":["1-0"]}'),
 }
 #: Answers of an allowed call in this set-up (no connection registered, nobody listening).
 ALLOWED_STATUS = {
@@ -164,6 +168,10 @@ ALLOWED_STATUS = {
     "close_connection": 404,
     "send_to_user": 202,
     "broadcast_to_channel": 202,
+    "consume_group": 200,
+    "ack_group": 200,
+    "list_dead_letters": 200,
+    "requeue_dead_letters": 200,
 }
 
 
@@ -194,6 +202,11 @@ SPEC_CALL_CAPABILITIES = {
     "close_connection": {"connection_messaging"},
     "send_to_user": {"connection_messaging"},
     "broadcast_to_channel": {"connection_messaging"},
+    # Consuming through a group, acking and the dead letters are subscribing's durable form.
+    "consume_group": {"agent_channel_subscribe"},
+    "ack_group": {"agent_channel_subscribe"},
+    "list_dead_letters": {"agent_channel_subscribe"},
+    "requeue_dead_letters": {"agent_channel_subscribe"},
 }
 #: The resulting matrix, spelt out: who may call what.
 SPEC_ALLOWED = {
@@ -207,6 +220,10 @@ SPEC_ALLOWED = {
         "close_connection",
         "send_to_user",
         "broadcast_to_channel",
+        "consume_group",
+        "ack_group",
+        "list_dead_letters",
+        "requeue_dead_letters",
     },
 }
 
@@ -533,7 +550,7 @@ async def test_close_connection_sends_the_control_command(client: Client, redis:
 
 
 async def test_publish_to_channel(make_client: MakeClient, redis: Redis) -> None:
-    client = await make_client(queue_max_length=2)
+    client = await make_client(stream_max_pending=2)
     async with listening(redis, names.agent_channel("pillar:insights")) as agent:
         resp = await client.post(
             "/v1/channels/pillar:insights/messages", data=body(), headers=auth("experience")
@@ -554,7 +571,7 @@ async def test_publish_to_channel(make_client: MakeClient, redis: Redis) -> None
     resp = await client.post("/v1/channels/guide/messages", data=body(), headers=auth())
     await error_of(resp, 503, "unavailable")
     assert resp.headers["Retry-After"] == "1"
-    assert await redis.llen(names.queue("guide")) == 2
+    assert await redis.xlen(names.stream("guide")) == 2
 
 
 # -- websocket endpoint ---------------------------------------------------------------------
@@ -729,29 +746,25 @@ async def test_sse_stream_overflow_ends_with_error_event(
     assert event is not None and event["event"] == "error"
     assert orjson.loads(event["data"])["code"] == "too_slow"
     assert await read_event(resp) is None
-    # It was the channel's only stream: nothing it was handed is lost, the events wait in the
-    # agent queue, in order, for the next agent.
+    # The tap is at most once: what it dropped is not written anywhere (published messages
+    # are in the channel's stream since their publish; these three never went through Redis).
     await wait_for(lambda: hub.subscriber_count == 0, what="stream left")
-
-    async def queued() -> list[bytes]:
-        return [i for i in await redis.lrange(names.queue("guide"), 0, -1) if isinstance(i, bytes)]
-
-    assert await wait_for(queued, what="events requeued") == [agent_message(n) for n in range(3)]
+    assert await stream_data(redis, "guide") == []
 
 
 async def test_sse_client_that_leaves_unsubscribes_at_once_and_loses_nothing(
     make_client: MakeClient, redis: Redis
 ) -> None:
-    """The only agent stream goes away: the API leaves the channel as soon as the connection
-    closes (not at its next write), so publishing queues for the next agent; an event that
-    raced the close goes back to the queue. Nothing acked is lost."""
+    """The only tap stream goes away: the API leaves the channel as soon as the connection
+    closes (not at its next write), so publishing answers "queued" for the next agent. Both
+    messages are in the channel's stream, in order, whatever the tap did with the first."""
     client = await make_client(sse_keepalive_seconds=60)  # no write would notice the close
     hub = client.app[HUB]
     channel = names.agent_channel("guide")
     resp = await open_stream(client)
     resp.close()
     post = await client.post("/v1/channels/guide/messages", data=body(), headers=auth())
-    raced = await post.json()  # "published" only when it beat the close; then it is requeued
+    raced = await post.json()  # "published" only when it beat the close
 
     async def unsubscribed() -> bool:
         return await numsub(redis, channel) == 0
@@ -761,45 +774,8 @@ async def test_sse_client_that_leaves_unsubscribes_at_once_and_loses_nothing(
     post = await client.post("/v1/channels/guide/messages", data=body(), headers=auth())
     after = await post.json()
     assert after["status"] == "queued"
-
-    async def queued() -> list[str]:
-        items = await redis.lrange(names.queue("guide"), 0, -1)
-        return [orjson.loads(i)["message_id"] for i in items]
-
-    await wait_for(lambda: _length_is(queued, 2), what="both messages in the queue")
-    assert await queued() == [raced["message_id"], after["message_id"]]
-
-
-async def _length_is(items: Callable[[], Awaitable[list[str]]], n: int) -> bool:
-    return len(await items()) == n
-
-
-async def test_hub_pushes_back_what_a_departed_subscriber_had_buffered(
-    client: Client, redis: Redis
-) -> None:
-    hub = client.app[HUB]
-    channel = names.agent_channel("pillar:content")
-    here = [True]
-    sub = await hub.join(channel, queue_key=names.queue("pillar:content"), alive=lambda: here[0])
-    await redis.rpush(names.queue("pillar:content"), b"older-queued")
-    for n in range(3):
-        assert await redis.publish(channel, agent_message(n)) == 1
-    await wait_for(lambda: sub.buffered == 3, what="events buffered")
-    here[0] = False  # the client has gone
-    await wait_for(lambda: sub.closed == "client_gone", what="watch noticed the client left")
-    assert await sub.get() is None  # nothing more is handed out
-    await hub.leave(sub)
-
-    async def queue() -> list[bytes]:
-        items = await redis.lrange(names.queue("pillar:content"), 0, -1)
-        return [i for i in items if isinstance(i, bytes)]
-
-    await wait_for(lambda: _queue_len(queue, 4), what="events pushed back")
-    assert await queue() == [*(agent_message(n) for n in range(3)), b"older-queued"]
-
-
-async def _queue_len(items: Callable[[], Awaitable[list[bytes]]], n: int) -> bool:
-    return len(await items()) == n
+    held = [orjson.loads(i)["message_id"] for i in await stream_data(redis, "guide")]
+    assert held == [raced["message_id"], after["message_id"]]
 
 
 async def test_sse_client_gone_before_the_headers_is_not_an_error(

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from services.eviction_worker.app import traffic_cop_reporter
@@ -21,11 +22,19 @@ from services.eviction_worker.reporter import TrafficCopReporter
 from services.eviction_worker.settings import PREFIX, EvictionSettings
 from services.eviction_worker.worker import Evictor
 from shared import redis_names as names
-from shared.registry import PublishResult, Registry
+from shared.registry import Registry
 from shared.settings import load
+from shared.streams import Streams
 from shared.traffic_cop_client import TrafficCopClient
 from tests.eviction_util import Subscriber, gateway_alive, gone, register, stale_time, traces
 from tests.helpers import TRAFFIC_COP_KEY, RedisServer, ServiceProcess, timeout, wait_for
+
+
+def metric_value(name: str, **labels: str) -> float:
+    """A sample of this process' Prometheus registry (the pass runs in-process)."""
+    value = REGISTRY.get_sample_value(name, labels)
+    return -1.0 if value is None else value
+
 
 MAX_IDLE = 30.0
 
@@ -284,33 +293,6 @@ async def test_a_dead_gateways_records_go_when_it_stays_dead(
     assert not await redis.sismember(names.GATEWAYS, "gw-gone")
 
 
-async def test_queue_drain_keeps_order_and_respects_its_limit(
-    redis: Redis, redis_url: str, registry: Registry
-) -> None:
-    channel = "pillar:insights"
-    queued = [f"m{i}".encode() for i in range(7)]
-    for data in queued:
-        assert await registry.publish_or_queue(channel, data, 100) == PublishResult.QUEUED
-    evictor = Evictor.from_settings(
-        redis, settings(redis_url, EVICTION_QUEUE_DRAIN_BATCH="2", EVICTION_QUEUE_DRAIN_LIMIT="5")
-    )
-    # Nobody listens: nothing leaves the queue.
-    assert (await evictor.run_pass()).drained[channel] == 0
-    assert await redis.llen(names.queue(channel)) == 7
-
-    async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
-        first = await evictor.run_pass()
-        assert first.drained[channel] == 5
-        assert await redis.llen(names.queue(channel)) == 2
-        # Newer messages keep queueing behind the older ones until the queue is empty.
-        assert await registry.publish_or_queue(channel, b"late", 100) == PublishResult.QUEUED
-        second = await evictor.run_pass()
-        assert second.drained[channel] == 3
-        assert await registry.publish_or_queue(channel, b"direct", 100) == PublishResult.PUBLISHED
-        await wait_for(lambda: len(sub.received) >= 9)
-        assert sub.data(names.agent_channel(channel)) == [*queued, b"late", b"direct"]
-
-
 async def test_a_stop_request_ends_the_pass_after_the_page_in_flight(
     redis: Redis, redis_url: str, registry: Registry
 ) -> None:
@@ -328,53 +310,6 @@ async def test_a_stop_request_ends_the_pass_after_the_page_in_flight(
     summary = await evictor.run_pass()
     assert (summary.evicted["idle"], summary.complete) == (5, False)
     assert await redis.zcard(names.LAST_SEEN) == 7
-
-
-async def test_draining_large_messages_loses_none_of_them(
-    redis: Redis, redis_url: str, registry: Registry
-) -> None:
-    """600 messages of 66 KB (40 MB, past Redis' default 32 MB pubsub output-buffer hard limit
-    had they gone out in one script run, which would disconnect the subscriber after they had
-    left the queue): runs bounded by bytes deliver every one, in order."""
-    channel = "guide"
-    queued = [b'{"n":%d,"p":"%s"}' % (i, b"x" * 66_000) for i in range(600)]
-    answers = await registry.run_scripts(
-        [registry.publish_or_queue_call(channel, data, 10_000) for data in queued]
-    )
-    assert answers == [PublishResult.QUEUED] * 600
-    evictor = Evictor.from_settings(redis, settings(redis_url))
-    assert evictor.queue_drain_bytes == 1 << 20
-    assert evictor.queue_drain_pass_bytes == 4 << 20
-    size = len(queued[0])
-    async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
-        drained = []
-        while await redis.llen(names.queue(channel)):
-            drained.append((await evictor.run_pass()).drained[channel])
-            assert len(drained) <= 20, drained
-        # Each pass stops at its 4 MiB budget (the run that crosses it moves at least one
-        # message), so no pass puts more than ~4 MiB into the agent's output buffer.
-        assert sum(drained) == 600
-        assert all(0 < n * size <= (4 << 20) + size for n in drained), drained
-        await wait_for(lambda: len(sub.received) >= 600, what="all 600 messages")
-        assert sub.data(names.agent_channel(channel)) == queued
-    assert await redis.llen(names.queue(channel)) == 0
-
-
-async def test_a_message_larger_than_the_byte_bound_still_moves(
-    redis: Redis, redis_url: str, registry: Registry
-) -> None:
-    channel = "guide"
-    queued = [b"a" * 3000, b"b" * 10, b"c" * 10, b"d" * 3000]
-    for data in queued:
-        assert await registry.publish_or_queue(channel, data, 100) == PublishResult.QUEUED
-    async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
-        # One run: the first message alone is past the bound and moves anyway, nothing else.
-        assert await registry.drain_queue_step(channel, 10, 1000) == (1, 3, 3000)
-        assert await registry.drain_queue_step(channel, 10, 1000) == (2, 1, 20)
-        evictor = Evictor.from_settings(redis, settings(redis_url, EVICTION_QUEUE_DRAIN_BYTES="1"))
-        assert (await evictor.run_pass()).drained[channel] == 1
-        await wait_for(lambda: len(sub.received) >= 4, what="the 4 messages")
-        assert sub.data(names.agent_channel(channel)) == queued
 
 
 async def test_after_a_redis_outage_idle_eviction_waits_for_the_gateways(
@@ -453,26 +388,151 @@ async def test_dropped_reports_are_logged_at_most_once_a_second(
         await client.close()
 
 
-async def test_one_pass_moves_at_most_its_byte_budget_per_channel(
+# -- streams: reclaim, dead letters, stale consumers, trimming ---------------------------------
+
+
+async def _publish(registry: Registry, channel: str, n: int, prefix: str = "m") -> list[bytes]:
+    data = [f"{prefix}{i}".encode() for i in range(n)]
+    await registry.run_scripts([registry.publish_or_queue_call(channel, d, 10_000) for d in data])
+    return data
+
+
+async def _read(redis: Redis, channel: str, group: str, consumer: str) -> list[bytes]:
+    """What the consumer gets with XREADGROUP > (also marks it live in Redis)."""
+    raw = await redis.xreadgroup(group, consumer, {names.stream(channel): ">"}, count=1000)
+    return [f[b"data"] for _i, f in raw[0][1]] if raw else []
+
+
+async def _holders(redis: Redis, channel: str, group: str) -> list[tuple[str, int]]:
+    rows = await redis.xpending_range(names.stream(channel), group, "-", "+", 1000)
+    return [(r["consumer"].decode(), r["times_delivered"]) for r in rows]
+
+
+async def test_unacked_messages_go_to_a_live_consumer_then_to_the_dead_letters(
     redis: Redis, redis_url: str, registry: Registry
 ) -> None:
-    # Redis does not wait for an agent to read: a pass that drained run after run would pile
-    # a whole backlog into the agent's output buffer. Each pass stops at its byte budget.
+    channel, group = "pillar:insights", "insights"
+    await Streams(redis).ensure_group(channel, group)
+    sent = await _publish(registry, channel, 3)
+    assert await _read(redis, channel, group, "dies") == sent  # read, never acked
+    evictor = Evictor.from_settings(
+        redis, settings(redis_url, ACK_TIMEOUT_SECONDS="0.05", MAX_DELIVERIES="2")
+    )
+    await Streams(redis).heartbeat(channel, group, "lives")  # live, holds nothing
+
+    async def reclaimed() -> int:
+        return (await evictor.run_pass()).reclaimed[channel]
+
+    assert await wait_for(reclaimed, what="a pass reclaims") == 3
+    # Handed to the live consumer holding the fewest, delivery count carried on.
+    assert await _holders(redis, channel, group) == [("lives", 2)] * 3
+    assert metric_value("postoffice_stream_redeliveries_total", channel=channel, group=group) >= 3
+
+    async def dead() -> int:
+        await Streams(redis).heartbeat(channel, group, "lives")  # stays live, never acks
+        return (await evictor.run_pass()).dead_lettered[channel]
+
+    assert await wait_for(dead, what="dead-lettered") == 3
+    assert await _holders(redis, channel, group) == []  # acked into the dead letters
+    letters = await Streams(redis).dead_letters(channel)
+    assert [(d.data, d.group, d.deliveries, d.reason) for d in letters] == [
+        (m, group, 2, "max_deliveries") for m in sent
+    ]
+    # Re-queued: appended to the stream again, gone from the dead letters.
+    new_ids = await Streams(redis).requeue(channel, [letters[0].id, "1-1"])
+    assert new_ids[0] is not None and new_ids[1] is None
+    assert await redis.xlen(names.dead_letters(channel)) == 2
+    assert await _read(redis, channel, group, "lives") == [sent[0]]
+
+
+async def test_nothing_is_reclaimed_without_a_live_consumer(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    channel, group = "guide", "guide"
+    await Streams(redis).ensure_group(channel, group)
+    await _publish(registry, channel, 2)
+    await _read(redis, channel, group, "gone")
+    evictor = Evictor.from_settings(
+        redis,
+        settings(redis_url, ACK_TIMEOUT_SECONDS="0.01", EVICTION_CONSUMER_LIVE_SECONDS="0.01"),
+    )
+    # "gone" is the only consumer; once it is not live, nobody can take its messages.
+    await wait_for(lambda: _idle_past(redis, channel, group, 20), what="consumer idle")
+    assert (await evictor.run_pass()).reclaimed[channel] == 0
+    assert await _holders(redis, channel, group) == [("gone", 1)] * 2
+
+
+async def _idle_past(redis: Redis, channel: str, group: str, ms: int) -> bool:
+    consumers = await redis.xinfo_consumers(names.stream(channel), group)
+    return all(c["idle"] > ms for c in consumers)
+
+
+async def test_two_workers_at_once_hand_each_message_over_once(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    channel, group = "pillar:content", "content"
+    await Streams(redis).ensure_group(channel, group)
+    await _publish(registry, channel, 300)
+    assert len(await _read(redis, channel, group, "dies")) == 300
+    await Streams(redis).heartbeat(channel, group, "lives")
+    env = {"ACK_TIMEOUT_SECONDS": "0.05", "EVICTION_RECLAIM_BATCH": "7"}
+    workers = [Evictor.from_settings(redis, settings(redis_url, **env)) for _ in range(2)]
+    await wait_for(lambda: _idle_past(redis, channel, group, 60), what="entries idle")
+    summaries = await asyncio.gather(*(w.run_pass() for w in workers))
+    assert sum(s.reclaimed[channel] for s in summaries) == 300
+    assert await _holders(redis, channel, group) == [("lives", 2)] * 300
+
+
+async def test_trim_keeps_everything_a_group_has_not_acked(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
     channel = "guide"
-    queued = [bytes([97 + i]) * 1000 for i in range(10)]
-    for data in queued:
-        assert await registry.publish_or_queue(channel, data, 100) == PublishResult.QUEUED
-    async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
-        evictor = Evictor.from_settings(
-            redis,
-            settings(
-                redis_url,
-                EVICTION_QUEUE_DRAIN_BYTES="1000",
-                EVICTION_QUEUE_DRAIN_PASS_BYTES="3000",
-            ),
-        )
-        assert (await evictor.run_pass()).drained[channel] == 3
-        assert await redis.llen(names.queue(channel)) == 7
-        assert [(await evictor.run_pass()).drained[channel] for _ in range(3)] == [3, 3, 1]
-        await wait_for(lambda: len(sub.received) >= 10, what="the 10 messages")
-        assert sub.data(names.agent_channel(channel)) == queued
+    await _publish(registry, channel, 5)
+    evictor = Evictor.from_settings(redis, settings(redis_url))
+    # No group: nobody acked anything, nothing goes.
+    assert (await evictor.run_pass()).trimmed[channel] == 0
+    streams = Streams(redis)
+    for group in ("fast", "slow"):
+        await streams.ensure_group(channel, group)
+    fast = await redis.xreadgroup("fast", "f", {names.stream(channel): ">"}, count=10)
+    ids = [i for i, _f in fast[0][1]]
+    await streams.ack(channel, "fast", ids)
+    slow = await redis.xreadgroup("slow", "s", {names.stream(channel): ">"}, count=2)
+    await streams.ack(channel, "slow", [slow[0][1][0][0]])  # acked the 1st, holds the 2nd
+    # The slow group holds the 2nd entry: only the 1st may go.
+    assert (await evictor.run_pass()).trimmed[channel] == 1
+    assert [i for i, _f in await redis.xrange(names.stream(channel))] == ids[1:]
+    await streams.ack(channel, "slow", [slow[0][1][1][0]])
+    rest = await redis.xreadgroup("slow", "s", {names.stream(channel): ">"}, count=10)
+    await streams.ack(channel, "slow", [i for i, _f in rest[0][1]])
+    # Everything acked by both: trimmed down to the last delivered entry.
+    assert (await evictor.run_pass()).trimmed[channel] == 3
+    assert await redis.xlen(names.stream(channel)) == 1
+
+
+async def test_stale_consumers_are_removed_unless_they_hold_messages(
+    redis: Redis, redis_url: str, registry: Registry
+) -> None:
+    channel, group = "guide", "guide"
+    await Streams(redis).ensure_group(channel, group)
+    await _publish(registry, channel, 1)
+    await _read(redis, channel, group, "holds")
+    await Streams(redis).heartbeat(channel, group, "empty")
+    evictor = Evictor.from_settings(
+        redis,
+        settings(
+            redis_url,
+            EVICTION_CONSUMER_STALE_SECONDS="0.01",
+            EVICTION_CONSUMER_LIVE_SECONDS="0.01",
+        ),
+    )
+    await wait_for(lambda: _idle_past(redis, channel, group, 20), what="consumers idle")
+    assert (await evictor.run_pass()).consumers_removed == 1
+    names_left = [c["name"] for c in await redis.xinfo_consumers(names.stream(channel), group)]
+    assert names_left == [b"holds"]
+    assert metric_value("postoffice_stream_group_pending", channel=channel, group=group) == 1
+    assert metric_value("postoffice_stream_length", channel=channel) == 1
+    assert (
+        metric_value("postoffice_stream_oldest_pending_age_seconds", channel=channel, group=group)
+        > 0
+    )

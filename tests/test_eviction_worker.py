@@ -14,11 +14,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 
 from redis.asyncio import Redis
 
 from shared import redis_names as names
 from shared.registry import PublishResult, Registry
+from shared.streams import Streams
 from shared.traffic_cop_client import TrafficCopClient
 from tests.consul_api import ConsulServer
 from tests.eviction_util import (
@@ -184,31 +186,48 @@ async def test_two_workers_announce_every_eviction_exactly_once(
     assert min(per_worker) > 0 or sum(lost) > 0, (per_worker, lost)
 
 
-async def test_queued_messages_reach_a_subscriber_that_appears_in_order(
+async def test_messages_accepted_before_any_agent_are_delivered_and_reclaimed(
     redis: Redis, redis_url: str
 ) -> None:
+    """Accepted while no agent listens -> delivered, in order, when one comes; what a consumer
+    that died held goes to a live one; acked history is trimmed. A real worker process."""
     registry = Registry(redis, 3600)
-    channel = "guide"
-    worker = worker_process(redis_url, NOWHERE).start()
+    streams = Streams(redis)
+    channel, group = "guide", "guide"
+    worker = worker_process(redis_url, NOWHERE, ACK_TIMEOUT_SECONDS="0.2").start()
     try:
         queued = [json.dumps({"n": i}).encode() for i in range(20)]
         for data in queued:
             assert await registry.publish_or_queue(channel, data, 1000) == PublishResult.QUEUED
-        # Nobody listens: passes go by and leave them where they are.
+        # Nobody reads: passes go by and trim nothing.
         passes = _passes(worker)
         await wait_for(lambda: _passes(worker) >= passes + 3, what="three more passes")
-        assert await redis.llen(names.queue(channel)) == 20
-        async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
-            await wait_for(lambda: len(sub.received) >= 20, what="the queued messages")
-            await wait_for(lambda: _not(redis.llen(names.queue(channel))), what="queue empty")
-            text = get_text(worker.url + "/metrics")
-            assert (
-                metric(text, "postoffice_eviction_queue_messages_drained_total", 'channel="guide"')
-                == 20
-            )
-            assert sub.data(names.agent_channel(channel)) == queued
+        assert await redis.xlen(names.stream(channel)) == 20
+        # The first agent's group starts at 0: everything, in order.
+        await streams.ensure_group(channel, group)
+        got = await streams.read_new(channel, group, "dies", 100, 0)
+        assert [e.data for e in got] == queued
+        await streams.ack(channel, group, [e.id for e in got[:10]])  # then it dies
+
+        async def handed() -> list[bytes]:
+            await streams.heartbeat(channel, group, "lives")
+            step = await streams.consume_step(channel, group, "lives", 100, [])
+            return [e.data for e in step.unsent]
+
+        assert await wait_for(handed, what="reclaimed by the worker") == queued[10:]
+        await streams.ack(channel, group, [e.id for e in got[10:]])
+        await wait_for(
+            lambda: _at_most(redis.xlen(names.stream(channel)), 1), what="acked history trimmed"
+        )
+        text = get_text(worker.url + "/metrics")
+        labels = 'channel="guide",group="guide"'
+        assert metric(text, "postoffice_stream_redeliveries_total", labels) == 10
     finally:
         assert worker.stop() == 0
+
+
+async def _at_most(value: Awaitable[int], n: int) -> bool:
+    return await value <= n
 
 
 async def test_sigterm_exits_0_and_deregisters_from_consul(redis_url: str) -> None:

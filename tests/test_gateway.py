@@ -36,7 +36,14 @@ from tests.gateway_util import (
     wait_for_log,
     ws_url,
 )
-from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, create_session, timeout, wait_for
+from tests.helpers import (
+    TRAFFIC_COP_KEY,
+    ServiceProcess,
+    create_session,
+    stream_data,
+    timeout,
+    wait_for,
+)
 
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
 
@@ -155,7 +162,7 @@ async def test_channel_and_intent_default_to_guide_and_chat_and_queue_without_an
         ack = await recv(ws)
         # No agent listens on guide in this test: the message waits in the bounded queue.
         assert ack == {"type": "ack", "id": 7, "message_id": ack["message_id"], "status": "queued"}
-        queued = [orjson.loads(m) for m in await redis.lrange(names.queue("guide"), 0, -1)]
+        queued = [orjson.loads(m) for m in await stream_data(redis, "guide")]
         mine = [m for m in queued if m["message_id"] == ack["message_id"]]
         assert mine and mine[0]["message"] == {
             "channel": "guide",

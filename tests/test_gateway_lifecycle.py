@@ -40,6 +40,7 @@ from tests.helpers import (
     ServiceProcess,
     create_session,
     free_port,
+    stream_data,
     timeout,
     wait_for,
 )
@@ -84,7 +85,7 @@ def _exit_code(gw: ServiceProcess) -> int:
 
 async def _queued_ids(redis_url: str, channel: str) -> list[str]:
     async with redis_client(redis_url) as redis:
-        raw = await redis.lrange(names.queue(channel), 0, -1)
+        raw = await stream_data(redis, channel)
     return [orjson.loads(m)["message_id"] for m in raw]
 
 
@@ -266,20 +267,27 @@ async def _eq(value: Any, expected: Any) -> bool:
 async def test_a_full_channel_does_not_hold_up_the_others_once_redis_is_back(
     server, private_traffic_cop
 ):
-    # Queue bound 0: with no agent on a channel, Redis refuses every message for it.
-    gw = start_gateway(server.url, private_traffic_cop.url, GATEWAY_QUEUE_BOUND="0")
+    # Bound 1 and one unconsumed message already in pillar:content's stream: Redis refuses
+    # every further message on it until an agent consumes.
+    gw = start_gateway(server.url, private_traffic_cop.url, GATEWAY_STREAM_MAX_PENDING="1")
     try:
+        async with redis_client(server.url) as redis:
+            await redis.xadd(names.stream("pillar:content"), {"data": b"{}"})
         token = create_session(private_traffic_cop.url, "two-channels")
         async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:
             await recv(ws)
-            server.stop()
+            # Frozen, not stopped: a restarted redis-server here would come back empty.
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGSTOP)
             promised = []
-            for i in range(2):
-                await ws.send_str(chat(f"content {i}", id=f"c{i}", channel="pillar:content"))
-                ack = await recv(ws)
-                assert (ack["id"], ack["status"]) == (f"c{i}", "queued")
-                promised.append(ack["message_id"])
-            server.start()
+            try:
+                for i in range(2):
+                    await ws.send_str(chat(f"content {i}", id=f"c{i}", channel="pillar:content"))
+                    ack = await recv(ws)
+                    assert (ack["id"], ack["status"]) == (f"c{i}", "queued")
+                    promised.append(ack["message_id"])
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
 
             # Redis answers again: the breaker closes although it refuses both promised
             # messages (their channel is full); they wait in that channel's retry list.
@@ -303,11 +311,22 @@ async def test_a_full_channel_does_not_hold_up_the_others_once_redis_is_back(
                 error = await recv(ws)
                 assert (error["type"], error["id"], error["code"]) == ("error", "c2", "unavailable")
 
-                # An agent listens on it: the promised messages reach it, in order, once.
-                async with AgentListener(redis, "pillar:content") as content:
-                    await wait_for(lambda: _eq(breaker(), (0.0, 0.0)), 10, what="retried")
-                    await wait_for(lambda: len(content.messages) >= 2, 5, what="delivery")
-                    assert [m["message_id"] for m in content.messages] == promised
+                # An agent consumes it: room frees up one message at a time, and the promised
+                # messages reach it, in order, once.
+                stream = names.stream("pillar:content")
+                await redis.xgroup_create(stream, "content", id="0")
+                got: list[str] = []
+
+                async def consume() -> bool:
+                    raw = await redis.xreadgroup("content", "c", {stream: ">"}, count=10)
+                    for entry_id, fields in raw[0][1] if raw else []:
+                        got.append(orjson.loads(fields[b"data"]).get("message_id", "prefill"))
+                        await redis.xack(stream, "content", entry_id)
+                    return len(got) >= 3
+
+                await wait_for(consume, 10, what="delivery")
+                await wait_for(lambda: _eq(breaker(), (0.0, 0.0)), 10, what="retried")
+                assert got == ["prefill", *promised]
     finally:
         assert gw.stop() == 0
 

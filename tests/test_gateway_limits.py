@@ -128,7 +128,7 @@ async def test_pongs_are_free_within_their_allowance_then_cost_a_token(base, gat
 
 
 async def test_a_full_agent_queue_answers_unavailable(base, gateways, redis):
-    gw = gateway(base, gateways, GATEWAY_QUEUE_BOUND="1")
+    gw = gateway(base, gateways, GATEWAY_STREAM_MAX_PENDING="1")
     async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, base.token("qb"))) as ws:
         await recv(ws)
         await ws.send_str(chat(id="a", channel="pillar:business_outcomes"))
@@ -136,7 +136,7 @@ async def test_a_full_agent_queue_answers_unavailable(base, gateways, redis):
         await ws.send_str(chat(id="b", channel="pillar:business_outcomes"))
         error = await recv(ws)
         assert (error["type"], error["code"], error["id"]) == ("error", "unavailable", "b")
-        assert await redis.llen(names.queue("pillar:business_outcomes")) == 1
+        assert await redis.xlen(names.stream("pillar:business_outcomes")) == 1
         # The connection stays usable.
         await ws.send_str(chat(id="c", channel="pillar:business_outcomes"))
         assert (await recv(ws))["code"] == "unavailable"
@@ -382,7 +382,7 @@ async def test_a_close_first_flushes_what_is_queued_acks_included(base, gateways
             return bool((await health_detail(gw))["frames_queued"] > 0)
 
         await wait_for(backed_up, 20, interval=0, what="frames waiting in the send queue")
-        before = await redis.llen(names.queue("guide"))
+        before = await redis.xlen(names.stream("guide"))
         for i in range(5):
             await ws.send_str(chat(id=i))
         # No agent listens on guide: taken means queued. The acks wait behind the deliveries.
@@ -407,7 +407,7 @@ async def test_a_close_first_flushes_what_is_queued_acks_included(base, gateways
 
 
 async def _queued_at_least(redis: Redis, count: int) -> bool:
-    return bool(await redis.llen(names.queue("guide")) >= count)
+    return bool(await redis.xlen(names.stream("guide")) >= count)
 
 
 async def test_a_revocation_lost_while_pubsub_reconnects_still_closes(base, gateways, redis):

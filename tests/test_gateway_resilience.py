@@ -19,7 +19,7 @@ from tests.gateway_util import (
     start_traffic_cop,
     ws_url,
 )
-from tests.helpers import ServiceProcess, create_session, wait_for
+from tests.helpers import ServiceProcess, create_session, stream_data, wait_for
 
 
 @pytest.fixture
@@ -65,7 +65,7 @@ async def test_breaker_holds_messages_while_redis_is_down_and_flushes_them_in_or
             try:
 
                 async def flushed() -> list[dict[str, object]]:
-                    raw = await redis.lrange(names.queue("guide"), 0, -1)
+                    raw = await stream_data(redis, "guide")
                     return [orjson.loads(m) for m in raw] if len(raw) >= 2 else []
 
                 held = await wait_for(flushed, 10, what="the breaker flush")
@@ -80,7 +80,7 @@ async def test_breaker_holds_messages_while_redis_is_down_and_flushes_them_in_or
                 assert await recv(ws) == {"type": "back"}
                 await ws.send_str(chat("after", id=4))
                 assert (await recv(ws))["status"] == "queued"
-                assert await redis.llen(names.queue("guide")) == 3
+                assert await redis.xlen(names.stream("guide")) == 3
             finally:
                 await redis.aclose()
     finally:

@@ -29,7 +29,9 @@ def test_spec_table_formats():
     )
     assert names.gateway_instance("gw-1") == "websocket:gateway:gw-1"
     assert names.EVENTS == "websocket:events"
-    assert names.queue("guide") == "websocket:queue:guide"
+    assert names.stream("guide") == "websocket:stream:{guide}"
+    assert names.dead_letters("pillar:content") == "websocket:dead:{pillar:content}"
+    assert names.stream_consumers("guide") == "websocket:consumers:{guide}"
     digest = hashlib.sha256(b"token").hexdigest()
     assert names.session(digest) == f"session:{digest}"
 

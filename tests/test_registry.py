@@ -1,4 +1,5 @@
-"""shared/registry.py against a real redis-server: atomic writes, exactly-once events, queues."""
+"""shared/registry.py against a real redis-server: atomic writes, exactly-once events, the
+channel streams' publish."""
 
 from __future__ import annotations
 
@@ -243,57 +244,52 @@ async def test_touch_does_not_resurrect_an_unregistered_connection(redis, regist
     assert await registry.get(CID) is None
 
 
-async def test_publish_or_queue_published_queued_refused_in_order(redis, registry):
+async def _stream_data(redis: Redis, channel: str) -> list[bytes]:
+    return [fields[b"data"] for _id, fields in await redis.xrange(names.stream(channel))]
+
+
+async def test_publish_or_queue_queued_published_refused_in_order(redis, registry):
     channel = "guide"
-    # No agent listens: messages queue up to the bound, then are refused.
-    assert await registry.publish_or_queue(channel, b"m1", queue_bound=2) == PublishResult.QUEUED
-    assert await registry.publish_or_queue(channel, b"m2", queue_bound=2) == PublishResult.QUEUED
-    assert await registry.publish_or_queue(channel, b"m3", queue_bound=2) == PublishResult.REFUSED
-    assert await redis.lrange(names.queue(channel), 0, -1) == [b"m1", b"m2"]
-
-    agent = redis.pubsub()
-    await agent.subscribe(names.agent_channel(channel))
+    # Nobody reads the channel: accepted into the stream ("queued") up to the bound.
+    assert await registry.publish_or_queue(channel, b"m1", 2) == PublishResult.QUEUED
+    assert await registry.publish_or_queue(channel, b"m2", 2) == PublishResult.QUEUED
+    assert await registry.publish_or_queue(channel, b"m3", 2) == PublishResult.REFUSED
+    assert await _stream_data(redis, channel) == [b"m1", b"m2"]
+    tap = redis.pubsub()
+    await tap.subscribe(names.agent_channel(channel))
     try:
-        # An agent listens now, but older messages wait: the new one queues behind them.
-        assert (
-            await registry.publish_or_queue(channel, b"m3", queue_bound=3) == PublishResult.QUEUED
-        )
-        assert await registry.drain_queue(channel, batch=10) == 3
-        assert await redis.llen(names.queue(channel)) == 0
-        # Queue empty and a subscriber: straight through.
-        assert await registry.publish_or_queue(channel, b"m4", queue_bound=3) == (
-            PublishResult.PUBLISHED
-        )
-        got = []
-        while len(got) < 4:
-            msg = await next_message(agent)
-            got.append(msg["data"])
-        assert got == [b"m1", b"m2", b"m3", b"m4"]
+        # A group created at 0 gets the messages held before it existed, oldest first.
+        await redis.xgroup_create(names.stream(channel), "agents", id="0")
+        read = await redis.xreadgroup("agents", "a1", {names.stream(channel): ">"}, count=10)
+        assert [f[b"data"] for _i, f in read[0][1]] == [b"m1", b"m2"]
+        # Both delivered, neither acked: still 2 unconsumed, so still refused.
+        assert await registry.publish_or_queue(channel, b"m3", 2) == PublishResult.REFUSED
+        await redis.xack(names.stream(channel), "agents", read[0][1][0][0])
+        assert await registry.publish_or_queue(channel, b"m3", 2) == PublishResult.PUBLISHED
+        # The tap got what was accepted while it listened, nothing refused.
+        assert (await next_message(tap))["data"] == b"m3"
+        assert await _stream_data(redis, channel) == [b"m1", b"m2", b"m3"]
     finally:
-        await agent.aclose()
+        await tap.aclose()
 
 
-async def test_drain_queue_moves_only_when_a_subscriber_exists(redis, registry):
+async def test_publish_refuses_on_the_slowest_group(redis, registry):
     channel = "pillar:content"
-    for i in range(5):
-        assert await registry.publish_or_queue(channel, b"%d" % i, queue_bound=10) == 2
-    assert await registry.drain_queue(channel, batch=10) == 0
-    assert await redis.llen(names.queue(channel)) == 5
-    agent = redis.pubsub()
-    await agent.subscribe(names.agent_channel(channel))
-    try:
-        assert await registry.drain_queue(channel, batch=2) == 2  # the batch bounds one pass
-        assert await redis.lrange(names.queue(channel), 0, -1) == [b"2", b"3", b"4"]
-        assert await registry.drain_queue(channel, batch=10) == 3
-        assert await redis.exists(names.queue(channel)) == 0
-    finally:
-        await agent.aclose()
+    for group in ("fast", "slow"):
+        await redis.xgroup_create(names.stream(channel), group, id="0", mkstream=True)
+    for i in range(3):
+        assert await registry.publish_or_queue(channel, b"%d" % i, 3) == PublishResult.PUBLISHED
+    read = await redis.xreadgroup("fast", "f", {names.stream(channel): ">"}, count=10)
+    await redis.xack(names.stream(channel), "fast", *[i for i, _f in read[0][1]])
+    # "fast" has nothing left, "slow" has 3 unread: the slowest group decides.
+    assert await registry.publish_or_queue(channel, b"x", 3) == PublishResult.REFUSED
+    assert await redis.xlen(names.stream(channel)) == 3
 
 
 async def test_publish_or_queue_batched_in_one_round_trip(redis, registry):
     calls = [registry.publish_or_queue_call("guide", data, 1) for data in (b"a", b"b")]
     assert await registry.run_scripts(calls) == [PublishResult.QUEUED, PublishResult.REFUSED]
-    assert await redis.lrange(names.queue("guide"), 0, -1) == [b"a"]
+    assert await _stream_data(redis, "guide") == [b"a"]
 
 
 async def test_run_scripts_reloads_scripts_redis_forgot_and_runs_each_once(redis, registry):
@@ -302,7 +298,7 @@ async def test_run_scripts_reloads_scripts_redis_forgot_and_runs_each_once(redis
     await redis.script_flush()
     calls = [registry.publish_or_queue_call("guide", data, 10) for data in (b"a", b"b", b"c")]
     assert await registry.run_scripts(calls) == [PublishResult.QUEUED] * 3
-    assert await redis.lrange(names.queue("guide"), 0, -1) == [b"a", b"b", b"c"]
+    assert await _stream_data(redis, "guide") == [b"a", b"b", b"c"]
     await redis.script_flush()
     await registry.register(record(cid="ws_u_0000aaaa"))
     assert await registry.unregister_many(["ws_u_0000aaaa"]) == [1]

@@ -21,7 +21,7 @@ __all__ = ["PREFIX", "EvictionSettings"]
 PREFIX = "EVICTION_"
 DESCRIPTION = (
     "Post Office eviction worker: evicts idle connections, cleans up after dead gateways and "
-    "drains the agent-channel queues. Serves /health, /ready, /metrics and /status only."
+    "reclaims unacked agent-stream messages. Serves /health, /ready, /metrics and /status only."
 )
 
 
@@ -70,25 +70,34 @@ class EvictionSettings(TrafficCopCallerSettings):
         minimum=1,
         maximum=256,
     )
-    queue_drain_batch: int = setting(
-        500, "most queued messages moved per channel per round trip", minimum=1
+    ack_timeout_seconds: float = setting(
+        30.0,
+        "a stream message delivered to a consumer and not acked for this long is handed to "
+        "another live consumer of its group; above the agents' longest handling time",
+        common=True,
+        minimum=0.01,
     )
-    queue_drain_limit: int = setting(
-        50_000, "most queued messages moved per channel per pass", minimum=1
-    )
-    queue_drain_bytes: int = setting(
-        1 << 20,
-        "most bytes of queued messages moved per channel per round trip (at least one message "
-        "always moves); keep it well under Redis' client-output-buffer-limit pubsub, since one "
-        "round trip's messages reach each subscriber's output buffer at once",
+    max_deliveries: int = setting(
+        5,
+        "deliveries of one stream message (the first and each hand-over) before it moves to "
+        "the channel's dead letters",
+        common=True,
         minimum=1,
     )
-    queue_drain_pass_bytes: int = setting(
-        4 << 20,
-        "most bytes of queued messages moved per channel per pass: Redis does not wait for a "
-        "subscriber to read, so this bounds what one pass adds to an agent's pub/sub output "
-        "buffer; the agent reads it during the interval before the next pass",
-        minimum=1,
+    consumer_live_seconds: float = setting(
+        15.0,
+        "a consumer that read from its group within this long is live and may be handed "
+        "reclaimed messages; above the consumers' read interval (the API's GROUP_BLOCK_SECONDS)",
+        minimum=0.01,
+    )
+    consumer_stale_seconds: float = setting(
+        3600.0,
+        "a consumer holding no message that has not read for this long is removed from its group",
+        minimum=0.01,
+    )
+    reclaim_batch: int = setting(100, "stream entries reclaimed per round trip", minimum=1)
+    reclaim_limit: int = setting(
+        10_000, "most stream entries reclaimed per group per pass", minimum=1
     )
     recovery_grace_seconds: float = setting(
         15.0,
@@ -100,8 +109,9 @@ class EvictionSettings(TrafficCopCallerSettings):
     )
     channels: tuple[str, ...] = setting(
         DEFAULT_CHANNELS,
-        "agent channels whose queues are drained (comma-separated); set CHANNELS once for the "
-        "whole stack: a channel the worker does not drain stalls once one message is queued",
+        "agent channels whose streams are reclaimed and trimmed (comma-separated); set CHANNELS "
+        "once for the whole stack: a channel the worker does not know is never trimmed and its "
+        "unacked messages are never handed to another consumer",
         common=True,
     )
     error_backoff_seconds: float = setting(
@@ -128,10 +138,10 @@ class EvictionSettings(TrafficCopCallerSettings):
                 f"is larger than {PREFIX}TRAFFIC_COP_RETRY_CAP_SECONDS="
                 f"{self.traffic_cop_retry_cap_seconds!r}"
             )
-        if self.queue_drain_batch > self.queue_drain_limit:
+        if self.reclaim_batch > self.reclaim_limit:
             raise SettingsError(
-                f"{PREFIX}QUEUE_DRAIN_BATCH={self.queue_drain_batch!r} is larger than "
-                f"{PREFIX}QUEUE_DRAIN_LIMIT={self.queue_drain_limit!r}"
+                f"{PREFIX}RECLAIM_BATCH={self.reclaim_batch!r} is larger than "
+                f"{PREFIX}RECLAIM_LIMIT={self.reclaim_limit!r}"
             )
 
     @property

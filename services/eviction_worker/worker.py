@@ -15,9 +15,10 @@ A pass does three things, each in pages of pipelined Redis work, never a key sca
    names that instance, and only while the liveness key is still absent: the script re-checks
    it, so an instance that restarted with the same id keeps its new connections), then the
    instance is forgotten, unless its key came back meanwhile.
-3. **Queues.** One pipelined ``LLEN`` finds the configured channels with queued messages; each
-   of those queues is drained to its subscribers, oldest first, in script runs bounded by count
-   and bytes; a message leaves the queue only once a subscriber got it.
+3. **Streams.** :mod:`services.eviction_worker.reclaim`: unacked messages past
+   ``ACK_TIMEOUT_SECONDS`` are handed to another live consumer of their group, those past
+   ``MAX_DELIVERIES`` go to the dead letters, stale consumers are removed and the acked history
+   is trimmed. It runs during the recovery grace too: it depends on no gateway's writes.
 
 After a failed pass (Redis unreachable) idle eviction waits ``recovery_grace_seconds`` from the
 moment Redis answers again: while Redis was away the gateways could not write last-seen times,
@@ -45,6 +46,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.eviction_worker import metrics
+from services.eviction_worker.reclaim import Reclaimer
 from services.eviction_worker.reporter import TrafficCopReporter
 from services.eviction_worker.settings import EvictionSettings
 from shared import redis_names as names
@@ -84,7 +86,10 @@ class PassSummary:
     idle_deferred: bool = False
     errors: int = 0
     dead_gateways: list[str] = field(default_factory=list)
-    drained: dict[str, int] = field(default_factory=dict)
+    reclaimed: dict[str, int] = field(default_factory=dict)
+    dead_lettered: dict[str, int] = field(default_factory=dict)
+    trimmed: dict[str, int] = field(default_factory=dict)
+    consumers_removed: int = 0
     round_trips: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -95,7 +100,9 @@ class PassSummary:
         return bool(
             sum(self.evicted.values())
             or self.dead_gateways
-            or sum(self.drained.values())
+            or sum(self.reclaimed.values())
+            or sum(self.dead_lettered.values())
+            or self.consumers_removed
             or self.errors
             or not self.complete
         )
@@ -113,10 +120,12 @@ class Evictor:
         pass_limit: int = 100_000,
         concurrency: int = 4,
         channels: Sequence[str] = (),
-        queue_drain_batch: int = 500,
-        queue_drain_limit: int = 50_000,
-        queue_drain_bytes: int = 1 << 20,
-        queue_drain_pass_bytes: int = 4 << 20,
+        ack_timeout_seconds: float = 30.0,
+        max_deliveries: int = 5,
+        consumer_live_seconds: float = 15.0,
+        consumer_stale_seconds: float = 3600.0,
+        reclaim_batch: int = 100,
+        reclaim_limit: int = 10_000,
         recovery_grace_seconds: float = 15.0,
         reporter: TrafficCopReporter | None = None,
         stop: asyncio.Event | None = None,
@@ -129,10 +138,16 @@ class Evictor:
         self.pass_limit = pass_limit
         self.concurrency = concurrency
         self.channels = tuple(channels)
-        self.queue_drain_batch = queue_drain_batch
-        self.queue_drain_limit = queue_drain_limit
-        self.queue_drain_bytes = queue_drain_bytes
-        self.queue_drain_pass_bytes = queue_drain_pass_bytes
+        self.reclaimer = Reclaimer(
+            redis,
+            self.channels,
+            ack_timeout_seconds=ack_timeout_seconds,
+            max_deliveries=max_deliveries,
+            consumer_live_seconds=consumer_live_seconds,
+            consumer_stale_seconds=consumer_stale_seconds,
+            reclaim_batch=reclaim_batch,
+            reclaim_limit=reclaim_limit,
+        )
         self.recovery_grace_seconds = recovery_grace_seconds
         self.reporter = reporter
         self.stop = stop or asyncio.Event()
@@ -157,10 +172,12 @@ class Evictor:
             pass_limit=settings.pass_limit,
             concurrency=settings.concurrency,
             channels=settings.channels,
-            queue_drain_batch=settings.queue_drain_batch,
-            queue_drain_limit=settings.queue_drain_limit,
-            queue_drain_bytes=settings.queue_drain_bytes,
-            queue_drain_pass_bytes=settings.queue_drain_pass_bytes,
+            ack_timeout_seconds=settings.ack_timeout_seconds,
+            max_deliveries=settings.max_deliveries,
+            consumer_live_seconds=settings.consumer_live_seconds,
+            consumer_stale_seconds=settings.consumer_stale_seconds,
+            reclaim_batch=settings.reclaim_batch,
+            reclaim_limit=settings.reclaim_limit,
             recovery_grace_seconds=settings.recovery_grace_seconds,
             reporter=reporter,
             stop=stop,
@@ -224,7 +241,7 @@ class Evictor:
             else:
                 await self._evict_stale(summary)
                 await self._clean_dead_gateways(summary)
-            await self._drain_queues(summary)
+            await self._streams(summary)
         summary.duration_seconds = round(time.perf_counter() - clock, 6)
         self.last_summary = summary
         self.last_error = None
@@ -232,11 +249,13 @@ class Evictor:
         level = logging.INFO if summary.eventful else logging.DEBUG
         log.log(
             level,
-            "pass: %d stale, evicted %r, %d dead gateways, drained %r in %.3fs (%d round trips)",
+            "pass: %d stale, evicted %r, %d dead gateways, reclaimed %r, dead-lettered %r "
+            "in %.3fs (%d round trips)",
             summary.stale_found,
             summary.evicted,
             len(summary.dead_gateways),
-            summary.drained,
+            summary.reclaimed,
+            summary.dead_lettered,
             summary.duration_seconds,
             summary.round_trips,
         )
@@ -329,46 +348,15 @@ class Evictor:
                 metrics.DEAD_GATEWAYS.inc()
                 log.info("gateway %s is gone: its records were removed", instance)
 
-    # -- step 3: queues -------------------------------------------------------------------
+    # -- step 3: streams ------------------------------------------------------------------
 
-    async def _drain_queues(self, summary: PassSummary) -> None:
-        # One pipelined LLEN round trip first: queues are empty almost always, and a script
-        # run per channel per pass would be the idle worker's largest cost.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for channel in self.channels:
-                pipe.llen(names.queue(channel))
-            lengths = await pipe.execute()
-        summary.round_trips += 1
-        waiting = [c for c, n in zip(self.channels, lengths, strict=True) if int(n)]
-        for channel in self.channels:
-            summary.drained[channel] = 0
-
-        async def drain(channel: str) -> int:
-            moved = moved_bytes = 0
-            while (
-                moved < self.queue_drain_limit
-                and moved_bytes < self.queue_drain_pass_bytes
-                and not self.stop.is_set()
-            ):
-                want = min(self.queue_drain_batch, self.queue_drain_limit - moved)
-                run_bytes = min(self.queue_drain_bytes, self.queue_drain_pass_bytes - moved_bytes)
-                sent, left, size = await self.registry.drain_queue_step(channel, want, run_bytes)
-                summary.round_trips += 1
-                moved += sent
-                moved_bytes += size
-                # sent == 0: nobody listens. A run may stop short of ``want`` on its byte
-                # bound with messages left: those go in the next run, or the next pass once
-                # this one has moved its byte budget (Redis does not wait for the agent to
-                # read, so the budget bounds the agent's output buffer, not each run alone).
-                if sent == 0 or left == 0:
-                    break
-            return moved
-
-        counts = await asyncio.gather(*(drain(c) for c in waiting))
-        for channel, moved in zip(waiting, counts, strict=True):
-            summary.drained[channel] = moved
-            if moved:
-                metrics.QUEUE_DRAINED.labels(channel).inc(moved)
+    async def _streams(self, summary: PassSummary) -> None:
+        done = await self.reclaimer.run(stop_requested=self.stop.is_set())
+        summary.reclaimed = done.reclaimed
+        summary.dead_lettered = done.dead_lettered
+        summary.trimmed = done.trimmed
+        summary.consumers_removed = done.consumers_removed
+        summary.round_trips += done.round_trips
 
     # -- plumbing -------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from shared.settings import (
     port_setting,
     setting,
 )
+from shared.streams import stream_max_pending_setting
 
 __all__ = ["DESCRIPTION", "PREFIX", "Settings"]
 
@@ -167,12 +168,7 @@ class Settings(TrafficCopCallerSettings):
         "messages waiting for the publisher; past it clients get error 'unavailable'",
         minimum=1,
     )
-    queue_bound: int = setting(
-        10000,
-        "length bound of websocket:queue:<channel> (messages held while no agent listens); "
-        "past it clients get error 'unavailable'",
-        minimum=0,
-    )
+    stream_max_pending: int = stream_max_pending_setting()
     publish_timeout_seconds: float = setting(
         0.5,
         "longest a publish round trip may take before its messages are acked 'queued' and held "

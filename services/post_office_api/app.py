@@ -24,6 +24,7 @@ import orjson
 from aiohttp import web
 
 from services.post_office_api.auth import RealmKeys
+from services.post_office_api.consumers import end_group_streams, groups_context
 from services.post_office_api.delivery import Deliveries
 from services.post_office_api.endpoint import WebSocketEndpoints
 from services.post_office_api.handlers import metrics_middleware, realm_middleware
@@ -84,7 +85,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     )
     stale = StaleReporter(traffic_cop, settings.traffic_cop_pending_limit)
     app[DELIVERIES] = Deliveries(
-        redis, registry, queue_max_length=settings.queue_max_length, on_stale=stale.report
+        redis, registry, stream_max_pending=settings.stream_max_pending, on_stale=stale.report
     )
     app[ENDPOINTS] = WebSocketEndpoints(discovery, settings.public_ws_url, settings.gateway_urls)
     task = asyncio.create_task(stale.run(), name="traffic-cop-stale-reports")
@@ -121,7 +122,6 @@ async def _hub(app: web.Application) -> AsyncIterator[None]:
         backoff_max=settings.pubsub_backoff_max_seconds,
         max_event_bytes=settings.sse_max_event_bytes,
         disconnect_check=settings.sse_disconnect_check_seconds,
-        requeue=app[DELIVERIES].requeue,
     )
     app[HUB] = hub
 
@@ -171,6 +171,7 @@ def create_app(settings: ApiSettings) -> web.Application:
     )
     app.cleanup_ctx.append(_components)
     app.cleanup_ctx.append(_hub)
+    app.cleanup_ctx.append(groups_context)
     app.cleanup_ctx.append(
         registration_context(
             API_SERVICE,
@@ -181,5 +182,6 @@ def create_app(settings: ApiSettings) -> web.Application:
         )
     )
     app.on_shutdown.append(_end_streams)
+    app.on_shutdown.append(end_group_streams)
     setup_routes(app)
     return app

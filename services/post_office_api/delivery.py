@@ -105,19 +105,19 @@ class Deliveries:
         redis: Redis,
         registry: Registry,
         *,
-        queue_max_length: int,
+        stream_max_pending: int,
         on_stale: Callable[[str], None] | None = None,
     ) -> None:
         self.redis = redis
         self.registry = registry
-        self.queue_max_length = queue_max_length
+        self.stream_max_pending = stream_max_pending
         self.on_stale = on_stale
         self._send = redis.register_script(_SEND)
 
     async def publish(
         self, channel: str, message: dict[str, Any], traceparent: str, realm: str
     ) -> PublishOutcome:
-        """Publish an agent message (SPEC shape) on ``websocket:<channel>``, or queue it."""
+        """Append an agent message (SPEC shape) to the channel's stream and its tap."""
         message_id = new_message_id()
         data = orjson.dumps(
             {
@@ -131,16 +131,9 @@ class Deliveries:
                 "realm": realm,
             }
         )
-        result = await self.registry.publish_or_queue(channel, data, self.queue_max_length)
+        result = await self.registry.publish_or_queue(channel, data, self.stream_max_pending)
         status = {PublishResult.PUBLISHED: "published", PublishResult.QUEUED: "queued"}
         return PublishOutcome(status.get(result, "refused"), message_id)
-
-    async def requeue(self, queue_key: str, messages: list[bytes]) -> None:
-        """Push agent messages back to the front of an agent queue, keeping their order (LPUSH
-        inserts its arguments one by one at the head, hence the reversal). Messages that had
-        been accepted are not refused for the queue bound: dropping them would lose them."""
-        if messages:
-            await self.redis.lpush(queue_key, *reversed(messages))
 
     async def to_connection(self, connection_id: str, frame: bytes) -> int:
         """Receivers of ``frame`` (> 0), or a :class:`SendOutcome`; a stale record is removed."""

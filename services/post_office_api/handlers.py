@@ -11,8 +11,8 @@ Every refusal is a JSON error ``{"error": {"code", "message"}}`` (docs/api.md li
 * 429 ``rate_limited``: the realm is over ``RATE_LIMIT_PER_SECOND`` (with ``Retry-After``);
 * 413 ``too_large``: the body is larger than ``MAX_BODY_BYTES`` (aiohttp refuses it while
   reading; the skeleton's error middleware words it);
-* 503 ``unavailable``: Redis is down (skeleton), an agent queue is full, no gateway is known,
-  or the SSE hub cannot subscribe.
+* 503 ``unavailable``: Redis is down (skeleton), a channel's stream is at STREAM_MAX_PENDING,
+  no gateway is known, or the SSE hub cannot subscribe.
 
 Realm keys and session tokens never reach a log line.
 """
@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -32,6 +32,7 @@ from aiohttp_sse import EventSourceResponse
 
 from services.post_office_api import metrics
 from services.post_office_api.auth import PUBLIC_ROUTES, RealmKeys, missing_capability
+from services.post_office_api.consumers import ack_in_reply, check_reply_ack
 from services.post_office_api.delivery import CloseOutcome, SendOutcome
 from services.post_office_api.endpoint import message_format
 from services.post_office_api.hub import HubFull, HubUnavailable, Subscriber
@@ -46,6 +47,7 @@ from services.post_office_api.keys import (
     REGISTRY,
     SETTINGS,
 )
+from services.post_office_api.params import UNKNOWN_CHANNEL_STATUS, channel_param, fail
 from shared import redis_names as names
 from shared.discovery import DiscoveryError
 from shared.http import error_middleware, json_response
@@ -55,6 +57,7 @@ from shared.protocol import (
     is_valid_connection_id,
     is_valid_user_id,
     parse_delivery_body,
+    parse_reply_body,
 )
 from shared.tracing import message_traceparent
 
@@ -83,32 +86,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MAX_SESSION_TOKEN_LENGTH = 512
 #: WebSocket close reasons are at most 123 bytes of UTF-8 (RFC 6455 5.5).
 MAX_CLOSE_REASON_BYTES = 123
-#: Unknown channels are 404 (the channel is part of the resource path).
-UNKNOWN_CHANNEL_STATUS = 404
 #: Status recorded (never sent) for a request whose client left before the answer (nginx's).
 CLIENT_GONE_STATUS = 499
-
-_ERRORS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest,
-    401: web.HTTPUnauthorized,
-    403: web.HTTPForbidden,
-    404: web.HTTPNotFound,
-    410: web.HTTPGone,
-    429: web.HTTPTooManyRequests,
-    503: web.HTTPServiceUnavailable,
-}
-
-
-def fail(
-    status: int, code: ErrorCode | str, message: str, headers: dict[str, str] | None = None
-) -> NoReturn:
-    """Raise the JSON error; the skeleton's error middleware lets JSON errors through as is."""
-    raise _ERRORS[status](
-        text=orjson.dumps({"error": {"code": str(code), "message": message}}).decode(),
-        content_type="application/json",
-        headers=headers,
-    )
-
 
 # -- middlewares ------------------------------------------------------------------------------
 
@@ -145,7 +124,7 @@ async def metrics_middleware(request: web.Request, handler: Handler) -> web.Stre
         raise
     finally:
         metrics.REQUESTS.labels(operation=operation, status=str(status)).inc()
-        if operation != "subscribe_to_channel":
+        if operation not in ("subscribe_to_channel", "consume_group"):
             metrics.REQUEST_SECONDS.labels(operation=operation).observe(time.perf_counter() - start)
 
 
@@ -195,16 +174,7 @@ async def realm_middleware(request: web.Request, handler: Handler) -> web.Stream
 # -- helpers ----------------------------------------------------------------------------------
 
 
-def _channel(request: web.Request) -> str:
-    channel = request.match_info["channel"]
-    channels = request.app[SETTINGS].channels
-    if channel not in channels:
-        fail(
-            UNKNOWN_CHANNEL_STATUS,
-            ErrorCode.UNKNOWN_CHANNEL,
-            f"unknown channel {channel[:64]!r}; channels: {', '.join(channels)}",
-        )
-    return channel
+_channel = channel_param
 
 
 def _connection_id(request: web.Request) -> str:
@@ -267,7 +237,7 @@ async def publish_to_channel(request: web.Request) -> web.Response:
         fail(
             503,
             ErrorCode.UNAVAILABLE,
-            f"no agent listens on {channel!r} and its queue is full; retry later",
+            f"the stream of {channel!r} holds STREAM_MAX_PENDING unconsumed messages; retry later",
             {"Retry-After": "1"},
         )
     return json_response({"message_id": outcome.message_id, "status": outcome.status}, 202)
@@ -275,11 +245,21 @@ async def publish_to_channel(request: web.Request) -> web.Response:
 
 async def send_to_connection(request: web.Request) -> web.Response:
     connection_id = _connection_id(request)
-    message, _parent = await _delivery_body(request)
+    try:
+        message, _parent, raw_ack = parse_reply_body(await request.read())
+    except ProtocolError as exc:
+        fail(400, exc.code, exc.message)
+    # A reply may ack the stream entry it answers: checked first, acked once the reply went
+    # out (or the client is gone: redelivering would not bring it back). One call, not two.
+    ack = None if raw_ack is None else check_reply_ack(request, request[REALM], raw_ack)
     result = await request.app[DELIVERIES].to_connection(connection_id, orjson.dumps(message))
+    acked = None if ack is None else await ack_in_reply(request, ack)
     if result > 0:
         metrics.DELIVERIES.labels(kind="connection", outcome="delivered").inc()
-        return json_response({"delivered": result}, 202)
+        body: dict[str, int] = {"delivered": result}
+        if acked is not None:
+            body["acked"] = acked
+        return json_response(body, 202)
     metrics.DELIVERIES.labels(kind="connection", outcome="gone").inc()
     why = {
         SendOutcome.NO_RECORD: "is unknown or has disconnected",
@@ -366,13 +346,14 @@ async def broadcast_to_channel(request: web.Request) -> web.Response:
 
 
 async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
-    """Server-Sent Events: every agent message published on the channel from now on.
+    """Server-Sent Events, the tap: every agent message published on the channel from now on,
+    at most once (the durable, competing delivery is consumers.py's group stream).
 
     Headers are sent only once Redis confirmed the subscription, so a client that got them
     receives everything published afterwards. Each event's ``id`` is the message id. The stream
     ends with ``event: error`` (code ``too_slow``) when the client reads too slowly for its
     bounded buffer, and ends cleanly when the process drains. Events that were buffered but not
-    written when the client left go back to the agent queue (hub.py).
+    written when the client left are dropped: the channel's stream still holds them.
     """
     channel = _channel(request)
     settings = request.app[SETTINGS]
@@ -383,9 +364,9 @@ async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
         return transport is not None and not transport.is_closing()
 
     try:
-        sub = await hub.join(
-            names.agent_channel(channel), queue_key=names.queue(channel), alive=alive
-        )
+        # The tap is at most once: what the stream did not write is not put back anywhere
+        # (the durable path is the channel's stream, read through consumer groups).
+        sub = await hub.join(names.agent_channel(channel), alive=alive)
     except HubFull as exc:
         fail(503, ErrorCode.UNAVAILABLE, str(exc), {"Retry-After": "5"})
     except HubUnavailable as exc:
@@ -416,7 +397,7 @@ async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
             )
             while (event := await sub.get()) is not None:
                 if not alive():
-                    # Not written: it goes back to the agent queue when the stream leaves.
+                    # Not written: the tap is at most once; the stream keeps the message.
                     sub.unget(event)
                     sub.close("client_gone")
                     break
@@ -424,7 +405,7 @@ async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
                 try:
                     await stream.send(data, id=sse_id)
                 except BaseException:
-                    sub.unget(event)  # maybe not received: at-least-once
+                    sub.unget(event)  # dropped at leave: the tap is at most once
                     sub.close("client_gone")
                     raise
             if sub.closed == "too_slow":

@@ -5,7 +5,11 @@ from __future__ import annotations
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
+    "DEAD_LETTERS_REQUEUED",
     "DELIVERIES",
+    "GROUP_ACKS",
+    "GROUP_CONSUMERS",
+    "GROUP_EVENTS",
     "PUBLISHED",
     "PUBSUB_RECONNECTS",
     "REQUESTS",
@@ -71,4 +75,14 @@ TRAFFIC_COP_REPORTS = Counter(
     "stale connections reported to Traffic Cop, by outcome (sent, unknown: Traffic Cop did not "
     "know it, failed, dropped: the report queue was full)",
     ["outcome"],
+)
+GROUP_CONSUMERS = Gauge("postoffice_api_group_consumers", "open group-consumer SSE streams")
+GROUP_EVENTS = Counter(
+    "postoffice_api_group_events_total", "stream entries sent on group-consumer SSE streams"
+)
+GROUP_ACKS = Counter(
+    "postoffice_api_group_acks_total", "stream entries acked through the API (pending ones)"
+)
+DEAD_LETTERS_REQUEUED = Counter(
+    "postoffice_api_dead_letters_requeued_total", "dead letters appended to their stream again"
 )

@@ -41,7 +41,8 @@ _ERROR_TEXT = {
     410: "the connection is gone (`gone`)",
     429: "the realm is over its rate limit (`rate_limited`); see Retry-After",
     413: "body larger than MAX_BODY_BYTES (`too_large`)",
-    503: "Redis down, queue full, no gateway or no subscription (`unavailable`); see Retry-After",
+    503: "Redis down, STREAM_MAX_PENDING reached, no gateway, no subscription or too many group "
+    "consumers (`unavailable`); see Retry-After",
 }
 
 
@@ -69,6 +70,15 @@ _ERROR_HEADERS: dict[int, dict[str, Any]] = {
 }
 
 
+#: The 200 of a Server-Sent Events operation.
+_SSE = {
+    "200": {
+        "description": "the event stream",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+
 def _error_response(status: int, text: str) -> dict[str, Any]:
     response = _json(_ref("Error"), text)
     if status in _ERROR_HEADERS:
@@ -83,9 +93,10 @@ def _operation(
     responses: dict[str, Any],
     *,
     parameters: Sequence[dict[str, Any]] = (),
-    body: bool = False,
+    body: bool | str = False,
     errors: Sequence[int] = (),
 ) -> dict[str, Any]:
+    """``body``: True for a DeliveryBody, or the name of the request body's schema."""
     caps = sorted(ROUTE_CAPABILITIES.get(name, ()))
     op: dict[str, Any] = {
         "operationId": name,
@@ -98,10 +109,24 @@ def _operation(
     if body:
         op["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": _ref("DeliveryBody")}},
+            "content": {
+                "application/json": {
+                    "schema": _ref(body if isinstance(body, str) else "DeliveryBody")
+                }
+            },
         }
         op["responses"].update(_errors(400, 413))
     return op
+
+
+def _last_event_id(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "description": description,
+        "schema": {"type": "string", **schema},
+    }
 
 
 def _path(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +145,12 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         "connection_id",
         "a connection id as the welcome frame gave it",
         {"type": "string", "pattern": r"^ws_[A-Za-z0-9._@-]{1,128}_[0-9a-f]{8}$"},
+    )
+    stream_id = {"type": "string", "pattern": r"^\d{1,20}-\d{1,20}$"}
+    group = _path(
+        "group",
+        "a consumer group: agents of one kind",
+        {"type": "string", "pattern": r"^[A-Za-z0-9_.-]{1,64}$"},
     )
     user = _path("user_id", "a user id", {"type": "string", "pattern": r"^[A-Za-z0-9._@-]{1,128}$"})
     unknown_channel = str(UNKNOWN_CHANNEL_STATUS)
@@ -157,8 +188,9 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
             "post": _operation(
                 "publish_to_channel",
                 "Publish to an agent channel",
-                "Publishes an agent message on websocket:<channel>, or queues it (bounded) "
-                "while no agent listens. 503 when the queue is full.",
+                "Appends an agent message to the channel's stream websocket:stream:{<channel>} "
+                "(consumer groups read it) and publishes it on the tap websocket:<channel>. 503 "
+                "when the slowest group has STREAM_MAX_PENDING unconsumed messages.",
                 {"202": _json(_ref("PublishResult"), "published or queued")},
                 parameters=[channel],
                 body=True,
@@ -168,29 +200,111 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         "/v1/channels/{channel}/events": {
             "get": _operation(
                 "subscribe_to_channel",
-                "Subscribe to an agent channel (Server-Sent Events)",
+                "The channel's tap (Server-Sent Events, at most once)",
                 "A text/event-stream of the channel's agent messages, from the moment the "
-                "headers arrive (no history). Each event: `id` = message_id, `data` = the "
-                "agent message JSON. Keep-alive comments every SSE_KEEPALIVE_SECONDS. A client "
-                "that falls SSE_QUEUE_SIZE events behind gets `event: error` with "
-                '`{"code": "too_slow"}` and the stream ends. Last-Event-ID is accepted and '
-                "ignored: pub/sub keeps no history.",
-                {
-                    "200": {
-                        "description": "the event stream",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                    }
-                },
+                "headers arrive (no history), for observers: every tap stream gets every "
+                "message, and what a stream misses (too slow, reconnecting) is not sent again. "
+                "Agents that must handle each message consume a group instead "
+                "(`consume_group`). Each event: `id` = message_id, `data` = the agent message "
+                "JSON. Keep-alive comments every SSE_KEEPALIVE_SECONDS. A client that falls "
+                'SSE_QUEUE_SIZE events behind gets `event: error` with `{"code": "too_slow"}` '
+                "and the stream ends. Last-Event-ID is accepted and ignored.",
+                _SSE,
+                parameters=[
+                    channel,
+                    _last_event_id("accepted and ignored: the tap keeps no history", {}),
+                ],
+                errors=(int(unknown_channel), 503),
+            )
+        },
+        "/v1/channels/{channel}/groups/{group}/events": {
+            "get": _operation(
+                "consume_group",
+                "Consume the channel's stream as one consumer of a group (Server-Sent Events)",
+                "Each message goes to exactly one consumer of each group (created at id 0 "
+                "with the stream when missing: it starts with what the stream still holds). "
+                "Each event: `id` = the stream id, `data` = the agent message JSON with "
+                "`stream_id`, `channel`, `group` and `deliveries` (1, then one more each time "
+                "it was handed to another consumer) added. Ack each one (`ack_group`, or the "
+                "`ack` of `send_to_connection`); one not acked within ACK_TIMEOUT_SECONDS goes "
+                "to another live consumer, and after MAX_DELIVERIES to the dead letters. The "
+                "consumer holds at most max_in_flight unacked messages. At least once: dedupe "
+                "by message_id.",
+                _SSE,
+                parameters=[
+                    channel,
+                    group,
+                    {
+                        "name": "consumer",
+                        "in": "query",
+                        "required": True,
+                        "description": "this consumer's name, stable across its reconnects "
+                        "(its unacked messages are sent again when it comes back)",
+                        "schema": {"type": "string", "pattern": r"^[A-Za-z0-9_.:-]{1,128}$"},
+                    },
+                    {
+                        "name": "max_in_flight",
+                        "in": "query",
+                        "required": False,
+                        "description": "unacked messages held at most (GROUP_MAX_IN_FLIGHT "
+                        "and below)",
+                        "schema": {"type": "integer", "minimum": 1},
+                    },
+                    _last_event_id(
+                        "the last stream id received: this consumer's unacked messages after "
+                        "it are sent again, those up to it are not",
+                        {"pattern": stream_id["pattern"]},
+                    ),
+                ],
+                errors=(400, int(unknown_channel), 503),
+            )
+        },
+        "/v1/channels/{channel}/groups/{group}/acks": {
+            "post": _operation(
+                "ack_group",
+                "Ack a batch of a group's messages",
+                "XACK of the stream ids; answers how many were still pending (an id acked "
+                "twice, or by another consumer after a hand-over, counts 0).",
+                {"200": _json(_ref("Acked"), "acked")},
+                parameters=[channel, group],
+                body="StreamIds",
+                errors=(int(unknown_channel), 503),
+            )
+        },
+        "/v1/channels/{channel}/dead-letters": {
+            "get": _operation(
+                "list_dead_letters",
+                "The channel's dead letters, oldest first",
+                "Messages a group did not ack within MAX_DELIVERIES deliveries, with the "
+                "group, the deliveries and the reason. Page with `after` = the last `id`.",
+                {"200": _json(_ref("DeadLetters"), "dead letters")},
                 parameters=[
                     channel,
                     {
-                        "name": "Last-Event-ID",
-                        "in": "header",
+                        "name": "after",
+                        "in": "query",
                         "required": False,
-                        "description": "accepted and ignored: pub/sub keeps no history",
-                        "schema": {"type": "string"},
+                        "schema": {"type": "string", "pattern": stream_id["pattern"]},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000},
                     },
                 ],
+                errors=(400, int(unknown_channel), 503),
+            )
+        },
+        "/v1/channels/{channel}/dead-letters/requeue": {
+            "post": _operation(
+                "requeue_dead_letters",
+                "Append dead letters to the channel's stream again",
+                "Each named dead letter's message is appended again (a new stream id, the "
+                "same message_id: every group sees it) and leaves the dead letters, atomically.",
+                {"200": _json(_ref("Requeued"), "requeued")},
+                parameters=[channel],
+                body="StreamIds",
                 errors=(int(unknown_channel), 503),
             )
         },
@@ -213,10 +327,12 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
                 "Deliver to one connection",
                 "The socket receives exactly `message` as one text frame, on whichever gateway "
                 "holds it. 410 when no gateway holds it (its stale record is removed when the "
-                "holding gateway is dead too).",
+                "holding gateway is dead too). With `ack` the stream entries it names are "
+                "acked once the frame was handed over or the connection is gone (one call per "
+                "handled message); `ack` needs agent_channel_subscribe.",
                 {"202": _json(_ref("Delivered"), "delivered")},
                 parameters=[connection],
-                body=True,
+                body="ReplyBody",
                 errors=(410, 503),
             )
         },
@@ -293,22 +409,85 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
                 "traceparent": {"type": "string", "description": "W3C trace context"},
             },
         },
+        "ReplyBody": {
+            "type": "object",
+            "required": ["message"],
+            "additionalProperties": False,
+            "properties": {
+                "message": {"type": "object", "description": "sent as is, one text frame"},
+                "traceparent": {"type": "string", "description": "W3C trace context"},
+                "ack": {
+                    "type": "object",
+                    "required": ["channel", "group"],
+                    "properties": {
+                        "channel": {"type": "string", "enum": list(channels)},
+                        "group": {"type": "string"},
+                        "ids": {"type": "array", "items": stream_id, "minItems": 1},
+                        "id": stream_id,
+                    },
+                },
+            },
+        },
+        "StreamIds": {
+            "type": "object",
+            "required": ["ids"],
+            "additionalProperties": False,
+            "properties": {"ids": {"type": "array", "items": stream_id, "minItems": 1}},
+        },
+        "Acked": {"type": "object", "properties": {"acked": integer, "ids": integer}},
+        "DeadLetters": {
+            "type": "object",
+            "properties": {
+                "dead_letters": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "id": stream_id,
+                            "stream_id": stream_id,
+                            "group": {"type": "string"},
+                            "deliveries": integer,
+                            "reason": {"type": "string"},
+                            "dead_at": {"type": "string", "format": "date-time"},
+                            "message": {"type": "object"},
+                        },
+                    },
+                },
+                "next": {"type": ["string", "null"], "description": "`after` of the next page"},
+            },
+        },
+        "Requeued": {
+            "type": "object",
+            "properties": {
+                "requeued": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {"id": stream_id, "stream_id": stream_id},
+                    },
+                },
+                "unknown": {"type": "array", "items": stream_id},
+            },
+        },
         "PublishResult": {
             "type": "object",
             "properties": {
                 "message_id": {"type": "string"},
                 "status": {
                     "enum": ["published", "queued"],
-                    "description": "published: at least one agent subscriber received it; "
-                    "queued: nobody listens, or older messages are still queued (order is "
-                    "kept), so it waits in the bounded agent queue until the eviction worker "
-                    "delivers it to a listening agent",
+                    "description": "both: appended to the channel's stream, where it waits "
+                    "until every group has acked it. published: a consumer group reads the "
+                    "channel or the tap has a listener; queued: neither yet (the first group, "
+                    "created at id 0, gets it)",
                 },
             },
         },
         "Delivered": {
             "type": "object",
-            "properties": {"delivered": {"type": "integer", "minimum": 1}},
+            "properties": {
+                "delivered": {"type": "integer", "minimum": 1},
+                "acked": {"type": "integer", "description": "with `ack`: entries acked"},
+            },
         },
         "UserDelivered": {
             "type": "object",
@@ -367,7 +546,8 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         "info": {
             "title": "Post Office API",
             "version": "1",
-            "description": "Publish to agent channels, subscribe to them, deliver to WebSocket "
+            "description": "Publish to agent channels, consume them through consumer groups "
+            "(or tap them), deliver to WebSocket "
             "connections, users and channels. Errors: "
             '`{"error": {"code": "...", "message": "..."}}`.',
         },

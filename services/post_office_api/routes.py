@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from services.post_office_api import handlers
+from services.post_office_api import consumers, handlers
 
 __all__ = ["setup_routes"]
 
@@ -32,6 +32,24 @@ def setup_routes(app: web.Application) -> None:
         handlers.subscribe_to_channel,
         name="subscribe_to_channel",
         allow_head=False,
+    )
+    r.add_get(
+        "/v1/channels/{channel}/groups/{group}/events",
+        consumers.consume_group,
+        name="consume_group",
+        allow_head=False,
+    )
+    r.add_post("/v1/channels/{channel}/groups/{group}/acks", consumers.ack_group, name="ack_group")
+    r.add_get(
+        "/v1/channels/{channel}/dead-letters",
+        consumers.list_dead_letters,
+        name="list_dead_letters",
+        allow_head=False,
+    )
+    r.add_post(
+        "/v1/channels/{channel}/dead-letters/requeue",
+        consumers.requeue_dead_letters,
+        name="requeue_dead_letters",
     )
     r.add_post(
         "/v1/channels/{channel}/broadcast",

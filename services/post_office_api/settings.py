@@ -16,6 +16,7 @@ from shared.settings import (
     port_setting,
     setting,
 )
+from shared.streams import stream_max_pending_setting
 
 __all__ = [
     "DESCRIPTION",
@@ -122,11 +123,35 @@ class ApiSettings(TrafficCopCallerSettings):
     max_body_bytes: int = setting(
         65536, "largest request body; larger ones get 413", minimum=64, maximum=MAX_BODY_LIMIT
     )
-    queue_max_length: int = setting(
-        10000,
-        "bound of an agent channel's queue (messages held while no agent listens); when it is "
-        "full, publishing answers 503",
+    stream_max_pending: int = stream_max_pending_setting()
+    group_max_in_flight: int = setting(
+        16,
+        "unacked messages one group consumer (an SSE stream of .../groups/{group}/events) holds "
+        "at most; it is sent more as it acks (the max_in_flight query parameter may lower it)",
         minimum=1,
+        maximum=10000,
+    )
+    group_block_seconds: float = setting(
+        2.0,
+        "longest one read of a group consumer waits in Redis for a new message (XREADGROUP "
+        "BLOCK); also how soon messages the worker handed to it, acks made elsewhere and a "
+        "client that left are noticed while the channel is quiet",
+        minimum=0.01,
+        maximum=60.0,
+    )
+    group_poll_seconds: float = setting(
+        0.05,
+        "pause before a group consumer at its in-flight limit looks for acks again",
+        minimum=0.001,
+    )
+    group_max_consumers: int = setting(
+        256,
+        "group consumer streams one process serves at once (each holds a Redis connection "
+        "while it waits); past it 503",
+        minimum=1,
+    )
+    group_max_ack_ids: int = setting(
+        1000, "stream ids one ack request (or re-queue request) may name", minimum=1
     )
     rate_limit_per_second: float = setting(
         1000.0,
