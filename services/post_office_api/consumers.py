@@ -179,7 +179,7 @@ async def consume_group(request: web.Request) -> web.StreamResponse:
             watcher = asyncio.create_task(stream.wait(), name="group-sse-client-watch")
             watcher.add_done_callback(lambda _t: stop.set())
             await stream.write(
-                f"retry: {settings.sse_retry_ms}\r\n: consuming {channel} as {group}/{consumer}"
+                f"retry: {settings.sse_retry_ms}\r\n: subscribed to {channel} as {group}/{consumer}"
                 "\r\n\r\n".encode()
             )
             sent: dict[str, None] = {}
