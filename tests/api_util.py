@@ -13,6 +13,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiohttp
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from services.post_office_api.settings import ApiSettings
@@ -23,6 +25,15 @@ KEYS = {
     "experience": "dev-experience",
     "business_enablement": "dev-business_enablement",
 }
+
+
+class ProductionServer(TestServer):
+    """aiohttp's test server cancels a handler whose client disconnects; ``web.run_app`` (what
+    the service runs) does not. Tests run the way production does."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        kwargs["handler_cancellation"] = False
+        return await super()._make_runner(**kwargs)
 
 
 def auth(realm: str = "smart_city") -> dict[str, str]:

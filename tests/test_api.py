@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from services.post_office_api.app import PUBSUB_CLIENT_NAME, create_app
@@ -26,6 +26,7 @@ from shared import redis_names as names
 from shared.protocol import new_connection_id
 from shared.registry import ConnectionRecord, Registry
 from tests.api_util import (
+    ProductionServer,
     api_settings,
     auth,
     listening,
@@ -43,15 +44,6 @@ for _ in range(40):
     DEEP = [DEEP]
 
 MESSAGE = {"type": "notice", "text": "hello", "n": [1, 2, {"x": None}]}
-
-
-class ProductionServer(TestServer):
-    """aiohttp's test server cancels a handler whose client disconnects; ``web.run_app`` (what
-    the service runs) does not. Tests run the way production does."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
-        kwargs["handler_cancellation"] = False
-        return await super()._make_runner(**kwargs)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from services.post_office_api.app import create_app
@@ -22,19 +22,18 @@ from shared import redis_names as names
 from shared.protocol import new_connection_id
 from shared.registry import ConnectionRecord, Registry
 from shared.streams import Streams
-from tests.api_util import api_settings, auth, listening, read_event, read_until_subscribed
+from tests.api_util import (
+    ProductionServer,
+    api_settings,
+    auth,
+    listening,
+    read_event,
+    read_until_subscribed,
+)
 from tests.helpers import timeout, wait_for
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
-
-
-class ProductionServer(TestServer):
-    """No handler cancellation on client disconnect, as ``web.run_app`` runs it."""
-
-    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
-        kwargs["handler_cancellation"] = False
-        return await super()._make_runner(**kwargs)
 
 
 @pytest.fixture
