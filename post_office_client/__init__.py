@@ -1,6 +1,7 @@
 """Post Office agent client: the HTTP API as typed async calls (docs/agent-client.md)."""
 
 from post_office_client.client import PostOfficeClient, Subscription
+from post_office_client.consumer import GroupConsumer, GroupMessage
 from post_office_client.errors import (
     BadRequest,
     Forbidden,
@@ -27,6 +28,8 @@ __all__ = [
     "BroadcastResult",
     "Forbidden",
     "Gone",
+    "GroupConsumer",
+    "GroupMessage",
     "NotFound",
     "PostOfficeClient",
     "PostOfficeError",

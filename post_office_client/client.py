@@ -146,16 +146,33 @@ class PostOfficeClient:
         )
 
     async def send_to_connection(
-        self, connection_id: str, message: dict[str, Any], *, traceparent: str | None = None
+        self,
+        connection_id: str,
+        message: dict[str, Any],
+        *,
+        traceparent: str | None = None,
+        ack: dict[str, Any] | None = None,
     ) -> int:
         """Deliver ``message`` to one connection; the number of gateways that received it.
-        Raises :class:`~post_office_client.errors.Gone` when the connection no longer exists."""
+        Raises :class:`~post_office_client.errors.Gone` when the connection no longer exists.
+        ``ack`` (``{"channel", "group", "ids"}``) acks those stream entries in the same call,
+        once the frame went out or the connection is gone."""
+        payload = _body(message, traceparent)
+        if ack is not None:
+            payload["ack"] = ack
         body = await self._call(
-            "POST",
-            f"/v1/connections/{_segment(connection_id)}/messages",
-            _body(message, traceparent),
+            "POST", f"/v1/connections/{_segment(connection_id)}/messages", payload
         )
         return _typed(body, lambda: _int(body, "delivered"))
+
+    async def ack(self, channel: str, group: str, ids: list[str]) -> int:
+        """Ack stream entries of a consumer group in one call; how many were still pending."""
+        body = await self._call(
+            "POST",
+            f"/v1/channels/{_segment(channel)}/groups/{_segment(group)}/acks",
+            {"ids": ids},
+        )
+        return _typed(body, lambda: _int(body, "acked"))
 
     async def send_to_user(
         self, user_id: str, message: dict[str, Any], *, traceparent: str | None = None
@@ -459,6 +476,12 @@ class Subscription:
 
     # -- internals ----------------------------------------------------------------------------
 
+    def _path(self) -> str:
+        return f"/v1/channels/{_segment(self.channel)}/events"
+
+    def _params(self) -> dict[str, str] | None:
+        return None
+
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.backoff_max, self.backoff_min * 2.0 ** min(attempt, 32))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
@@ -498,10 +521,12 @@ class Subscription:
         headers = self.client.headers({"Accept": "text/event-stream"})
         if self.last_event_id:
             headers["Last-Event-ID"] = self.last_event_id
-        url = self.client.url(f"/v1/channels/{_segment(self.channel)}/events")
+        url = self.client.url(self._path())
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=self.idle_timeout)
         try:
-            resp = await self.client.session.get(url, headers=headers, timeout=timeout)
+            resp = await self.client.session.get(
+                url, headers=headers, params=self._params(), timeout=timeout
+            )
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Unavailable(
                 0, "connection_failed", f"subscribe {self.channel!r}: {exc!r}"

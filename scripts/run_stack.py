@@ -60,6 +60,8 @@ from types import FrameType
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from shared import redis_names as names
+
 __all__ = ["main"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,8 +74,9 @@ REALM_KEYS = {
     "dev-business_enablement": "business_enablement",
 }
 DEMO_USER = "demo"
-#: Redis channel the guide agent's subscription shows up on (shared.redis_names.agent_channel).
+#: The channel and consumer group the guide agent replicas consume.
 GUIDE_CHANNEL = "guide"
+GUIDE_GROUP = "guide"
 LOG_TAIL_LINES = 25
 
 
@@ -237,6 +240,7 @@ class Stack:
         self.api_port = _env_port("RUN_API_PORT", 8200)
         self.eviction_port = _env_port("RUN_EVICTION_PORT", 8400)
         self.gateway_ports = _gateway_ports()
+        self.guide_replicas = max(1, int(_env_float("RUN_GUIDE_REPLICAS", 2)))
         ports = [self.traffic_cop_port, self.api_port, self.eviction_port, *self.gateway_ports]
         if len(set(ports)) != len(ports):
             raise StackError(f"the RUN_*_PORT settings give one port twice: {ports}")
@@ -333,7 +337,10 @@ class Stack:
                 3,
                 {"GATEWAY_PORT": str(port), "GATEWAY_INSTANCE_ID": f"gateway-{number}"},
             )
-        add("guide_agent", "agents.guide", None, 4, {})
+        # Replicas share the guide's consumer group: each message goes to one of them.
+        for number in range(1, self.guide_replicas + 1):
+            name = "guide_agent" if number == 1 else f"guide_agent-{number}"
+            add(name, "agents.guide", None, 4, {"GUIDE_AGENT_CONSUMER": f"guide-{number}"})
 
     def check_ports(self) -> None:
         busy = [f"{c.port} ({c.name})" for c in self.children if c.port and port_in_use(c.port)]
@@ -443,13 +450,17 @@ class Stack:
                 url = child.url + "/ready"
                 self._wait(child, lambda url=url: _http_status(url) == 200, f"GET {url}")
             else:
-                # The agent has no port; it is ready once it listens on its channel: its SSE
-                # stream makes the API subscribe to the guide channel in Redis.
-                channel = f"websocket:{GUIDE_CHANNEL}"
+                # An agent has no port; it is ready once its group stream is open: the API
+                # marks its consumer live in Redis at every step of that stream.
+                key = names.stream_consumers(GUIDE_CHANNEL)
+                member = f"{GUIDE_GROUP}/{child.env['GUIDE_AGENT_CONSUMER']}"
                 self._wait(
                     child,
-                    lambda channel=channel: _subscribers(self.redis_url, channel) > 0,
-                    f"a subscriber on Redis channel {channel}",
+                    lambda key=key, member=member: (
+                        _redis_command(self.redis_url, "ZSCORE", key, member)
+                        not in (None, b"$-1\r\n", b"_\r\n")
+                    ),
+                    f"consumer {member} in {key}",
                 )
 
     def create_session(self) -> dict[str, Any] | None:
@@ -574,17 +585,6 @@ class Stack:
         with contextlib.suppress(FileNotFoundError):
             self.state_path.unlink()
         return problems
-
-
-def _subscribers(redis_url: str, channel: str) -> int:
-    reply = _redis_command(redis_url, "PUBSUB", "NUMSUB", channel)
-    # *2\r\n$<n>\r\n<channel>\r\n:<count>\r\n
-    if not reply or b"\r\n:" not in reply:
-        return 0
-    try:
-        return int(reply.rsplit(b"\r\n:", 1)[1].split(b"\r\n", 1)[0])
-    except ValueError:
-        return 0
 
 
 def _python_shown() -> str:

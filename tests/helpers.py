@@ -256,3 +256,12 @@ async def stream_data(redis: Any, channel: str) -> list[bytes]:
     from shared import redis_names
 
     return [fields[b"data"] for _id, fields in await redis.xrange(redis_names.stream(channel))]
+
+
+async def live_consumers(redis: Any, channel: str = "guide", since: float | None = None) -> int:
+    """Group consumers of ``channel`` that said they are live (the API's group streams do at
+    every step) since ``since`` (default: the last 10 s) — "an agent listens" on the stream."""
+    from shared import redis_names
+
+    cutoff = time.time() - 10 if since is None else since
+    return int(await redis.zcount(redis_names.stream_consumers(channel), f"({cutoff}", "+inf"))

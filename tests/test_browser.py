@@ -17,9 +17,14 @@ import pytest
 from playwright.async_api import BrowserContext, Page, async_playwright, expect
 from redis.asyncio import Redis
 
-from shared import redis_names as names
-from tests.api_util import numsub
-from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, create_session, timeout, wait_for
+from tests.helpers import (
+    TRAFFIC_COP_KEY,
+    ServiceProcess,
+    create_session,
+    live_consumers,
+    timeout,
+    wait_for,
+)
 
 pytestmark = pytest.mark.browser
 
@@ -134,9 +139,7 @@ async def test_chat_with_the_guide_agent_in_chromium(
     tmp_path: Path,
 ) -> None:
     # Until the agent's stream is subscribed a message would be queued, not answered.
-    await wait_for(
-        lambda: numsub(redis, names.agent_channel("guide")), 15, what="guide agent subscribed"
-    )
+    await wait_for(lambda: live_consumers(redis), 15, what="guide agent consuming")
     token = create_session(traffic_cop.url, "browser-user")
     page, errors = await open_page(browser, f"{gateway.url}/?session_token={token}")
 

@@ -18,12 +18,11 @@ import pytest
 from redis.asyncio import Redis
 
 from post_office_client import Gone, NotFound, PostOfficeClient
-from shared import redis_names as names
-from tests.api_util import numsub
 from tests.helpers import (
     TRAFFIC_COP_KEY,
     ServiceProcess,
     create_session,
+    live_consumers,
     timeout,
     wait_for,
 )
@@ -93,10 +92,7 @@ async def test_client_agent_round_trip_across_two_gateways(
 ) -> None:
     traffic_cop, gw_b, api = stack["traffic_cop"], stack["gw_b"], stack["api"]
 
-    async def agent_subscribed() -> bool:
-        return await numsub(redis, names.agent_channel("guide")) >= 1
-
-    await wait_for(agent_subscribed, 15, what="guide agent subscribed through the API")
+    await wait_for(lambda: live_consumers(redis), 15, what="guide agent consuming via the API")
     alice_token = create_session(traffic_cop.url, "alice")
     bob_token = create_session(traffic_cop.url, "bob")
     async with (

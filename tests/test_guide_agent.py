@@ -1,10 +1,11 @@
 """The guide agent: its answers (pure), and the real agent process against a real API process,
-answering a message published on websocket:guide as a gateway would."""
+answering a message appended to the guide stream as a gateway would (the publish script), and
+acking it in the same call."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
 
 import orjson
@@ -14,12 +15,13 @@ from redis.asyncio import Redis
 from agents.guide.agent import answer
 from shared import redis_names as names
 from shared.protocol import DEFAULT_CHANNELS, agent_message, new_message_id, parse_client_frame
-from shared.registry import ConnectionRecord, Registry
-from tests.api_util import Listener, listening, numsub
+from shared.registry import ConnectionRecord, PublishResult, Registry
+from tests.api_util import Listener, listening
 from tests.helpers import (
     RedisServer,
     ServiceProcess,
     free_port,
+    live_consumers,
     timeout,
     wait_for,
     wait_for_sync,
@@ -64,6 +66,7 @@ def stack(redis_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
             "GUIDE_AGENT_BACKOFF_MIN_SECONDS": "0.05",
             "GUIDE_AGENT_BACKOFF_MAX_SECONDS": "0.2",
             "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": str(timeout(2)),
+            "GUIDE_AGENT_CONSUMER": CONSUMER,
         },
     ).start(wait_ready=False)
     yield api, agent
@@ -71,8 +74,15 @@ def stack(redis_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     api.stop()
 
 
-async def agent_listening(redis: Redis) -> bool:
-    return await numsub(redis, names.agent_channel("guide")) == 1
+CONSUMER = "guide-test"
+
+
+async def agent_listening(redis: Redis, since: float | None = None) -> bool:
+    return await live_consumers(redis, "guide", since) == 1
+
+
+async def pending(redis: Redis) -> int:
+    return int((await redis.xpending(names.stream("guide"), "guide"))["pending"])
 
 
 async def ask(
@@ -91,7 +101,9 @@ async def ask(
     data = msg.to_bytes()
     if traceparent is not None:
         data = orjson.dumps({**orjson.loads(data), "traceparent": traceparent})
-    assert await redis.publish(names.agent_channel("guide"), data) == 1
+    assert (
+        await Registry(redis, 60).publish_or_queue("guide", data, 1000) == PublishResult.PUBLISHED
+    )
     channel, frame = await gateway.next(10)
     assert channel == names.connection_messages(cid)
     reply: dict[str, object] = orjson.loads(frame)
@@ -121,13 +133,16 @@ async def test_guide_agent_answers_and_survives_an_api_restart(
         assert "pillar:insights" in str((await ask(redis, gateway, cid, "help"))["message"])
         assert str((await ask(redis, gateway, cid, "time"))["message"]).startswith("It is ")
 
-        # Garbage and a 3 MB message on its channel do not kill it: the next one is answered.
-        channel = names.agent_channel("guide")
-        await redis.publish(channel, b"\x00not json at all")
-        await redis.publish(channel, b"[1, 2, 3]")
-        await redis.publish(channel, orjson.dumps({"message": "not an object"}))
-        await redis.publish(
-            channel, b'{"message": {"payload": {"message": "' + b"y" * 3_000_000 + b'"}}}'
+        # Every answer acked its message in the same call.
+        await wait_for(lambda: _is(pending(redis), 0), what="answers acked")
+        # Garbage and a 3 MB message in its stream do not kill it: the next one is answered
+        # (the garbage is not acked: it ends in the dead letters after MAX_DELIVERIES).
+        stream = names.stream("guide")
+        await redis.xadd(stream, {"data": b"\x00not json at all"})
+        await redis.xadd(stream, {"data": b"[1, 2, 3]"})
+        await redis.xadd(stream, {"data": orjson.dumps({"message": "not an object"})})
+        await redis.xadd(
+            stream, {"data": b'{"message": {"payload": {"message": "' + b"y" * 3_000_000 + b'"}}}'}
         )
         reply = await ask(redis, gateway, cid, "still there?")
         assert reply["message"] == "You said: still there?"
@@ -137,10 +152,11 @@ async def test_guide_agent_answers_and_survives_an_api_restart(
 
         # The API restarts: the agent re-subscribes with backoff and answers again.
         assert api.stop() == 0
+        restarted = time.time()
         api = api_process(redis_server.url, api.port).start()
         stack_api = api
         try:
-            await wait_for(lambda: agent_listening(redis), 15, what="agent re-subscribed")
+            await wait_for(lambda: agent_listening(redis, restarted), 15, what="agent back")
             reply = await ask(redis, gateway, cid, "again")
             assert reply["message"] == "You said: again"
         finally:
@@ -189,6 +205,8 @@ async def test_answers_go_out_concurrently_and_a_slow_one_does_not_stall_the_res
                 "message_id": f"m{n}",
                 "connection_id": cid,
                 "message": {"payload": {"message": "hi"}},
+                "stream_id": f"1-{n}",
+                "deliveries": 1,
             }
             await resp.write(b"data: " + orjson.dumps(msg) + b"\r\n\r\n")
         await asyncio.sleep(timeout(30))
@@ -201,10 +219,11 @@ async def test_answers_go_out_concurrently_and_a_slow_one_does_not_stall_the_res
         else:
             second_arrived.set()
         order.append(cid)
-        return web.json_response({"delivered": 1}, status=202)
+        assert (await request.json())["ack"]["ids"] == [f"1-{int(cid[-1]) - 1}"]
+        return web.json_response({"delivered": 1, "acked": 1}, status=202)
 
     app = web.Application()
-    app.router.add_get("/v1/channels/guide/events", events)
+    app.router.add_get("/v1/channels/guide/groups/guide/events", events)
     app.router.add_post("/v1/connections/{cid}/messages", deliver)
     server = TestServer(app)
     await server.start_server()
@@ -220,3 +239,7 @@ async def test_answers_go_out_concurrently_and_a_slow_one_does_not_stall_the_res
         assert order == ["ws_fast_00000002", "ws_slow_00000001"]
     finally:
         await server.close()
+
+
+async def _is(value: Awaitable[int], n: int) -> bool:
+    return await value == n

@@ -164,6 +164,7 @@ def test_make_run_starts_the_stack_and_ctrl_c_stops_it(make_run: Run) -> None:
         "gateway-1",
         "gateway-2",
         "guide_agent",
+        "guide_agent-2",
     ], state
     for key in ("dev-smart_city", "dev-experience", "dev-business_enablement"):
         assert key in out

@@ -29,11 +29,10 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
-from shared import redis_names as names
 from shared.tracing import message_traceparent, tracing_context, tracing_enabled
-from tests.api_util import auth, numsub
+from tests.api_util import auth
 from tests.gateway_util import AgentListener, gateway_process, recv, ws_url
-from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, create_session, wait_for
+from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, create_session, live_consumers, wait_for
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 #: W3C Trace Context, version 00: lowercase hex, trace id and span id not all zeros.
@@ -118,7 +117,7 @@ async def start_stack(
         agent.start(wait_ready=False)
 
         async def agent_subscribed() -> bool:
-            return await numsub(redis, names.agent_channel("guide")) >= 1
+            return await live_consumers(redis) >= 1
 
         await wait_for(agent_subscribed, 15, what="guide agent subscribed through the API")
         return {"gateway": gateway, "api": api, "agent": agent}

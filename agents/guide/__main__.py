@@ -29,6 +29,8 @@ async def serve(settings: GuideSettings) -> int:
             client,
             settings.channel,
             settings.channels,
+            group=settings.group,
+            consumer=settings.consumer or f"guide-{socket.gethostname()}",
             backoff_min=settings.backoff_min_seconds,
             backoff_max=settings.backoff_max_seconds,
             idle_timeout=settings.idle_timeout_seconds,

@@ -1,20 +1,27 @@
-"""The guide agent's logic: what it answers (pure) and its subscribe-and-answer loop.
+"""The guide agent's logic: what it answers (pure) and its consume-and-answer loop.
 
 The answer is an echo with a little sense: ``help`` lists the channels, ``time`` gives the
 time (UTC), anything else is echoed. Each answer goes to the sending connection as
 ``{"type": "response", "agent_type": "guide", "in_reply_to": <message_id>, "message": ...}``.
 Messages without a connection (published through the API by another agent) get no answer.
 
+Replicas share the consumer group ``group`` of the channel's stream (docs/agent-client.md):
+each message goes to one of them, and each answer acks its message in the same call. An answer
+that fails is not acked, so the message comes again (to this replica or another, after the
+API's ACK_TIMEOUT_SECONDS) and ends in the dead letters after MAX_DELIVERIES. Delivery is at
+least once: a message this replica already answered is acked again, not answered twice (the
+last ``dedupe_size`` message ids are remembered).
+
 Messages are answered concurrently, at most ``max_in_flight`` at once, so one slow API call
-does not stall the stream; past that bound the loop waits for a free slot (the API's SSE
-buffer absorbs the pause). Only a refused realm key (401/403) stops the agent; any other
-failure loses that one answer and is logged.
+does not stall the stream; past that bound the loop waits for a free slot. Only a refused
+realm key (401/403) stops the agent.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -23,6 +30,8 @@ from post_office_client import (
     AgentMessage,
     Forbidden,
     Gone,
+    GroupConsumer,
+    GroupMessage,
     PostOfficeClient,
     PostOfficeError,
     Unauthorized,
@@ -84,33 +93,44 @@ class GuideAgent:
         channel: str,
         channels: Sequence[str],
         *,
+        group: str = "guide",
+        consumer: str = "guide-1",
         backoff_min: float,
         backoff_max: float,
         idle_timeout: float,
         max_in_flight: int = 32,
         max_answer_chars: int = DEFAULT_MAX_ANSWER_CHARS,
+        dedupe_size: int = 10_000,
     ) -> None:
         self.client = client
         self.channel = channel
         self.channels = tuple(channels)
+        self.group = group
+        self.consumer = consumer
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.idle_timeout = idle_timeout
         self.max_in_flight = max_in_flight
         self.max_answer_chars = max_answer_chars
+        self.dedupe_size = dedupe_size
         self.answered = 0
+        self.duplicates = 0
+        self._seen: OrderedDict[str, None] = OrderedDict()
 
     async def run(self) -> None:
         """Answer until cancelled. Raises only what retrying cannot fix (a refused key)."""
-        subscription = self.client.subscribe(
+        messages = GroupConsumer(
+            self.client,
             self.channel,
+            group=self.group,
+            consumer=self.consumer,
             backoff_min=self.backoff_min,
             backoff_max=self.backoff_max,
             idle_timeout=self.idle_timeout,
         )
         slots = asyncio.Semaphore(self.max_in_flight)
 
-        async def answer_one(msg: AgentMessage) -> None:
+        async def answer_one(msg: GroupMessage) -> None:
             try:
                 await self.handle(msg)
             finally:
@@ -118,34 +138,39 @@ class GuideAgent:
 
         try:
             # A task group: a refused key in any answer ends the loop and the other answers.
-            async with asyncio.TaskGroup() as answers, subscription:
-                log.info("subscribed to %s", self.channel)
-                async for msg in subscription:
+            async with asyncio.TaskGroup() as answers, messages:
+                log.info("consuming %s as %s/%s", self.channel, self.group, self.consumer)
+                async for msg in messages:
                     await slots.acquire()
                     answers.create_task(answer_one(msg))
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None
 
-    async def handle(self, msg: AgentMessage) -> None:
-        if not msg.connection_id:
-            log.debug("message %s has no connection to answer", msg.message_id)
-            return
-        frame = response_frame(msg, self.channels, self.max_answer_chars)
-        # W3C: an invalid traceparent is dropped (the API starts a new trace).
-        traceparent = msg.traceparent if is_valid_traceparent(msg.traceparent) else None
+    async def handle(self, msg: GroupMessage) -> None:
         try:
-            await self.client.send_to_connection(msg.connection_id, frame, traceparent=traceparent)
-        except Gone:
-            log.info(
-                "connection left before the answer to %s",
-                msg.message_id,
-                extra={"connection_id": msg.connection_id},
-            )
-            return
+            if msg.message_id in self._seen or not msg.connection_id:
+                if msg.message_id in self._seen:
+                    self.duplicates += 1
+                    log.info("message %s again (already answered): acked", msg.message_id)
+                await msg.ack()
+                return
+            frame = response_frame(msg.message, self.channels, self.max_answer_chars)
+            # W3C: an invalid traceparent is dropped (the API starts a new trace).
+            traceparent = msg.message.traceparent
+            try:
+                await msg.reply(
+                    frame, traceparent=traceparent if is_valid_traceparent(traceparent) else None
+                )
+            except Gone:
+                log.info(
+                    "connection left before the answer to %s",
+                    msg.message_id,
+                    extra={"connection_id": msg.connection_id},
+                )
         except (Unauthorized, Forbidden):
             raise
         except PostOfficeError as exc:
-            # One lost answer must not stop the agent; the next message is answered again.
+            # Not acked: the message comes again, here or to another replica.
             log.warning(
                 "answer to %s failed: %s",
                 msg.message_id,
@@ -154,7 +179,14 @@ class GuideAgent:
             )
             return
         except Exception:
-            # A bug or an unexpected answer must not end the agent: this answer is lost.
+            # A bug or an unexpected answer must not end the agent; the message comes again.
             log.exception("answer to %s failed", msg.message_id)
             return
-        self.answered += 1
+        self._remember(msg.message_id)
+        if msg.connection_id:
+            self.answered += 1
+
+    def _remember(self, message_id: str) -> None:
+        self._seen[message_id] = None
+        while len(self._seen) > self.dedupe_size:
+            self._seen.popitem(last=False)

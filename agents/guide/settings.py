@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from agents.guide.agent import DEFAULT_MAX_ANSWER_CHARS
 from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import MIN_PRODUCTION_KEY_LENGTH, ProcessSettings, SettingsError, setting
+from shared.streams import is_valid_consumer_name, is_valid_group_name
 
 __all__ = ["DESCRIPTION", "MIN_PRODUCTION_KEY_LENGTH", "PREFIX", "GuideSettings"]
 
@@ -33,6 +34,14 @@ class GuideSettings(ProcessSettings):
         secret=True,
     )
     channel: str = setting("guide", "the agent channel to answer")
+    group: str = setting(
+        "guide", "consumer group the replicas share (each message goes to one of them)"
+    )
+    consumer: str = setting(
+        "",
+        "this replica's consumer name, the same across its restarts (what it held unacked "
+        "comes back to it); empty: guide-<hostname>",
+    )
     channels: tuple[str, ...] = setting(DEFAULT_CHANNELS, "channels that 'help' lists", common=True)
     backoff_min_seconds: float = setting(
         0.1, "first pause before re-subscribing after the stream broke", minimum=0.001
@@ -68,6 +77,12 @@ class GuideSettings(ProcessSettings):
         if not self.post_office_url.startswith(("http://", "https://")):
             raise SettingsError(
                 f"{PREFIX}POST_OFFICE_URL={self.post_office_url!r}: must start with http(s)://"
+            )
+        if not is_valid_group_name(self.group):
+            raise SettingsError(f"{PREFIX}GROUP={self.group!r}: expected [A-Za-z0-9_.-]{{1,64}}")
+        if self.consumer and not is_valid_consumer_name(self.consumer):
+            raise SettingsError(
+                f"{PREFIX}CONSUMER={self.consumer!r}: expected [A-Za-z0-9_.:-]{{1,128}}"
             )
         if not self.realm_key:
             raise SettingsError(f"{PREFIX}REALM_KEY is empty")
