@@ -222,7 +222,7 @@ _CONSUME = """
 -- entries it has not sent yet (handed to it by the worker, or left from an earlier session),
 -- and, while there is room, new entries (XREADGROUP >).
 -- It also says the consumer is live (created if new, so the worker can hand it messages).
--- Returns {pending ids, {{id, deliveries, data}...} not sent yet, new entries}.
+-- Returns {{{id, deliveries}...} pending, {{id, deliveries, data}...} not sent yet, new entries}.
 redis.call('XGROUP', 'CREATECONSUMER', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1] .. '/' .. ARGV[2])
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', ARGV[3], ARGV[2])
@@ -230,7 +230,7 @@ local sent = {}
 for i = 5, #ARGV do sent[ARGV[i]] = true end
 local ids, unsent = {}, {}
 for _, e in ipairs(p) do
-  ids[#ids + 1] = e[1]
+  ids[#ids + 1] = {e[1], e[4]}
   if not sent[e[1]] then
     local x = redis.call('XRANGE', KEYS[1], e[1], e[1])[1]
     local data = false
@@ -352,7 +352,7 @@ class ConsumeStep:
     """What :meth:`Streams.consume_step` found: the consumer's pending ids, pending entries it
     had not been sent, and new entries."""
 
-    pending: list[str]
+    pending: dict[str, int]  # id -> deliveries
     unsent: list[Entry]
     fresh: list[Entry]
 
@@ -395,7 +395,7 @@ class Streams:
             args=[group, consumer, in_flight, repr(time.time()), *sent],
         )
         return ConsumeStep(
-            [_text(i) for i in ids],
+            {_text(i): int(n) for i, n in ids},
             [
                 Entry(_text(i), cast("bytes", d) if d else b"", int(n))
                 for i, n, d in unsent
@@ -423,6 +423,19 @@ class Streams:
             return []
         entries = raw[0][1] if isinstance(raw, list) else next(iter(raw.values()))[0]
         return [_entry(e) for e in entries]
+
+    async def entries(self, channel: str, ids: Sequence[str]) -> dict[str, bytes]:
+        """The data of those entries (pipelined XRANGE); ids gone from the stream are left out."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for entry_id in ids:
+                pipe.xrange(names.stream(channel), entry_id, entry_id)
+            found = await pipe.execute()
+        out = {}
+        for entry_id, rows in zip(ids, found, strict=True):
+            if rows:
+                data = _fields(rows[0][1]).get(DATA_FIELD, b"")
+                out[entry_id] = data if isinstance(data, bytes) else str(data).encode()
+        return out
 
     async def ack(self, channel: str, group: str, ids: Sequence[str]) -> int:
         if not ids:
@@ -490,6 +503,16 @@ class Streams:
             ],
         )
         return ReclaimResult(_text(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]))
+
+    async def stale_holders(
+        self, channel: str, group: str, min_idle_ms: int, count: int
+    ) -> set[str]:
+        """Consumers holding entries delivered at least ``min_idle_ms`` ago (the oldest
+        ``count`` such entries looked at)."""
+        rows = await self.redis.xpending_range(
+            names.stream(channel), group, "-", "+", count, idle=min_idle_ms
+        )
+        return {_text(r["consumer"]) for r in rows}
 
     async def trim(self, channel: str) -> int:
         """Trim the history every group acked; entries removed."""

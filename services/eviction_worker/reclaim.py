@@ -104,10 +104,22 @@ class Reclaimer:
     ) -> None:
         if not group.pending or group.oldest_pending_id is None:
             return
+        if now - id_time(group.oldest_pending_id) < self.ack_timeout_ms / 1000:
+            return  # nothing can have waited that long yet
         live = [c for c in group.consumer_list if c.live(now, self.live_seconds)]
         if not live:
             return
-        target = min(live, key=lambda c: (c.pending, c.idle_ms)).name
+        # Who holds what waited past the ack timeout: another live consumer gets it, so a
+        # consumer that died is not handed its own messages back while it still looks live.
+        # Only a consumer alone in its group takes its own back (the count still goes up).
+        holders = await self.streams.stale_holders(
+            channel, group.name, self.ack_timeout_ms, self.reclaim_batch
+        )
+        summary.round_trips += 1
+        if not holders:
+            return
+        others = [c for c in live if c.name not in holders] or live
+        target = min(others, key=lambda c: (c.pending, c.idle_ms)).name
         cursor, handed_total, dead_total = "0-0", 0, 0
         while handed_total + dead_total < self.reclaim_limit:
             result = await self.streams.reclaim(

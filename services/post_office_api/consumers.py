@@ -182,21 +182,29 @@ async def consume_group(request: web.Request) -> web.StreamResponse:
                 f"retry: {settings.sse_retry_ms}\r\n: subscribed to {channel} as {group}/{consumer}"
                 "\r\n\r\n".encode()
             )
-            sent: dict[str, None] = {}
+            # Sent on this stream and still pending, with the delivery count it had then: a
+            # higher count means the worker handed it back to this consumer (it holds it
+            # again after ACK_TIMEOUT_SECONDS), so it is sent again.
+            sent: dict[str, int] = {}
             first = True
             while not stop.is_set():
                 step = await groups.streams.consume_step(
                     channel, group, consumer, in_flight, list(sent)
                 )
-                pending = set(step.pending)
-                sent = {i: None for i in sent if i in pending}
-                out = sorted(step.unsent, key=lambda e: _id_key(e.id))
+                pending = step.pending
+                again = [i for i, n in sent.items() if i in pending and pending[i] > n]
+                sent = {i: n for i, n in sent.items() if i in pending}
+                out = step.unsent
+                if again:
+                    data = await groups.streams.entries(channel, again)
+                    out += [Entry(i, data[i], pending[i]) for i in again if i in data]
+                out = sorted(out, key=lambda e: _id_key(e.id))
                 if first and last_id is not None:
                     # Received before the reconnect (the client says so): not sent again.
                     cut = _id_key(last_id)
                     for entry in out:
                         if _id_key(entry.id) <= cut:
-                            sent[entry.id] = None
+                            sent[entry.id] = entry.deliveries
                     out = [e for e in out if _id_key(e.id) > cut]
                 first = False
                 out += step.fresh
@@ -210,7 +218,7 @@ async def consume_group(request: web.Request) -> web.StreamResponse:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(stop.wait(), settings.group_poll_seconds)
                 for entry in out:
-                    sent[entry.id] = None
+                    sent[entry.id] = entry.deliveries
                     await stream.send(_event(entry, channel, group), id=entry.id)
                     metrics.GROUP_EVENTS.inc()
     except (ConnectionResetError, TimeoutError) as exc:
