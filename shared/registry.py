@@ -121,8 +121,9 @@ _PUBLISH_OR_QUEUE = PUBLISH_SCRIPT
 
 class PublishResult(enum.IntEnum):
     """Outcome codes of :meth:`Registry.publish_or_queue`: appended to the channel's stream
-    with a consumer group reading it (``PUBLISHED``) or none yet (``QUEUED``), or refused
-    because the slowest group has ``STREAM_MAX_PENDING`` unconsumed entries (``REFUSED``)."""
+    with an agent known to listen (``PUBLISHED``: a tap subscriber or a live group consumer)
+    or none known (``QUEUED``), or refused because the slowest group has
+    ``STREAM_MAX_PENDING`` unconsumed entries (``REFUSED``)."""
 
     REFUSED = 0
     PUBLISHED = 1
@@ -212,7 +213,7 @@ class Registry:
         ``queue_bound`` is ``STREAM_MAX_PENDING``."""
         return (
             self._publish_or_queue,
-            [names.stream(channel), names.agent_channel(channel)],
+            [names.stream(channel), names.agent_channel(channel), names.stream_consumers(channel)],
             [data, queue_bound],
         )
 

@@ -109,23 +109,25 @@ end
 
 PUBLISH_SCRIPT = (
     """
--- KEYS: 1 stream, 2 tap (pub/sub channel).  ARGV: 1 agent message, 2 STREAM_MAX_PENDING
--- Returns 1 published (a consumer group reads the channel, or the tap has a listener),
--- 2 queued (neither: it waits in the stream for the first group), 0 refused (the slowest group
--- has STREAM_MAX_PENDING unconsumed entries). The length check first: unconsumed entries
--- never outnumber the stream, so the common case costs XLEN, XADD and PUBLISH.
+-- KEYS: 1 stream, 2 tap (pub/sub channel), 3 consumers' last-seen zset.
+-- ARGV: 1 agent message, 2 STREAM_MAX_PENDING
+-- Returns 1 published (an agent is known to listen: a tap subscriber, or a group consumer that
+-- said it is live), 2 queued (none known: it waits in the stream; a group created at 0 gets
+-- it), 0 refused (the slowest group has STREAM_MAX_PENDING unconsumed entries). Unconsumed
+-- entries never outnumber the stream, so while XLEN is under the bound (the worker trims what
+-- every group acked) a run costs XLEN, XADD, PUBLISH and at most an EXISTS.
 """
     + _UNCONSUMED
     + """
 local len = redis.call('XLEN', KEYS[1])
-local groups = {}
-if len > 0 or redis.call('EXISTS', KEYS[1]) == 1 then
-  groups = redis.call('XINFO', 'GROUPS', KEYS[1])
-end
 local bound = tonumber(ARGV[2])
-if len >= bound and unconsumed(groups, len) >= bound then return 0 end
+if len >= bound then
+  local groups = redis.call('XINFO', 'GROUPS', KEYS[1])
+  if unconsumed(groups, len) >= bound then return 0 end
+end
 redis.call('XADD', KEYS[1], '*', 'data', ARGV[1])
-if redis.call('PUBLISH', KEYS[2], ARGV[1]) > 0 or #groups > 0 then return 1 end
+if redis.call('PUBLISH', KEYS[2], ARGV[1]) > 0 then return 1 end
+if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
 return 2
 """
 )

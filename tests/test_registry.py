@@ -14,6 +14,7 @@ from redis.asyncio.client import PubSub
 
 from shared import redis_names as names
 from shared.registry import ConnectionRecord, PublishResult, Registry
+from shared.streams import Streams
 from tests.helpers import timeout
 
 TTL = 60
@@ -277,6 +278,9 @@ async def test_publish_refuses_on_the_slowest_group(redis, registry):
     channel = "pillar:content"
     for group in ("fast", "slow"):
         await redis.xgroup_create(names.stream(channel), group, id="0", mkstream=True)
+    # Without a tap subscriber or a live consumer it is "queued"; one says it is live.
+    assert await registry.publish_or_queue("guide", b"q", 3) == PublishResult.QUEUED
+    await Streams(redis).heartbeat(channel, "fast", "f")
     for i in range(3):
         assert await registry.publish_or_queue(channel, b"%d" % i, 3) == PublishResult.PUBLISHED
     read = await redis.xreadgroup("fast", "f", {names.stream(channel): ">"}, count=10)
