@@ -11,8 +11,9 @@ One ``aiohttp.ClientSession`` per client (keep-alive), every answer typed, every
 error code. :meth:`PostOfficeClient.subscribe` reads the Server-Sent Events stream of a
 channel and, unless told not to, reconnects with capped, jittered exponential backoff when the
 stream breaks (the API restarts, the network drops, the server found the reader too slow),
-sending ``Last-Event-ID``. Pub/sub keeps no history: messages published while no stream was
-open are not replayed (the gateway queues client messages while no agent listens at all).
+sending ``Last-Event-ID``. That stream is the channel's tap, at most once: messages published
+while no stream was open are not replayed. Agents that must handle every message once consume
+a group instead (:class:`post_office_client.consumer.GroupConsumer`).
 
 One bad event never ends a subscription: an event that is not an agent message, or larger
 than ``max_event_bytes``, is skipped (and logged), and the stream goes on.

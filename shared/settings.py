@@ -167,7 +167,19 @@ def _check(value: Any, field: dataclasses.Field[Any], name: str) -> None:
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}(:[A-Za-z0-9_-]{1,64})?\Z")
 #: First segments that are Redis names of their own under ``websocket:``.
 RESERVED_CHANNEL_NAMES = frozenset(
-    {"events", "connection", "connections", "user", "channel", "gateway", "gateways", "queue"}
+    {
+        "events",
+        "connection",
+        "connections",
+        "user",
+        "channel",
+        "gateway",
+        "gateways",
+        "queue",
+        "stream",
+        "dead",
+        "consumers",
+    }
 )
 
 
