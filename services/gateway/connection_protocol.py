@@ -386,6 +386,11 @@ class ConnectionProtocol:
     def session_expired(self) -> None:
         self.decide_close(CloseCode.SESSION_INVALID, "session expired")
 
+    def session_lost(self) -> None:
+        """The session and the connection's record are both gone: Redis lost its data. The
+        session cannot be trusted again (a revocation may have been lost with it): sign in."""
+        self.decide_close(CloseCode.SESSION_INVALID, "session lost")
+
     def stale(self) -> None:
         """The registry record is gone while the session lives (this gateway was taken for dead
         while it stalled): deliveries would answer 410, so the client must reconnect."""
