@@ -53,9 +53,6 @@ class PublishSink(Protocol):
 class Connection:
     """A registered socket: the protocol that decides, the writer and closer that act."""
 
-    #: Frames written by every connection of the process (the detailed health view).
-    frames_written = 0
-
     def __init__(
         self,
         ws: web.WebSocketResponse,
@@ -130,7 +127,7 @@ class Connection:
         self._writer.add_done_callback(lambda _task: self._progress.set())
 
     async def _write(self) -> None:
-        ws, proto = self.ws, self.protocol
+        ws, proto, stats = self.ws, self.protocol, self.protocol.stats
         while True:
             frame = proto.next_frame()
             if frame is None:
@@ -143,8 +140,7 @@ class Connection:
                 if kind is FrameKind.TEXT:
                     await ws.send_str(data)  # type: ignore[arg-type]
                     self.messages_out += 1
-                    Connection.frames_written += 1
-                    metrics.FRAMES_OUT.inc()
+                    stats.frames_out += 1
                 elif kind is FrameKind.PING:
                     await ws.ping()
                 else:

@@ -141,6 +141,8 @@ class ProtocolStats:
     acks: dict[str, int] = field(default_factory=lambda: {"published": 0, "queued": 0})
     errors: dict[str, int] = field(default_factory=dict)
     pongs: int = 0
+    frames_in: int = 0  # every frame read from a client (counted by the reader)
+    frames_out: int = 0  # every text frame written to a client (counted by the writer)
 
     def error(self, code: ErrorCode) -> None:
         key = str(code)

@@ -17,8 +17,6 @@ __all__ = [
     "CONNECTIONS",
     "CONNECTIONS_REFUSED",
     "CONNECTIONS_TOTAL",
-    "FRAMES_IN",
-    "FRAMES_OUT",
     "PROTOCOL_STATS",
     "PUBLISH_BATCH",
     "PUBSUB_RECONNECTS",
@@ -38,8 +36,6 @@ CONNECTIONS_REFUSED = Counter(
     "invalid_token, invalid_token_cached)",
     ["reason"],
 )
-FRAMES_IN = Counter("postoffice_gateway_frames_in", "Frames received from clients")
-FRAMES_OUT = Counter("postoffice_gateway_frames_out", "Frames written to clients")
 CLOSES = Counter(
     "postoffice_gateway_closes", "Sockets closed by the gateway, by close code", ["code"]
 )
@@ -60,7 +56,7 @@ PROTOCOL_STATS = ProtocolStats()
 
 
 class _ProtocolCollector(Collector):
-    """Acks, error frames and pongs, read from :data:`PROTOCOL_STATS` when scraped."""
+    """Frames, acks, error frames and pongs, read from :data:`PROTOCOL_STATS` when scraped."""
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         stats = PROTOCOL_STATS
@@ -79,6 +75,16 @@ class _ProtocolCollector(Collector):
         pongs = CounterMetricFamily("postoffice_gateway_pongs", "Pongs received (app and protocol)")
         pongs.add_metric([], stats.pongs)
         yield pongs
+        frames_in = CounterMetricFamily(
+            "postoffice_gateway_frames_in", "Frames received from clients"
+        )
+        frames_in.add_metric([], stats.frames_in)
+        yield frames_in
+        frames_out = CounterMetricFamily(
+            "postoffice_gateway_frames_out", "Text frames written to clients"
+        )
+        frames_out.add_metric([], stats.frames_out)
+        yield frames_out
 
 
 REGISTRY.register(_ProtocolCollector())

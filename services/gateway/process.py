@@ -25,6 +25,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.gateway import metrics
 from services.gateway.connection import Connection, ConnectionTable
 from services.gateway.connection_protocol import Limits, Publish
 from services.gateway.hub import Hub
@@ -144,7 +145,6 @@ class Gateway:
         self.channels = frozenset(settings.channels)
         self.ready = False  # True once started; False again while draining
         self.started = time.monotonic()
-        self.frames_in = 0
         self.frames_out_pubsub = 0
         self.session_checks = 0
         self.check_sessions_now = asyncio.Event()
@@ -270,8 +270,8 @@ class Gateway:
             "sockets": self.open_sockets,
             "frames_queued": sum(c.protocol.queued_frames for c in conns),
             "uptime_seconds": round(time.monotonic() - self.started, 3),
-            "messages_in": self.frames_in,
-            "messages_out": Connection.frames_written,
+            "messages_in": metrics.PROTOCOL_STATS.frames_in,
+            "messages_out": metrics.PROTOCOL_STATS.frames_out,
             "pubsub_frames_forwarded": self.frames_out_pubsub,
             "published": self.publisher.published,
             "queued": self.publisher.queued,
