@@ -33,6 +33,8 @@ import socket
 import sys
 import types
 import typing
+import unicodedata
+import urllib.parse
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,6 +43,7 @@ __all__ = [
     "COMMON_VARIABLES",
     "DEV_KEY_PREFIX",
     "LOG_LEVELS",
+    "LOOPBACK_HOSTS",
     "MIN_PRODUCTION_KEY_LENGTH",
     "RESERVED_CHANNEL_NAMES",
     "ProcessSettings",
@@ -50,9 +53,11 @@ __all__ = [
     "check_channel_names",
     "format_help",
     "instance_id_setting",
+    "key_lookalike",
     "load",
     "load_or_exit",
     "port_setting",
+    "redis_url_has_password",
     "setting",
 ]
 
@@ -215,6 +220,10 @@ def load(cls: type[T], prefix: str, environ: Mapping[str, str] | None = None) ->
     validate = getattr(instance, "validate", None)
     if callable(validate):
         validate()
+    # After the service's own checks, so that a development key is named before anything else.
+    refuse = getattr(instance, "refuse_unsafe_production", None)
+    if callable(refuse):
+        refuse()
     return instance
 
 
@@ -271,6 +280,31 @@ DEV_KEY_PREFIX = "dev-"
 MIN_PRODUCTION_KEY_LENGTH = 32
 #: Listen addresses that are no address another process can reach.
 _ANY_ADDRESS = ("0.0.0.0", "::", "")
+#: Hosts a plain ``ws://`` public URL may name in production: traffic that never leaves the
+#: machine (the compose stack on a laptop); anything else must be ``wss://``.
+LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def key_lookalike(key: str) -> str:
+    """``key`` as a reader would see it: NFKC (fullwidth and compatibility forms folded), every
+    Unicode dash (category Pd: U+2010 hyphen, en dash, ...) made ``-``, outer spaces stripped,
+    case folded. ``dev\\u2010x`` and `` dev-x`` both become ``dev-x``."""
+    folded = unicodedata.normalize("NFKC", key)
+    dashes = "".join("-" if unicodedata.category(c) == "Pd" else c for c in folded)
+    return dashes.strip().casefold()
+
+
+def _printable_ascii(key: str) -> bool:
+    return all("!" <= c <= "~" for c in key)
+
+
+def redis_url_has_password(url: str) -> bool:
+    """Whether a ``redis://``, ``rediss://`` or ``unix://`` URL carries a password (in the
+    user information or as ``?password=``)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        return True
+    return bool(urllib.parse.parse_qs(parts.query).get("password", [""])[0])
 
 
 def port_setting(default: int, help: str = "port to listen on", *, minimum: int = 1) -> Any:
@@ -297,8 +331,10 @@ class ProcessSettings:
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR or CRITICAL", common=True)
     environment: str = setting(
         "development",
-        "development or production (production refuses development keys, 'dev-' in any case, "
-        f"and keys shorter than {MIN_PRODUCTION_KEY_LENGTH} characters)",
+        "development or production (production refuses development keys, 'dev-' in any case "
+        f"or look-alike, keys shorter than {MIN_PRODUCTION_KEY_LENGTH} characters or not "
+        "printable ASCII, a Redis URL without a password, a ws:// public URL but for "
+        "localhost, and on the gateway ALLOWED_ORIGINS unset or '*')",
         common=True,
         choices=("development", "production"),
     )
@@ -323,7 +359,7 @@ class ProcessSettings:
         if not self.production:
             return
         keys = tuple(keys)
-        if any(key.lower().startswith(DEV_KEY_PREFIX) for key in keys):
+        if any(key_lookalike(key).startswith(DEV_KEY_PREFIX) for key in keys):
             raise SettingsError(
                 f"{variable}: a development key ('{DEV_KEY_PREFIX}...', in any case) is refused "
                 "when ENVIRONMENT=production (no development keys in production); set a real "
@@ -333,6 +369,31 @@ class ProcessSettings:
             raise SettingsError(
                 f"{variable}: ENVIRONMENT=production needs a key of at least "
                 f"{MIN_PRODUCTION_KEY_LENGTH} characters"
+            )
+        if not all(_printable_ascii(key) for key in keys):
+            # Spaces, tabs and non-ASCII letters: a key pasted with a stray space, or one made
+            # to look like another (Cyrillic letters, Unicode dashes), is no random key.
+            raise SettingsError(
+                f"{variable}: ENVIRONMENT=production needs keys of printable ASCII without "
+                "spaces (a leading or trailing space, or a non-ASCII character, was found)"
+            )
+
+    def refuse_unsafe_production(self) -> None:
+        """In production, refuse settings that are only safe on a development machine.
+
+        Called by :func:`load` after :meth:`validate`; subclasses extend it, calling
+        ``super().refuse_unsafe_production()`` first."""
+
+    def refuse_plain_public_url(self, variable: str, url: str) -> None:
+        """In production, a public WebSocket URL must be ``wss://`` unless it names this
+        machine (loopback): session tokens travel in it."""
+        if not self.production or not url:
+            return
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme.lower() == "ws" and (parts.hostname or "") not in LOOPBACK_HOSTS:
+            raise SettingsError(
+                f"{variable}={url!r}: ENVIRONMENT=production needs wss:// (session tokens "
+                "travel in it); ws:// is only accepted for localhost"
             )
 
 
@@ -369,6 +430,15 @@ class ServiceSettings(ProcessSettings, _Endpoint):
     ``port`` with their default."""
 
     INSTANCE_NAME = "service"
+
+    def refuse_unsafe_production(self) -> None:
+        super().refuse_unsafe_production()
+        if self.production and not redis_url_has_password(self.redis_url):
+            # The URL holds the password: never echo it (here it has none, but say only why).
+            raise SettingsError(
+                f"{self.PREFIX}REDIS_URL (or REDIS_URL): ENVIRONMENT=production needs a Redis "
+                "password (redis://:PASSWORD@host:6379/0 or ?password=)"
+            )
 
     @property
     def instance(self) -> str:

@@ -219,6 +219,17 @@ class Settings(TrafficCopCallerSettings):
             )
         self.refuse_development_keys("TRAFFIC_COP_SERVICE_KEY", (self.traffic_cop_service_key,))
 
+    def refuse_unsafe_production(self) -> None:
+        super().refuse_unsafe_production()
+        self.refuse_plain_public_url("PUBLIC_WS_URL", self.public_ws_url)
+        if self.production and (not self.allowed_origins or "*" in self.allowed_origins):
+            # Unset means localhost on any port, which any local process can claim; '*' means
+            # any page on the web may open sockets with its visitors' tokens.
+            raise SettingsError(
+                "ALLOWED_ORIGINS: ENVIRONMENT=production needs the browser origins allowed to "
+                "open /ws listed (not unset, not '*')"
+            )
+
     @property
     def record_ttl(self) -> float:
         # Long by default: the worker is what cleans up (records and indexes together); the TTL

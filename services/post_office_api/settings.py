@@ -218,3 +218,7 @@ class ApiSettings(TrafficCopCallerSettings):
                 f"{PREFIX}PUBSUB_BACKOFF_MIN_SECONDS is larger than "
                 f"{PREFIX}PUBSUB_BACKOFF_MAX_SECONDS"
             )
+
+    def refuse_unsafe_production(self) -> None:
+        super().refuse_unsafe_production()
+        self.refuse_plain_public_url("PUBLIC_WS_URL", self.public_ws_url)
