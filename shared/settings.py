@@ -26,6 +26,7 @@ Exception tree::
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -79,6 +80,7 @@ COMMON_VARIABLES = frozenset(
         "ALLOWED_ORIGINS",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "TRAFFIC_COP_SERVICE_KEY",
+        "TRUSTED_PROXIES",
         "REALM_KEYS",
         "CHANNELS",
     }
@@ -420,6 +422,52 @@ class _Endpoint:
         "finish before exiting",
         minimum=0.0,
     )
+    http_header_timeout_seconds: float = setting(
+        10.0,
+        "a new connection must send a whole request head (a WebSocket upgrade included) within "
+        "this, or it is answered 408 and closed",
+        minimum=0.1,
+    )
+    http_body_timeout_seconds: float = setting(
+        30.0, "a request body must arrive within this, or the request is answered 408", minimum=0.1
+    )
+    http_keepalive_timeout_seconds: float = setting(
+        75.0,
+        "an idle kept-alive connection (or one whose next request head is incomplete) is "
+        "closed after this; keep it above the proxy's idle timeout",
+        minimum=0.1,
+    )
+    http_max_pending_connections: int = setting(
+        1000,
+        "connections held that have not yet sent a whole request head; past it a new one is "
+        "answered 503 and closed at once",
+        minimum=1,
+    )
+    http_max_header_bytes: int = setting(
+        8190, "longest request line and longest header line (past it: 400)", minimum=1024
+    )
+    http_max_headers: int = setting(128, "most headers in a request (past it: 400)", minimum=8)
+    unauth_rate_per_second: float = setting(
+        10.0,
+        "per client address: requests refused for their credentials, and gateway upgrades "
+        "before their token is checked, allowed per second on average (token bucket); past it "
+        "429 with Retry-After",
+        minimum=0.001,
+    )
+    unauth_burst: int = setting(
+        50, "per client address: how many of those may come at once", minimum=1
+    )
+    unauth_addresses: int = setting(
+        100000,
+        "client addresses whose budget is remembered (the least recently seen are forgotten)",
+        minimum=1,
+    )
+    trusted_proxies: tuple[str, ...] = setting(
+        (),
+        "comma-separated addresses or networks (CIDR) of proxies whose X-Forwarded-For names "
+        "the client address; empty: the peer address is the client's",
+        common=True,
+    )
 
 
 @dataclass(frozen=True, repr=False)
@@ -430,6 +478,16 @@ class ServiceSettings(ProcessSettings, _Endpoint):
     ``port`` with their default."""
 
     INSTANCE_NAME = "service"
+
+    def validate(self) -> None:
+        super().validate()
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise SettingsError(
+                    f"TRUSTED_PROXIES: {proxy!r} is not an IP address or network (CIDR)"
+                ) from None
 
     def refuse_unsafe_production(self) -> None:
         super().refuse_unsafe_production()

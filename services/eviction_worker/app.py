@@ -78,7 +78,7 @@ async def traffic_cop_reporter(
 
 
 def create_app(settings: EvictionSettings) -> web.Application:
-    app = base_app(SERVICE_NAME, settings.instance)
+    app = base_app(SERVICE_NAME, settings.instance, body_timeout=settings.http_body_timeout_seconds)
     app[SETTINGS] = settings
     app[STOP] = asyncio.Event()
     # The deadline SIGTERM starts; both teardown waits draw on it.

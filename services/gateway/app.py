@@ -39,6 +39,7 @@ from services.gateway.keys import GATEWAY, ORIGINS, SETTINGS
 from services.gateway.origins import OriginPolicy
 from services.gateway.routes import setup_routes
 from services.gateway.settings import Settings
+from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
 from shared.discovery import (
     DEREGISTER,
     GATEWAY_SERVICE,
@@ -46,17 +47,43 @@ from shared.discovery import (
     Discovery,
     registration_context,
 )
+from shared.http import Handler
 from shared.protocol import CloseCode
 from shared.service import REDIS, SERVICE, base_app, fail, redis_context, supervise
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient
 
-__all__ = ["SERVICE_NAME", "StartupError", "create_app"]
+__all__ = ["PAGE_HEADERS", "SERVICE_NAME", "StartupError", "create_app", "page_headers_middleware"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "gateway"
 TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+
+#: Headers of the chat page, whose URL carries a session token (``/?session_token=...``): no
+#: framing (clickjacking), no script, style or connection but its own, and no Referer, so the
+#: token never reaches another site; nor a cache.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@web.middleware
+async def page_headers_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The chat page's :data:`PAGE_HEADERS`; ``nosniff`` and no Referer on every response."""
+    response = await handler(request)
+    if request.path == "/":
+        response.headers.update(PAGE_HEADERS)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
 
 
 class StartupError(RuntimeError):
@@ -210,7 +237,14 @@ async def _drain(app: web.Application, life: _Lifecycle) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = base_app(SERVICE_NAME, settings.instance)
+    app = base_app(
+        SERVICE_NAME,
+        settings.instance,
+        body_timeout=settings.http_body_timeout_seconds,
+        middlewares=[page_headers_middleware, address_budget_middleware],
+    )
+    # /ws is charged before its token goes to Traffic Cop; nothing else here takes credentials.
+    app[BUDGET] = AddressBudget.of(settings, upgrade_paths=("/ws",))
     app[SETTINGS] = settings
     app[ORIGINS] = OriginPolicy(settings.allowed_origins, settings.public_ws_url)
     aiohttp_jinja2.setup(

@@ -43,6 +43,7 @@ from services.post_office_api.ratelimit import RealmRateLimiter
 from services.post_office_api.routes import setup_routes
 from services.post_office_api.settings import ApiSettings, parse_realm_keys
 from services.post_office_api.stale import StaleReporter
+from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
 from shared.discovery import API_SERVICE, TRAFFIC_COP_SERVICE, Discovery, registration_context
 from shared.redis_client import make_redis
 from shared.registry import Registry
@@ -157,8 +158,10 @@ def create_app(settings: ApiSettings) -> web.Application:
         SERVICE_NAME,
         settings.instance,
         client_max_size=settings.max_body_bytes,
-        middlewares=[metrics_middleware, realm_middleware],
+        body_timeout=settings.http_body_timeout_seconds,
+        middlewares=[metrics_middleware, address_budget_middleware, realm_middleware],
     )
+    app[BUDGET] = AddressBudget.of(settings)
     app[SETTINGS] = settings
     app[REALM_KEYS] = RealmKeys(parse_realm_keys(settings.realm_keys))
     app[RATE_LIMITER] = RealmRateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
