@@ -34,7 +34,7 @@ from aiohttp import hdrs, web
 from shared.http import Handler, json_error
 from shared.protocol import ErrorCode
 from shared.ratelimit import KeyedBuckets
-from shared.settings import ServiceSettings
+from shared.settings import HttpLimitSettings
 
 __all__ = [
     "BUDGET",
@@ -111,13 +111,13 @@ class AddressBudget:
         self.upgrade_paths = frozenset(upgrade_paths)
 
     @classmethod
-    def of(cls, settings: ServiceSettings, upgrade_paths: Iterable[str] = ()) -> AddressBudget:
+    def of(cls, settings: HttpLimitSettings, upgrade_paths: Iterable[str] = ()) -> AddressBudget:
         """From a service's ``UNAUTH_*`` and ``TRUSTED_PROXIES`` settings."""
         return cls(
             settings.unauth_rate_per_second,
             settings.unauth_burst,
             settings.unauth_addresses,
-            settings.trusted_proxies,
+            settings.trusted_proxy_list,
             upgrade_paths,
         )
 

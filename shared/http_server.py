@@ -41,7 +41,7 @@ from aiohttp.web_server import Server
 
 from shared.http import SERVER_NAME, json_error
 from shared.protocol import ErrorCode
-from shared.settings import ServiceSettings
+from shared.settings import HttpLimitSettings
 
 __all__ = ["PENDING", "REFUSED", "ServerLimits", "serve"]
 
@@ -70,7 +70,7 @@ class ServerLimits:
     max_headers: int = 128
 
     @classmethod
-    def of(cls, settings: ServiceSettings) -> ServerLimits:
+    def of(cls, settings: HttpLimitSettings) -> ServerLimits:
         return cls(
             header_timeout=settings.http_header_timeout_seconds,
             keepalive_timeout=settings.http_keepalive_timeout_seconds,

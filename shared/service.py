@@ -42,7 +42,7 @@ from shared.http import (
 )
 from shared.http_server import ServerLimits, serve
 from shared.redis_client import make_redis
-from shared.settings import ServiceSettings
+from shared.settings import HttpLimitSettings, ServiceSettings
 from shared.tracing import tracing_middleware
 
 __all__ = [
@@ -304,6 +304,8 @@ def run(
 
 def run_service(app: web.Application, settings: ServiceSettings) -> None:
     """:func:`run` on the service's listen address, drain time and ``HTTP_*`` limits."""
+    if not isinstance(settings, HttpLimitSettings):
+        raise TypeError(f"{type(settings).__name__} lacks the HTTP_* limits (HttpLimitSettings)")
     run(
         app,
         settings.host,

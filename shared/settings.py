@@ -47,6 +47,7 @@ __all__ = [
     "LOOPBACK_HOSTS",
     "MIN_PRODUCTION_KEY_LENGTH",
     "RESERVED_CHANNEL_NAMES",
+    "HttpLimitSettings",
     "ProcessSettings",
     "ServiceSettings",
     "SettingsError",
@@ -422,6 +423,46 @@ class _Endpoint:
         "finish before exiting",
         minimum=0.0,
     )
+
+
+@dataclass(frozen=True, repr=False)
+class ServiceSettings(ProcessSettings, _Endpoint):
+    """Settings of a service with a port, registered in Consul.
+
+    Subclasses set ``INSTANCE_NAME`` (the first part of the default instance id) and redeclare
+    ``port`` with their default."""
+
+    INSTANCE_NAME = "service"
+
+    def refuse_unsafe_production(self) -> None:
+        super().refuse_unsafe_production()
+        if self.production and not redis_url_has_password(self.redis_url):
+            # The URL holds the password: never echo it (here it has none, but say only why).
+            raise SettingsError(
+                f"{self.PREFIX}REDIS_URL (or REDIS_URL): ENVIRONMENT=production needs a Redis "
+                "password (redis://:PASSWORD@host:6379/0 or ?password=)"
+            )
+
+    @property
+    def instance(self) -> str:
+        return self.instance_id or f"{self.INSTANCE_NAME}-{socket.gethostname()}-{self.port}"
+
+    @property
+    def advertised_host(self) -> str:
+        """The address other processes (and Consul's check) reach this one at, never 0.0.0.0."""
+        if self.advertise_host:
+            return self.advertise_host
+        return socket.gethostname() if self.host in _ANY_ADDRESS else self.host
+
+
+@dataclass(frozen=True, repr=False)
+class HttpLimitSettings:
+    """What a service's HTTP server bounds before any handler runs, and its per-address
+    budget for unauthenticated work (shared/http_server.py, shared/address_budget.py).
+
+    A mixin listed first (``class Settings(HttpLimitSettings, ServiceSettings)``), so that
+    its fields follow the shared ones."""
+
     http_header_timeout_seconds: float = setting(
         10.0,
         "a new connection must send a whole request head (a WebSocket upgrade included) within "
@@ -462,52 +503,26 @@ class _Endpoint:
         "client addresses whose budget is remembered (the least recently seen are forgotten)",
         minimum=1,
     )
-    trusted_proxies: tuple[str, ...] = setting(
-        (),
+    trusted_proxies: str = setting(
+        "",
         "comma-separated addresses or networks (CIDR) of proxies whose X-Forwarded-For names "
         "the client address; empty: the peer address is the client's",
         common=True,
     )
 
-
-@dataclass(frozen=True, repr=False)
-class ServiceSettings(ProcessSettings, _Endpoint):
-    """Settings of a service with a port, registered in Consul.
-
-    Subclasses set ``INSTANCE_NAME`` (the first part of the default instance id) and redeclare
-    ``port`` with their default."""
-
-    INSTANCE_NAME = "service"
+    @property
+    def trusted_proxy_list(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.trusted_proxies.split(",") if p.strip())
 
     def validate(self) -> None:
-        super().validate()
-        for proxy in self.trusted_proxies:
+        super().validate()  # type: ignore[misc]  # the ServiceSettings it is mixed into
+        for proxy in self.trusted_proxy_list:
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
                 raise SettingsError(
                     f"TRUSTED_PROXIES: {proxy!r} is not an IP address or network (CIDR)"
                 ) from None
-
-    def refuse_unsafe_production(self) -> None:
-        super().refuse_unsafe_production()
-        if self.production and not redis_url_has_password(self.redis_url):
-            # The URL holds the password: never echo it (here it has none, but say only why).
-            raise SettingsError(
-                f"{self.PREFIX}REDIS_URL (or REDIS_URL): ENVIRONMENT=production needs a Redis "
-                "password (redis://:PASSWORD@host:6379/0 or ?password=)"
-            )
-
-    @property
-    def instance(self) -> str:
-        return self.instance_id or f"{self.INSTANCE_NAME}-{socket.gethostname()}-{self.port}"
-
-    @property
-    def advertised_host(self) -> str:
-        """The address other processes (and Consul's check) reach this one at, never 0.0.0.0."""
-        if self.advertise_host:
-            return self.advertise_host
-        return socket.gethostname() if self.host in _ANY_ADDRESS else self.host
 
 
 @dataclass(frozen=True, repr=False)

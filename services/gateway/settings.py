@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
+    HttpLimitSettings,
     SettingsError,
     TrafficCopCallerSettings,
     check_channel_names,
@@ -21,7 +22,7 @@ DESCRIPTION = "Post Office gateway: the WebSocket ingress /ws (python -m service
 
 
 @dataclass(frozen=True, repr=False)
-class Settings(TrafficCopCallerSettings):
+class Settings(HttpLimitSettings, TrafficCopCallerSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "gateway"
 
