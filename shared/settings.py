@@ -81,6 +81,7 @@ COMMON_VARIABLES = frozenset(
         "ALLOWED_ORIGINS",
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "TRAFFIC_COP_SERVICE_KEY",
+        "TRAFFIC_COP_FROM_CONSUL",
         "TRUSTED_PROXIES",
         "REALM_KEYS",
         "CHANNELS",
@@ -534,7 +535,7 @@ class TrafficCopCallerSettings(ServiceSettings):
 
     traffic_cop_url: str = setting(
         "http://127.0.0.1:8300",
-        "Traffic Cop base URL (Consul wins when CONSUL_URL is set)",
+        "Traffic Cop base URL (Consul is asked instead only with TRAFFIC_COP_FROM_CONSUL)",
         common=True,
     )
     traffic_cop_service_key: str = setting(
@@ -542,4 +543,11 @@ class TrafficCopCallerSettings(ServiceSettings):
     )
     traffic_cop_timeout_seconds: float = setting(
         2.0, "timeout of one Traffic Cop call", minimum=0.05
+    )
+    traffic_cop_from_consul: bool = setting(
+        False,
+        "look Traffic Cop up in Consul rather than use TRAFFIC_COP_URL; only with a Consul "
+        "whose ACLs stop other services registering as traffic-cop (its calls carry the "
+        "service key and session tokens)",
+        common=True,
     )

@@ -43,9 +43,9 @@ from shared.address_budget import BUDGET, AddressBudget, address_budget_middlewa
 from shared.discovery import (
     DEREGISTER,
     GATEWAY_SERVICE,
-    TRAFFIC_COP_SERVICE,
     Discovery,
     registration_context,
+    traffic_cop_resolver,
 )
 from shared.http import Handler
 from shared.protocol import CloseCode
@@ -130,9 +130,9 @@ def _gateway_context(
         state = app[SERVICE]
         discovery = Discovery(settings.consul_url or None)
 
-        async def traffic_cop_url() -> str:
-            return await discovery.resolve(TRAFFIC_COP_SERVICE, settings.traffic_cop_url or None)
-
+        traffic_cop_url = traffic_cop_resolver(
+            discovery, settings.traffic_cop_url, settings.traffic_cop_from_consul
+        )
         traffic_cop = TrafficCopClient(
             traffic_cop_url,
             settings.traffic_cop_service_key,

@@ -44,7 +44,12 @@ from services.post_office_api.routes import setup_routes
 from services.post_office_api.settings import ApiSettings, parse_realm_keys
 from services.post_office_api.stale import StaleReporter
 from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
-from shared.discovery import API_SERVICE, TRAFFIC_COP_SERVICE, Discovery, registration_context
+from shared.discovery import (
+    API_SERVICE,
+    Discovery,
+    registration_context,
+    traffic_cop_resolver,
+)
 from shared.redis_client import make_redis
 from shared.registry import Registry
 from shared.service import REDIS, SERVICE, base_app, redis_context
@@ -70,9 +75,9 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[REGISTRY] = registry
     discovery = Discovery(settings.consul_url or None)
 
-    async def traffic_cop_url() -> str:
-        return await discovery.resolve(TRAFFIC_COP_SERVICE, settings.traffic_cop_url)
-
+    traffic_cop_url = traffic_cop_resolver(
+        discovery, settings.traffic_cop_url, settings.traffic_cop_from_consul
+    )
     traffic_cop = (
         TrafficCopClient(
             traffic_cop_url,
