@@ -19,7 +19,7 @@ aiohttp's own server in two places replaced by a guarded one:
 Request bodies are never inflated (``auto_decompress=False``): aiohttp would otherwise
 decompress a ``Content-Encoding: gzip`` body while parsing, before any handler or
 authentication ran (a 194 KB body inflating to 200 MB cost 0.6 s of CPU). Such requests are
-answered 415 by :func:`shared.http.body_middleware`.
+answered 415 by :func:`shared.http.encoding_middleware`.
 """
 
 from __future__ import annotations
