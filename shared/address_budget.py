@@ -72,13 +72,12 @@ class ClientAddress:
         return any(ip in net for net in self.trusted)
 
     def of(self, request: web.BaseRequest) -> str:
-        peer = request.remote or ""
+        return self.resolve(request.remote or "", request.headers.getall(hdrs.X_FORWARDED_FOR, ()))
+
+    def resolve(self, peer: str, forwarded_for: Iterable[str] = ()) -> str:
+        """The budget key of a client seen at ``peer`` with these X-Forwarded-For headers."""
         if self.trusted and self._trusted(peer):
-            forwarded = [
-                part.strip()
-                for header in request.headers.getall(hdrs.X_FORWARDED_FOR, ())
-                for part in header.split(",")
-            ]
+            forwarded = [part.strip() for header in forwarded_for for part in header.split(",")]
             for address in reversed(forwarded):
                 if address and not self._trusted(address):
                     return _key(address)
