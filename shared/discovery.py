@@ -52,6 +52,7 @@ __all__ = [
     "Discovery",
     "DiscoveryError",
     "registration_context",
+    "traffic_cop_resolver",
 ]
 
 log = logging.getLogger(__name__)
@@ -318,3 +319,20 @@ def registration_context(
                 await session.close()
 
     return ctx
+
+
+def traffic_cop_resolver(
+    discovery: Discovery, configured_url: str, trust_consul: bool
+) -> Callable[[], Awaitable[str]]:
+    """Where a caller sends Traffic Cop calls, which carry the service key and session tokens.
+
+    Pinned to ``TRAFFIC_COP_URL`` unless ``TRAFFIC_COP_FROM_CONSUL`` says Consul is trusted:
+    a Consul without ACLs (the compose stack's dev agent) lets any neighbour register a
+    ``traffic-cop`` of its own and receive both. Without a configured URL, Consul it is."""
+
+    async def resolve() -> str:
+        if configured_url and not trust_consul:
+            return configured_url
+        return await discovery.resolve(TRAFFIC_COP_SERVICE, configured_url or None)
+
+    return resolve

@@ -22,16 +22,36 @@ _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 _SECRET_WORDS = ("token", "password", "secret", "authorization", "key")
 # Secrets that arrive inside free text: aiohttp's HTTP parser puts the offending request line
 # or header into its exception message, so a malformed request could carry a realm key
-# (``Authorization: Bearer ...``) or a session token (``?session_token=...``) into a log line.
+# (``Authorization: Bearer ...``) or a session token (``?session_token=...``, Traffic Cop's
+# ``DELETE /v1/sessions/<token>``) into a log line. Each pattern keeps its first group (what
+# says a secret follows) and masks the rest.
 _SECRET_TEXT = re.compile(
-    r"(?i)((?:authorization:\s*)?(?:bearer|basic)\s+|authorization:\s*"
-    r"|(?:session_token|token|key)=)[^\s&'\"\\,;)]+"
+    r"(?i)("
+    # credentials schemes, and a bare Authorization header
+    r"(?:(?:proxy-)?authorization:\s*)?(?:bearer|basic|token)\s+|(?:proxy-)?authorization:\s*"
+    # query parameters and key=value pairs naming a secret
+    r"|(?:session_token|token|[a-z_]*key|secret|password|passwd)="
+    # headers naming one (X-Api-Key, X-Service-Token, Cookie ...)
+    r"|(?:[a-z0-9-]*(?:key|token|secret|password)|cookie|set-cookie):[ \t]*"
+    # JSON fields naming one
+    r"|\"(?:[a-z_]*token|[a-z_]*key|secret|password)\"\s*:\s*\""
+    # a session token in a URL path (Traffic Cop's revoke), but its validate route
+    r"|/sessions/(?!validate\b)"
+    r")[^\s&'\"\\,;)]+"
+)
+#: What is left: a long random-looking run (a 43-character session token, a 64-hex-digit key)
+#: wherever it stands. Forty characters or more with a digit, not a W3C traceparent.
+_LONG_SECRET = re.compile(
+    r"(?<![A-Za-z0-9_-])"
+    r"(?!00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}(?![A-Za-z0-9_-]))"
+    r"(?=[A-Za-z_-]*[0-9])[A-Za-z0-9_-]{40,}(?![A-Za-z0-9_-])"
 )
 
 
 def scrub(text: str) -> str:
-    """``text`` with bearer credentials and token query parameters masked."""
-    return _SECRET_TEXT.sub(r"\1***", text)
+    """``text`` with credentials, token parameters, key headers, session tokens in paths and
+    long random-looking runs masked."""
+    return _LONG_SECRET.sub("***", _SECRET_TEXT.sub(r"\1***", text))
 
 
 def _redact(value: Any, depth: int = 0) -> Any:

@@ -138,6 +138,8 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     GONE = "gone"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
+    TIMEOUT = "timeout"
     INTERNAL = "internal_error"
 
 

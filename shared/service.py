@@ -6,7 +6,9 @@
 * :func:`redis_context` and :func:`background` — cleanup contexts: every resource and every
   background task is created, yielded, cancelled and awaited by its owner (aiohttp's
   ``cleanup_ctx``), so nothing outlives the app and nothing leaks in tests.
-* :func:`run` — uvloop, then ``web.run_app``. SIGTERM (or SIGINT) first runs the service's own
+* :func:`run` — uvloop, then ``web.run_app``'s loop with the guarded server of
+  shared/http_server.py (header timeouts, a cap on pending connections, no inflated bodies,
+  JSON answers to malformed requests). SIGTERM (or SIGINT) first runs the service's own
   drain (:func:`on_drain`: the gateway leaves Consul, hands over what it accepted and closes its
   sockets with 1001 there) while the server still reads from every connection, then aiohttp's
   shutdown: stop accepting, ``on_shutdown``, wait up to ``shutdown_timeout`` for in-flight
@@ -36,8 +38,16 @@ from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 from redis.asyncio import Redis
 
-from shared.http import error_middleware, json_response
+from shared.http import (
+    body_timeout_middleware,
+    encoding_middleware,
+    error_middleware,
+    json_response,
+    server_header,
+)
+from shared.http_server import ServerLimits, serve
 from shared.redis_client import make_redis
+from shared.settings import HttpLimitSettings, ServiceSettings
 from shared.tracing import tracing_middleware
 
 __all__ = [
@@ -51,6 +61,7 @@ __all__ = [
     "on_drain",
     "redis_context",
     "run",
+    "run_service",
     "supervise",
 ]
 
@@ -145,15 +156,27 @@ def base_app(
     instance: str,
     *,
     client_max_size: int = 1024 * 1024,
+    body_timeout: float = 30.0,
     middlewares: Iterable[Callable[..., Awaitable[web.StreamResponse]]] = (),
 ) -> web.Application:
-    """An application with JSON errors and the three operational routes already in place."""
+    """An application with JSON errors and the three operational routes already in place.
+
+    ``middlewares`` (the service's own: authentication, budgets) run after the compressed-body
+    refusal and before the body is read (within ``body_timeout``), so no body is read for a
+    request its credentials already refuse."""
     # Tracing outermost, so a request's span sees the status the error middleware settles on;
     # it is a pass-through unless tracing_context turned tracing on.
     app = web.Application(
         client_max_size=client_max_size,
-        middlewares=[tracing_middleware, error_middleware, *middlewares],
+        middlewares=[
+            tracing_middleware,
+            error_middleware,
+            encoding_middleware,
+            *middlewares,
+            body_timeout_middleware(body_timeout),
+        ],
     )
+    app.on_response_prepare.append(server_header)
     app[SERVICE] = ServiceState(name=name, instance=instance)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
@@ -315,25 +338,32 @@ def run(
     host: str,
     port: int,
     shutdown_timeout: float,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Serve with uvloop until SIGTERM/SIGINT, then drain (see module docstring). After a
-    :func:`fail`, the drain runs the same way and the process then exits with its code."""
+    :func:`fail`, the drain runs the same way and the process then exits with its code.
+    ``limits`` bound connections before any handler (shared/http_server.py)."""
     import uvloop
 
     state = app[SERVICE] if isinstance(app, web.Application) else None
     if state is not None and isinstance(app, web.Application):
         state.stop_on_failure = True
+        # Our own SIGTERM/SIGINT handlers, installed at start-up over the runner's: the
+        # service's drain first, see above.
         app.on_startup.append(_install_signal_handlers)
-    web.run_app(
-        app,
-        loop=uvloop.new_event_loop(),
-        host=host,
-        port=port,
-        shutdown_timeout=shutdown_timeout,
-        access_log=None,
-        print=None,
-        # Our own handlers (installed at start-up): the service's drain first, see above.
-        handle_signals=state is None,
-    )
+    serve(app, host, port, shutdown_timeout, limits or ServerLimits(), uvloop.new_event_loop())
     if state is not None and state.exit_code:
         raise SystemExit(state.exit_code)
+
+
+def run_service(app: web.Application, settings: ServiceSettings) -> None:
+    """:func:`run` on the service's listen address, drain time and ``HTTP_*`` limits."""
+    if not isinstance(settings, HttpLimitSettings):
+        raise TypeError(f"{type(settings).__name__} lacks the HTTP_* limits (HttpLimitSettings)")
+    run(
+        app,
+        settings.host,
+        settings.port,
+        settings.shutdown_timeout,
+        ServerLimits.of(settings),
+    )

@@ -231,6 +231,13 @@ class ServiceProcess:
 
 
 TRAFFIC_COP_KEY = "dev-traffic_cop"
+#: The least a production configuration needs beyond its keys (ENVIRONMENT=production refuses
+#: a Redis URL without a password, and on the gateway ALLOWED_ORIGINS unset or "*").
+PRODUCTION_ENV = {
+    "ENVIRONMENT": "production",
+    "REDIS_URL": "redis://:test-password@127.0.0.1:6379/0",
+    "ALLOWED_ORIGINS": "https://app.example.com",
+}
 
 
 def create_session(traffic_cop_url: str, user_id: str, ttl_seconds: int | None = None) -> str:

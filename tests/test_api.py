@@ -33,7 +33,7 @@ from tests.api_util import (
     read_event,
     read_until_subscribed,
 )
-from tests.helpers import ServiceProcess, timeout, wait_for
+from tests.helpers import PRODUCTION_ENV, ServiceProcess, timeout, wait_for
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -262,20 +262,20 @@ def test_production_refuses_development_and_short_keys(redis_url: str) -> None:
 
     long_key = "k" * 40
     with pytest.raises(SettingsError, match="production"):
-        load(ApiSettings, "POST_OFFICE_", {"ENVIRONMENT": "production"})
+        load(ApiSettings, "POST_OFFICE_", dict(PRODUCTION_ENV))
     with pytest.raises(SettingsError, match="development keys"):  # any case
         load(
             ApiSettings,
             "POST_OFFICE_",
-            {"ENVIRONMENT": "production", "REALM_KEYS": f"DEV-{long_key}:smart_city"},
+            {**PRODUCTION_ENV, "REALM_KEYS": f"DEV-{long_key}:smart_city"},
         )
     with pytest.raises(SettingsError, match="at least 32 characters"):
         load(
             ApiSettings,
             "POST_OFFICE_",
-            {"ENVIRONMENT": "production", "REALM_KEYS": "k1:smart_city"},
+            {**PRODUCTION_ENV, "REALM_KEYS": "k1:smart_city"},
         )
-    production = {"ENVIRONMENT": "production", "REALM_KEYS": f"{long_key}:smart_city"}
+    production = {**PRODUCTION_ENV, "REALM_KEYS": f"{long_key}:smart_city"}
     with pytest.raises(SettingsError, match="TRAFFIC_COP_SERVICE_KEY"):
         load(ApiSettings, "POST_OFFICE_", production)
     settings = load(

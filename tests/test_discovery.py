@@ -226,3 +226,20 @@ def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
     assert code == 0, service.log()[-2000:]
     assert service_id not in asyncio.run(_agent_services(consul))
     assert "deregistered" in service.log()
+
+
+async def test_traffic_cop_is_pinned_to_its_configured_url_unless_consul_is_trusted() -> None:
+    from shared.discovery import traffic_cop_resolver
+
+    # A Consul that would hand out a hijacker's address (nothing listens on port 1: asking it
+    # fails, which shows whether it was asked).
+    discovery = Discovery("http://127.0.0.1:1")
+    try:
+        pinned = traffic_cop_resolver(discovery, "http://traffic-cop:8300", trust_consul=False)
+        assert await pinned() == "http://traffic-cop:8300"
+        assert discovery._cache == {} and discovery._failed == {}  # Consul never asked
+        trusting = traffic_cop_resolver(discovery, "http://traffic-cop:8300", trust_consul=True)
+        assert await trusting() == "http://traffic-cop:8300"  # asked, failed, fell back
+        assert TRAFFIC_COP_SERVICE in discovery._failed
+    finally:
+        await discovery.close()

@@ -306,3 +306,21 @@ async def test_a_channel_dropped_while_the_hub_resubscribes_is_not_left_behind(r
 
 async def _only_keep(channels: Callable[[], Awaitable[set[bytes]]]) -> bool:
     return await channels() == {b"keep"}
+
+
+@pytest.mark.parametrize(
+    "origin",
+    [
+        "http://xn--ocalhost-5o0d",  # does not round-trip IDNA: once a 500 with a traceback
+        "http://evil.com@localhost",  # user information: no browser sends it
+        "http://localhost/",  # a path, even "/"
+        "http://localhost/chat",
+        "http://localhost?x=1",
+        "http://localhost#top",
+        "http://local host",
+        "http://localhost\\@evil.com",
+    ],
+)
+def test_origins_no_browser_sends_are_refused_even_with_a_wildcard(origin):
+    for policy in (OriginPolicy(()), OriginPolicy(("*",)), OriginPolicy(("http://localhost",))):
+        assert policy.allows(origin, "localhost") is False

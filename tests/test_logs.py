@@ -145,3 +145,42 @@ def test_secrets_inside_free_text_are_scrubbed(capture, text, secret):
     (line,) = lines(stream)
     assert "***" in line["msg"]
     assert "***" in line["exc"]
+
+
+TOKEN = "Zq3" + "x" * 40  # the shape of a Traffic Cop session token (43 characters)
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        (f"bad request DELETE /v1/sessions/{TOKEN} HTTP/1.1", TOKEN),
+        ("Invalid header X-Api-Key: k3y-value-1", "k3y-value-1"),
+        ("Invalid header X-Service-Token: s3rvice", "s3rvice"),
+        ("Cookie: session=abc123", "session=abc123"),
+        ('body {"session_token": "tok-123"}', "tok-123"),
+        ('body {"service_key": "svc-456"}', "svc-456"),
+        (f"unexpected value {TOKEN}", TOKEN),
+        (f"realm key {'ab12' * 16} refused", "ab12" * 16),  # openssl rand -hex 32
+        ("service_key=dev-traffic_cop", "dev-traffic_cop"),
+    ],
+)
+def test_tokens_and_keys_are_scrubbed_wherever_they_appear(capture, text, secret):
+    logger, stream = capture
+    logger.warning("%s", text)
+    assert secret not in stream.getvalue()
+    assert "***" in lines(stream)[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "POST /v1/sessions/validate 401",
+        "trace 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "message msg_0123456789abcdef01234567 to ws_alice_0000abcd",
+        "test_production_refuses_a_plain_ws_public_url_but_for_localhost",
+    ],
+)
+def test_ids_and_names_are_not_mistaken_for_secrets(capture, text):
+    logger, stream = capture
+    logger.warning("%s", text)
+    assert lines(stream)[0]["msg"] == text

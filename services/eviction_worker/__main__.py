@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 from services.eviction_worker.app import create_app, run_once
 from services.eviction_worker.settings import DESCRIPTION, PREFIX, EvictionSettings
 from shared.logs import setup_logging
-from shared.service import run
+from shared.service import run_service
 from shared.settings import load_or_exit
 
 
@@ -27,7 +27,7 @@ def main() -> None:
             raise SystemExit(1) from None
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
         return
-    run(create_app(settings), settings.host, settings.port, settings.shutdown_timeout)
+    run_service(create_app(settings), settings)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,12 @@ from services.eviction_worker.reporter import TrafficCopReporter
 from services.eviction_worker.routes import setup_routes
 from services.eviction_worker.settings import EvictionSettings
 from services.eviction_worker.worker import Evictor
-from shared.discovery import EVICTION_SERVICE, TRAFFIC_COP_SERVICE, Discovery, registration_context
+from shared.discovery import (
+    EVICTION_SERVICE,
+    Discovery,
+    registration_context,
+    traffic_cop_resolver,
+)
 from shared.redis_client import make_redis
 from shared.service import REDIS, base_app, redis_context
 from shared.traffic_cop_client import TrafficCopClient
@@ -48,9 +53,9 @@ async def traffic_cop_reporter(
     ``flush_timeout`` seconds to go out, then the task is cancelled and awaited."""
     discovery = Discovery(settings.consul_url or None)
 
-    async def base_url() -> str:
-        return await discovery.resolve(TRAFFIC_COP_SERVICE, settings.traffic_cop_url)
-
+    base_url = traffic_cop_resolver(
+        discovery, settings.traffic_cop_url, settings.traffic_cop_from_consul
+    )
     client = TrafficCopClient(
         base_url,
         settings.traffic_cop_service_key,
@@ -78,7 +83,7 @@ async def traffic_cop_reporter(
 
 
 def create_app(settings: EvictionSettings) -> web.Application:
-    app = base_app(SERVICE_NAME, settings.instance)
+    app = base_app(SERVICE_NAME, settings.instance, body_timeout=settings.http_body_timeout_seconds)
     app[SETTINGS] = settings
     app[STOP] = asyncio.Event()
     # The deadline SIGTERM starts; both teardown waits draw on it.

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
+    HttpLimitSettings,
     SettingsError,
     TrafficCopCallerSettings,
     check_channel_names,
@@ -26,7 +27,7 @@ DESCRIPTION = (
 
 
 @dataclass(frozen=True, repr=False)
-class EvictionSettings(TrafficCopCallerSettings):
+class EvictionSettings(HttpLimitSettings, TrafficCopCallerSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "eviction"
 

@@ -41,24 +41,51 @@ from services.gateway.process import Gateway
 from services.gateway.routes import setup_routes
 from services.gateway.settings import Settings
 from services.gateway.upkeep import run_upkeep
+from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
 from shared.discovery import (
     DEREGISTER,
     GATEWAY_SERVICE,
-    TRAFFIC_COP_SERVICE,
     Discovery,
     registration_context,
+    traffic_cop_resolver,
 )
+from shared.http import Handler
 from shared.protocol import CloseCode
 from shared.service import REDIS, SERVICE, base_app, fail, on_drain, redis_context, supervise
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient
 
-__all__ = ["SERVICE_NAME", "StartupError", "create_app"]
+__all__ = ["PAGE_HEADERS", "SERVICE_NAME", "StartupError", "create_app", "page_headers_middleware"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "gateway"
 TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+
+#: Headers of the chat page, whose URL carries a session token (``/?session_token=...``): no
+#: framing (clickjacking), no script, style or connection but its own, and no Referer, so the
+#: token never reaches another site; nor a cache.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@web.middleware
+async def page_headers_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The chat page's :data:`PAGE_HEADERS`; ``nosniff`` and no Referer on every response."""
+    response = await handler(request)
+    if request.path == "/":
+        response.headers.update(PAGE_HEADERS)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
 
 
 class StartupError(RuntimeError):
@@ -106,9 +133,9 @@ def _gateway_context(
         state = app[SERVICE]
         discovery = Discovery(settings.consul_url or None)
 
-        async def traffic_cop_url() -> str:
-            return await discovery.resolve(TRAFFIC_COP_SERVICE, settings.traffic_cop_url or None)
-
+        traffic_cop_url = traffic_cop_resolver(
+            discovery, settings.traffic_cop_url, settings.traffic_cop_from_consul
+        )
         traffic_cop = TrafficCopClient(
             traffic_cop_url,
             settings.traffic_cop_service_key,
@@ -214,7 +241,14 @@ async def _drain(app: web.Application, life: _Lifecycle) -> None:
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = base_app(SERVICE_NAME, settings.instance)
+    app = base_app(
+        SERVICE_NAME,
+        settings.instance,
+        body_timeout=settings.http_body_timeout_seconds,
+        middlewares=[page_headers_middleware, address_budget_middleware],
+    )
+    # /ws is charged before its token goes to Traffic Cop; nothing else here takes credentials.
+    app[BUDGET] = AddressBudget.of(settings, upgrade_paths=("/ws",))
     app[SETTINGS] = settings
     app[ORIGINS] = OriginPolicy(settings.allowed_origins, settings.public_ws_url)
     aiohttp_jinja2.setup(

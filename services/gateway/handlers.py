@@ -65,7 +65,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     # with every app ping, through each connection's writer, and MAX_IDLE decides.
     ws = web.WebSocketResponse(
         autoping=False,  # protocol pongs are liveness: the loop sees them
-        max_msg_size=s.max_frame_bytes,
+        # aiohttp refuses a frame of exactly max_msg_size bytes (its check is >=): +1 lets a
+        # frame of GATEWAY_MAX_FRAME_BYTES through, as documented, and closes 1009 past it.
+        max_msg_size=s.max_frame_bytes + 1,
         compress=s.compress,
         timeout=s.close_timeout,
     )
@@ -78,7 +80,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             # not the status of a refused upgrade. Nothing is spent on Traffic Cop.
             metrics.CONNECTIONS_REFUSED.labels("overloaded").inc()
             return await refuse(ws, CloseCode.TRY_AGAIN_LATER, "overloaded")
-        return await _serve(gw, ws, _token(request))
+        return await _serve(gw, request, ws, _token(request))
     except Exception:
         # After the upgrade an HTTP error body is no answer (the error middleware would write
         # one onto the WebSocket stream and the client would see a protocol error): a bug
@@ -93,9 +95,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(
-    gw: Gateway, ws: web.WebSocketResponse, token: str | None
+    gw: Gateway, request: web.Request, ws: web.WebSocketResponse, token: str | None
 ) -> web.WebSocketResponse:
-    admitted = await admit(gw, ws, token)
+    admitted = await admit(gw, request, ws, token)
     if admitted is None:
         return ws
     conn = admitted.conn

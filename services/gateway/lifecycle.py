@@ -31,6 +31,7 @@ from services.gateway.connection_protocol import ConnectionProtocol
 from services.gateway.hub import PubSubUnavailable
 from services.gateway.process import Gateway
 from shared import redis_names as names
+from shared.address_budget import refund
 from shared.protocol import CloseCode, new_connection_id, welcome_frame
 from shared.registry import ConnectionRecord
 from shared.traffic_cop_client import TrafficCopError, TrafficCopRejected
@@ -56,7 +57,9 @@ async def refuse(ws: web.WebSocketResponse, code: int, reason: str) -> web.WebSo
     return ws
 
 
-async def admit(gw: Gateway, ws: web.WebSocketResponse, token: str | None) -> Admitted | None:
+async def admit(
+    gw: Gateway, request: web.Request, ws: web.WebSocketResponse, token: str | None
+) -> Admitted | None:
     """Validate ``token`` and register the connection; None when the socket was refused (and
     closed). A returned connection may already be closing (registration failed): its leave
     undoes what was done."""
@@ -83,6 +86,9 @@ async def admit(gw: Gateway, ws: web.WebSocketResponse, token: str | None) -> Ad
         metrics.CONNECTIONS_REFUSED.labels("invalid_token").inc()
         await refuse(ws, CloseCode.SESSION_INVALID, "invalid or expired session")
         return None
+    # Only upgrades with a bad token spend the address's unauthenticated budget: a valid one
+    # gets its token back, so a crowd behind one NAT can reconnect at once after a crash.
+    refund(request)
     if not gw.ready or ws.closed:  # the drain began while Traffic Cop answered
         await refuse(ws, CloseCode.GOING_AWAY, "server shutting down")
         return None

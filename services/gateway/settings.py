@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
+    HttpLimitSettings,
     SettingsError,
     TrafficCopCallerSettings,
     check_channel_names,
@@ -21,7 +22,7 @@ DESCRIPTION = "Post Office gateway: the WebSocket ingress /ws (python -m service
 
 
 @dataclass(frozen=True, repr=False)
-class Settings(TrafficCopCallerSettings):
+class Settings(HttpLimitSettings, TrafficCopCallerSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "gateway"
 
@@ -225,6 +226,17 @@ class Settings(TrafficCopCallerSettings):
                 f"{PREFIX}LIVENESS_FLUSH_SECONDS, or records expire between two flushes"
             )
         self.refuse_development_keys("TRAFFIC_COP_SERVICE_KEY", (self.traffic_cop_service_key,))
+
+    def refuse_unsafe_production(self) -> None:
+        super().refuse_unsafe_production()
+        self.refuse_plain_public_url("PUBLIC_WS_URL", self.public_ws_url)
+        if self.production and (not self.allowed_origins or "*" in self.allowed_origins):
+            # Unset means localhost on any port, which any local process can claim; '*' means
+            # any page on the web may open sockets with its visitors' tokens.
+            raise SettingsError(
+                "ALLOWED_ORIGINS: ENVIRONMENT=production needs the browser origins allowed to "
+                "open /ws listed (not unset, not '*')"
+            )
 
     @property
     def record_ttl(self) -> float:

@@ -43,7 +43,13 @@ from services.post_office_api.ratelimit import RealmRateLimiter
 from services.post_office_api.routes import setup_routes
 from services.post_office_api.settings import ApiSettings, parse_realm_keys
 from services.post_office_api.stale import StaleReporter
-from shared.discovery import API_SERVICE, TRAFFIC_COP_SERVICE, Discovery, registration_context
+from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
+from shared.discovery import (
+    API_SERVICE,
+    Discovery,
+    registration_context,
+    traffic_cop_resolver,
+)
 from shared.redis_client import make_redis
 from shared.registry import Registry
 from shared.service import REDIS, SERVICE, base_app, redis_context
@@ -69,9 +75,9 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
     app[REGISTRY] = registry
     discovery = Discovery(settings.consul_url or None)
 
-    async def traffic_cop_url() -> str:
-        return await discovery.resolve(TRAFFIC_COP_SERVICE, settings.traffic_cop_url)
-
+    traffic_cop_url = traffic_cop_resolver(
+        discovery, settings.traffic_cop_url, settings.traffic_cop_from_consul
+    )
     traffic_cop = (
         TrafficCopClient(
             traffic_cop_url,
@@ -157,8 +163,10 @@ def create_app(settings: ApiSettings) -> web.Application:
         SERVICE_NAME,
         settings.instance,
         client_max_size=settings.max_body_bytes,
-        middlewares=[metrics_middleware, realm_middleware],
+        body_timeout=settings.http_body_timeout_seconds,
+        middlewares=[metrics_middleware, address_budget_middleware, realm_middleware],
     )
+    app[BUDGET] = AddressBudget.of(settings)
     app[SETTINGS] = settings
     app[REALM_KEYS] = RealmKeys(parse_realm_keys(settings.realm_keys))
     app[RATE_LIMITER] = RealmRateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)

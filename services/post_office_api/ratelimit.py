@@ -8,30 +8,10 @@ a balancer a realm gets up to N times the rate.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from shared.ratelimit import KeyedBuckets
 
 __all__ = ["RealmRateLimiter"]
 
 
-class RealmRateLimiter:
-    def __init__(
-        self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self._clock = clock
-        self._buckets: dict[str, tuple[float, float]] = {}  # realm -> (tokens, last refill)
-
-    def take(self, realm: str) -> float:
-        """0 when the call may go ahead (a token is spent), else seconds until one is there."""
-        if self.rate <= 0:
-            return 0.0
-        now = self._clock()
-        tokens, last = self._buckets.get(realm, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens >= 1.0:
-            self._buckets[realm] = (tokens - 1.0, now)
-            return 0.0
-        self._buckets[realm] = (tokens, now)
-        return (1.0 - tokens) / self.rate
+class RealmRateLimiter(KeyedBuckets):
+    """One bucket per realm (a handful: no capacity bound needed)."""

@@ -9,6 +9,7 @@ from shared.settings import (
     DEV_KEY_PREFIX,
     MIN_PRODUCTION_KEY_LENGTH,
     RESERVED_CHANNEL_NAMES,
+    HttpLimitSettings,
     SettingsError,
     TrafficCopCallerSettings,
     check_channel_names,
@@ -70,7 +71,7 @@ def parse_realm_keys(entries: tuple[str, ...]) -> dict[str, str]:
 
 
 @dataclass(frozen=True, repr=False)
-class ApiSettings(TrafficCopCallerSettings):
+class ApiSettings(HttpLimitSettings, TrafficCopCallerSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "post-office-api"
 
@@ -218,3 +219,7 @@ class ApiSettings(TrafficCopCallerSettings):
                 f"{PREFIX}PUBSUB_BACKOFF_MIN_SECONDS is larger than "
                 f"{PREFIX}PUBSUB_BACKOFF_MAX_SECONDS"
             )
+
+    def refuse_unsafe_production(self) -> None:
+        super().refuse_unsafe_production()
+        self.refuse_plain_public_url("PUBLIC_WS_URL", self.public_ws_url)

@@ -11,6 +11,7 @@ from services.traffic_cop_stub.keys import SETTINGS, STORE
 from services.traffic_cop_stub.routes import setup_routes
 from services.traffic_cop_stub.sessions import SessionStore
 from services.traffic_cop_stub.settings import Settings
+from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
 from shared.discovery import TRAFFIC_COP_SERVICE, registration_context
 from shared.service import REDIS, base_app, redis_context
 
@@ -29,8 +30,10 @@ def create_app(settings: Settings) -> web.Application:
         SERVICE_NAME,
         settings.instance,
         client_max_size=settings.max_body_bytes,
-        middlewares=[service_key_middleware],
+        body_timeout=settings.http_body_timeout_seconds,
+        middlewares=[address_budget_middleware, service_key_middleware],
     )
+    app[BUDGET] = AddressBudget.of(settings)
     app[SETTINGS] = settings
     app.cleanup_ctx.append(
         redis_context(settings.redis_url, max_connections=settings.redis_max_connections)

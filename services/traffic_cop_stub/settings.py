@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.settings import (
+    HttpLimitSettings,
     ServiceSettings,
     SettingsError,
     instance_id_setting,
@@ -19,7 +20,7 @@ DESCRIPTION = "Traffic Cop: Post Office's session service (python -m services.tr
 
 
 @dataclass(frozen=True, repr=False)
-class Settings(ServiceSettings):
+class Settings(HttpLimitSettings, ServiceSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "traffic-cop"
 
