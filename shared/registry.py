@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError
 
+from shared import raw_pipeline
 from shared import redis_names as names
 from shared.protocol import iso_now
 
@@ -231,10 +232,12 @@ class Registry:
         return results
 
     async def _evalsha_all(self, calls: list[ScriptCall]) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for script, keys, args in calls:
-                pipe.evalsha(script.sha, len(keys), *keys, *args)
-            return list(await pipe.execute(raise_on_error=False))
+        # shared.raw_pipeline: the same bytes as a redis-py pipeline, without its per-command
+        # overhead (a fifth of the gateway's CPU in the closed-loop profile).
+        return await raw_pipeline.execute(
+            self.redis,
+            [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args in calls],
+        )
 
     def publish_or_queue_call(self, channel: str, data: bytes, queue_bound: int) -> ScriptCall:
         """One :meth:`publish_or_queue` for :meth:`run_scripts` (the gateway's batches)."""
