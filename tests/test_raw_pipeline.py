@@ -42,11 +42,11 @@ async def test_replies_come_in_order_with_errors_in_place(redis: Redis) -> None:
 
 
 async def test_a_cancelled_read_never_leaves_replies_for_the_next_caller(redis: Redis) -> None:
-    # A slow command, cancelled mid-read: the connection is dropped, so the next batch on the
-    # pool reads its own replies, not the cancelled one's.
+    # A command that blocks on the server, cancelled mid-read: the connection is dropped, so
+    # the next batch on the pool reads its own replies, not the cancelled one's.
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(
-            raw_pipeline.execute(redis, [("DEBUG", "SLEEP", "0.3"), ("SET", "rp:b", "late")]),
+            raw_pipeline.execute(redis, [("BLPOP", "rp:empty", "0.3"), ("SET", "rp:b", "late")]),
             0.05,
         )
     for _ in range(20):

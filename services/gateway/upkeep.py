@@ -124,11 +124,18 @@ async def check_sessions(gw: Gateway) -> int:
             if not has_record:
                 lost += 1
                 proto.session_lost()
-            elif proto.expires_at <= wall:
-                proto.session_expired()
             else:
-                proto.session_revoked()
-            conn.apply()  # logs the decision
+                expired = proto.expires_at <= wall
+                log.info(
+                    "session check: session %s, closing",
+                    "expired" if expired else "revoked",
+                    extra={"connection_id": conn.id},
+                )
+                if expired:
+                    proto.session_expired()
+                else:
+                    proto.session_revoked()
+            conn.apply()
             closed += 1
     if lost:
         log.warning(
