@@ -13,9 +13,10 @@ from aiohttp import web
 
 from services.gateway.connection import Connection, ConnectionTable, TokenBucket
 from services.gateway.core import RefusedTokens
-from services.gateway.hub import Hub, backoff
 from services.gateway.origins import OriginPolicy
 from services.gateway.settings import PREFIX, Settings
+from shared.backoff import backoff
+from shared.pubsub import Hub
 from shared.settings import SettingsError, load
 from tests.helpers import ROOT, timeout, wait_for
 

@@ -34,7 +34,6 @@ import jinja2
 from aiohttp import web
 
 from services.gateway.core import Gateway
-from services.gateway.hub import Hub
 from services.gateway.keys import GATEWAY, ORIGINS, SETTINGS
 from services.gateway.origins import OriginPolicy
 from services.gateway.routes import setup_routes
@@ -47,6 +46,7 @@ from shared.discovery import (
     registration_context,
 )
 from shared.protocol import CloseCode
+from shared.pubsub import Hub
 from shared.service import REDIS, SERVICE, base_app, fail, redis_context, supervise
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient

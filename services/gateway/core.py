@@ -39,11 +39,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from services.gateway.connection import Connection, ConnectionTable
-from services.gateway.hub import Hub
 from services.gateway.publisher import Publisher
 from services.gateway.settings import Settings
 from shared import redis_names as names
 from shared.protocol import CloseCode, ping_frame
+from shared.pubsub import Hub
 from shared.registry import Registry
 from shared.traffic_cop_client import TrafficCopClient, TrafficCopError, TrafficCopRejected
 

@@ -23,7 +23,6 @@ from redis.exceptions import RedisError
 from services.gateway import metrics
 from services.gateway.connection import Connection, TokenBucket
 from services.gateway.core import Gateway
-from services.gateway.hub import PubSubUnavailable
 from services.gateway.keys import GATEWAY, ORIGINS
 from services.gateway.publisher import Item
 from shared import redis_names as names
@@ -40,6 +39,7 @@ from shared.protocol import (
     validate_client_object,
     welcome_frame,
 )
+from shared.pubsub import PubSubUnavailable
 from shared.registry import ConnectionRecord, PublishResult
 from shared.service import SERVICE
 from shared.tracing import message_traceparent

@@ -17,7 +17,6 @@ __all__ = [
     "FRAMES_OUT",
     "PONGS",
     "PUBLISH_BATCH",
-    "PUBSUB_RECONNECTS",
     "UPGRADES_REFUSED",
 ]
 
@@ -51,4 +50,3 @@ BREAKER_OPEN = Gauge("postoffice_gateway_breaker_open", "1 while the Redis circu
 BREAKER_BUFFERED = Gauge(
     "postoffice_gateway_breaker_buffered", "Messages held in memory by the breaker"
 )
-PUBSUB_RECONNECTS = Counter("postoffice_gateway_pubsub_reconnects", "Pub/sub reconnections")

@@ -46,7 +46,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from services.gateway import metrics
-from services.gateway.hub import backoff
+from shared.backoff import backoff
 from shared.registry import PublishResult, Registry
 
 __all__ = ["Item", "Publisher"]
