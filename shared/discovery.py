@@ -35,13 +35,14 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+from shared.backoff import backoff
 
 __all__ = [
     "API_SERVICE",
@@ -194,12 +195,6 @@ class Discovery:
         return sorted(urls)
 
 
-def _backoff(attempt: int, base: float, cap: float) -> float:
-    """Capped exponential backoff with equal jitter."""
-    delay = min(cap, base * 2.0**attempt)
-    return delay / 2 + random.uniform(0, delay / 2)
-
-
 def registration_context(
     service: str,
     instance_id: str,
@@ -276,7 +271,7 @@ def registration_context(
                     attempt = 0
                     await asyncio.sleep(refresh_seconds)
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    delay = _backoff(attempt, retry_base, retry_cap)
+                    delay = backoff(attempt, retry_base, retry_cap)
                     (log.warning if attempt == 0 else log.debug)(
                         "consul registration of %s failed (retrying in %.1fs): %r",
                         service_id,

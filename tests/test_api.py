@@ -810,7 +810,7 @@ async def test_sse_client_gone_before_the_headers_is_not_an_error(
     assert server is not None
     # Hold the hub's command lock: the stream's SUBSCRIBE waits, so the client can leave
     # before the headers go out.
-    async with hub._send_lock:
+    async with hub.pubsub.lock:
         reader, writer = await asyncio.open_connection(client.host, client.port)
         writer.write(
             b"GET /v1/channels/guide/events HTTP/1.1\r\nHost: x\r\n"

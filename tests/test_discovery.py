@@ -4,6 +4,7 @@ checks that really run) and a real Traffic Cop process."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -243,3 +244,36 @@ async def test_traffic_cop_is_pinned_to_its_configured_url_unless_consul_is_trus
         assert TRAFFIC_COP_SERVICE in discovery._failed
     finally:
         await discovery.close()
+
+
+async def test_registration_outlives_more_failed_attempts_than_the_exponent_can_hold(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Consul refused 1,100 attempts in a row (past attempt 1023, where ``2.0**attempt``
+    overflows a float): the registration loop still retries and registers once it answers."""
+    port, consul_port = free_port(), free_port()
+    server = TestServer(
+        _demo_app(f"http://127.0.0.1:{consul_port}", port, "long", retry_base=1e-5, retry_cap=1e-4),
+        port=port,
+    )
+
+    def attempts() -> int:
+        return sum("consul registration of" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.DEBUG, logger="shared.discovery"):
+        await server.start_server()
+        consul: ConsulServer | None = None
+        try:
+            await wait_for(lambda: attempts() >= 1100, seconds=60, what="1,100 failed attempts")
+            consul = ConsulServer(port=consul_port, stagger=False, min_interval=0.05).start()
+
+            async def registered() -> bool:
+                assert consul is not None
+                return "demo-service-long" in await _agent_services(consul)
+
+            await wait_for(registered, seconds=5, what="registration after 1,100 failures")
+            assert not any(r.exc_info for r in caplog.records)  # nothing died meanwhile
+        finally:
+            await server.close()
+            if consul is not None:
+                consul.stop()

@@ -476,3 +476,61 @@ async def test_one_pass_moves_at_most_its_byte_budget_per_channel(
         assert [(await evictor.run_pass()).drained[channel] for _ in range(3)] == [3, 3, 1]
         await wait_for(lambda: len(sub.received) >= 10, what="the 10 messages")
         assert sub.data(names.agent_channel(channel)) == queued
+
+
+async def test_the_eviction_loop_outlives_ten_thousand_failed_passes(
+    private_redis: RedisServer,
+) -> None:
+    """The failure count is the retry delay's exponent: at 10,000 failed passes in a row (a
+    long Redis outage, driven here without waiting) the loop still retries, and a pass that
+    succeeds resets it."""
+    client = Redis.from_url(private_redis.url)
+    evictor = Evictor.from_settings(client, settings(private_redis.url))
+    task = asyncio.create_task(evictor.run(0.02, error_backoff_cap=0.05))
+    try:
+        await wait_for(lambda: evictor.last_summary is not None, what="a first pass")
+        private_redis.stop()
+        await wait_for(lambda: evictor.failures >= 1, what="a failed pass")
+        evictor.failures = 10_000
+        await wait_for(lambda: evictor.failures >= 10_002, what="two more failed passes")
+        assert not task.done()
+        private_redis.start()
+        started = time.time()
+        await wait_for(
+            lambda: (
+                evictor.failures == 0
+                and evictor.last_summary is not None
+                and evictor.last_summary.started_at > started
+            ),
+            seconds=10,
+            what="a good pass once Redis is back",
+        )
+        assert not task.done()
+    finally:
+        evictor.stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout(5))
+        await client.aclose()
+
+
+async def test_traffic_cop_reports_outlive_ten_thousand_failed_rounds() -> None:
+    """Traffic Cop down for 10,000 retry rounds (the count injected): the reporter keeps
+    retrying with a capped delay and loses nothing it holds."""
+    client = TrafficCopClient("http://127.0.0.1:9", TRAFFIC_COP_KEY, timeout=timeout(1))
+    reporter = TrafficCopReporter(
+        client, concurrency=1, limit=10, backoff_base=0.001, backoff_cap=0.01
+    )
+    task = asyncio.create_task(reporter.run())
+    try:
+        reporter.streak = 10_000
+        reporter.submit(["ws_u_00000001"])
+        await wait_for(
+            lambda: reporter.streak >= 10_002 and reporter.pending == 1,
+            what="two more failed rounds, the report still held",
+        )
+        assert not task.done()
+        assert reporter.dropped == 0 and reporter.failures >= 2 and reporter.reported == 0
+    finally:
+        task.cancel()
+        await asyncio.wait([task])
+        await client.close()

@@ -21,11 +21,12 @@ from services.gateway.connection_protocol import (
     Publish,
     TokenBucket,
 )
-from services.gateway.hub import Hub, backoff
 from services.gateway.origins import OriginPolicy
 from services.gateway.process import RefusedTokens
 from services.gateway.settings import PREFIX, Settings
+from shared.backoff import backoff
 from shared.protocol import ErrorCode
+from shared.pubsub import Hub
 from shared.settings import SettingsError, load
 from tests.helpers import ROOT, timeout, wait_for
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ from services.eviction_worker import metrics
 from services.eviction_worker.reporter import TrafficCopReporter
 from services.eviction_worker.settings import EvictionSettings
 from shared import redis_names as names
+from shared.backoff import backoff
 from shared.protocol import CloseCode
 from shared.registry import Registry
 
@@ -138,6 +138,8 @@ class Evictor:
         self.stop = stop or asyncio.Event()
         self.last_summary: PassSummary | None = None
         self.last_error: str | None = None
+        #: Passes failed in a row (reset by a good one): the exponent of the retry delay.
+        self.failures = 0
         # Set by a pass that failed on Redis; the next pass that reaches Redis starts the grace.
         self._recovering = False
         self._idle_paused_until = 0.0
@@ -172,25 +174,22 @@ class Evictor:
         """A pass every ``interval`` seconds until :attr:`stop` is set. A failing pass (Redis
         down) is logged and retried with capped, jittered backoff; nothing here crashes the
         process, and cancellation propagates."""
-        failures = 0
+        cap = max(interval, error_backoff_cap)
         while not self.stop.is_set():
             try:
                 await self.run_pass()
             except RedisError as exc:
-                failures += 1
+                self.failures += 1
                 self._recovering = True
                 self._failed(exc)
-                log.warning("pass failed (%d in a row): %r", failures, exc)
+                log.warning("pass failed (%d in a row): %r", self.failures, exc)
             except Exception as exc:  # a bug must not end eviction for good: log, retry
-                failures += 1
+                self.failures += 1
                 self._failed(exc)
-                log.exception("pass failed unexpectedly (%d in a row)", failures)
+                log.exception("pass failed unexpectedly (%d in a row)", self.failures)
             else:
-                failures = 0
-            delay = interval
-            if failures:
-                ceiling = min(max(interval, error_backoff_cap), interval * 2**failures)
-                delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+                self.failures = 0
+            delay = backoff(self.failures, interval, cap) if self.failures else interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
 

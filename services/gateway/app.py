@@ -34,7 +34,6 @@ import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from services.gateway.hub import Hub
 from services.gateway.keys import GATEWAY, ORIGINS, SETTINGS
 from services.gateway.origins import OriginPolicy
 from services.gateway.process import Gateway
@@ -51,6 +50,7 @@ from shared.discovery import (
 )
 from shared.http import Handler
 from shared.protocol import CloseCode
+from shared.pubsub import Hub
 from shared.service import REDIS, SERVICE, base_app, fail, on_drain, redis_context, supervise
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient

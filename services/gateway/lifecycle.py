@@ -28,11 +28,11 @@ from redis.exceptions import RedisError
 from services.gateway import metrics
 from services.gateway.connection import Connection
 from services.gateway.connection_protocol import ConnectionProtocol
-from services.gateway.hub import PubSubUnavailable
 from services.gateway.process import Gateway
 from shared import redis_names as names
 from shared.address_budget import refund
 from shared.protocol import CloseCode, new_connection_id, welcome_frame
+from shared.pubsub import PubSubUnavailable
 from shared.registry import ConnectionRecord
 from shared.traffic_cop_client import TrafficCopError, TrafficCopRejected
 

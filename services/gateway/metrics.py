@@ -19,7 +19,6 @@ __all__ = [
     "CONNECTIONS_TOTAL",
     "PROTOCOL_STATS",
     "PUBLISH_BATCH",
-    "PUBSUB_RECONNECTS",
     "UPGRADES_REFUSED",
 ]
 
@@ -48,7 +47,6 @@ BREAKER_OPEN = Gauge("postoffice_gateway_breaker_open", "1 while the Redis circu
 BREAKER_BUFFERED = Gauge(
     "postoffice_gateway_breaker_buffered", "Messages held in memory by the breaker"
 )
-PUBSUB_RECONNECTS = Counter("postoffice_gateway_pubsub_reconnects", "Pub/sub reconnections")
 
 
 #: What every connection's protocol of this process counts (acks, errors, pongs).

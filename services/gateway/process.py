@@ -28,12 +28,12 @@ from redis.exceptions import RedisError
 from services.gateway import metrics
 from services.gateway.connection import Connection, ConnectionTable
 from services.gateway.connection_protocol import Limits, Publish
-from services.gateway.hub import Hub
 from services.gateway.publisher import Item, Publisher
 from services.gateway.settings import Settings
 from services.gateway.unregister_retries import UnregisterRetries
 from shared import redis_names as names
 from shared.protocol import CloseCode
+from shared.pubsub import Hub
 from shared.registry import Registry
 from shared.traffic_cop_client import TrafficCopClient
 
@@ -284,5 +284,6 @@ class Gateway:
                 "connected": self.hub.connected,
                 "channels": self.hub.channel_count,
                 "reconnects": self.hub.reconnects,
+                "restarts": self.hub.restarts,
             },
         }

@@ -50,7 +50,7 @@ from shared.discovery import (
     registration_context,
     traffic_cop_resolver,
 )
-from shared.redis_client import make_redis
+from shared.pubsub import Hub
 from shared.registry import Registry
 from shared.service import REDIS, SERVICE, base_app, redis_context
 from shared.tracing import tracing_context
@@ -108,36 +108,25 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
 
 async def _hub(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # A connection of its own: no socket timeout on its blocking reads, no health-check PING
-    # racing the reader, and no silent reconnect inside redis-py (retries=0), which would
-    # come back without the hub's subscriptions; the listener reconnects and resubscribes.
-    client = make_redis(
+    pubsub = Hub(
         settings.redis_url,
-        max_connections=2,
-        retries=0,
-        health_check_interval=0,
         name=PUBSUB_CLIENT_NAME,
+        backoff_base=settings.pubsub_backoff_min_seconds,
+        backoff_cap=settings.pubsub_backoff_max_seconds,
+        confirm_timeout=settings.sse_subscribe_timeout_seconds,
     )
     hub = ChannelHub(
-        client,
+        pubsub,
         queue_size=settings.sse_queue_size,
         max_subscribers=settings.sse_max_subscribers,
-        subscribe_timeout=settings.sse_subscribe_timeout_seconds,
-        backoff_min=settings.pubsub_backoff_min_seconds,
-        backoff_max=settings.pubsub_backoff_max_seconds,
         max_event_bytes=settings.sse_max_event_bytes,
         disconnect_check=settings.sse_disconnect_check_seconds,
         requeue=app[DELIVERIES].requeue,
     )
     app[HUB] = hub
-
-    async def connected() -> None:
-        if not hub.connected:
-            raise ConnectionError("the SSE pub/sub listener is not connected to redis")
-
-    app[SERVICE].add_check("pubsub", connected)
+    app[SERVICE].add_check("pubsub", pubsub.check)
     tasks = [
-        asyncio.create_task(hub.run(), name="sse-pubsub-listener"),
+        asyncio.create_task(pubsub.run(), name="sse-pubsub-listener"),
         asyncio.create_task(hub.watch(), name="sse-disconnect-watch"),
     ]
     try:
@@ -148,7 +137,7 @@ async def _hub(app: web.Application) -> AsyncIterator[None]:
         await asyncio.wait(tasks)
         # Events collected for streams that left, whose UNSUBSCRIBE was never confirmed.
         await hub.flush_leaving()
-        await client.aclose()
+        await pubsub.close()
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -34,7 +34,7 @@ from services.post_office_api import metrics
 from services.post_office_api.auth import PUBLIC_ROUTES, RealmKeys, missing_capability
 from services.post_office_api.delivery import CloseOutcome, SendOutcome
 from services.post_office_api.endpoint import message_format
-from services.post_office_api.hub import HubFull, HubUnavailable, Subscriber
+from services.post_office_api.hub import HubFull, Subscriber
 from services.post_office_api.keys import (
     DELIVERIES,
     ENDPOINTS,
@@ -56,6 +56,7 @@ from shared.protocol import (
     is_valid_user_id,
     parse_delivery_body,
 )
+from shared.pubsub import PubSubUnavailable
 from shared.tracing import message_traceparent
 
 __all__ = [
@@ -388,7 +389,7 @@ async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
         )
     except HubFull as exc:
         fail(503, ErrorCode.UNAVAILABLE, str(exc), {"Retry-After": "5"})
-    except HubUnavailable as exc:
+    except PubSubUnavailable as exc:
         fail(503, ErrorCode.UNAVAILABLE, str(exc), {"Retry-After": "1"})
     watcher: asyncio.Task[None] | None = None
     stream = EventSourceResponse(

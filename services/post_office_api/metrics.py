@@ -7,7 +7,6 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "DELIVERIES",
     "PUBLISHED",
-    "PUBSUB_RECONNECTS",
     "REQUESTS",
     "REQUEST_SECONDS",
     "SSE_DROPPED",
@@ -62,9 +61,6 @@ SSE_REQUEUED = Counter(
     "events buffered for SSE streams that left, pushed back to the agent queue (requeued) or "
     "not (lost: Redis refused)",
     ["outcome"],
-)
-PUBSUB_RECONNECTS = Counter(
-    "postoffice_api_pubsub_reconnects_total", "reconnections of the pub/sub listener to Redis"
 )
 TRAFFIC_COP_REPORTS = Counter(
     "postoffice_api_traffic_cop_reports_total",
