@@ -29,8 +29,8 @@ from redis.asyncio import Redis
 from shared import redis_names as names
 from shared.protocol import AgentMessage, new_connection_id
 from shared.registry import ConnectionRecord, Registry
-from tests.api_util import listening, numsub
-from tests.helpers import ROOT, TRAFFIC_COP_KEY, ServiceProcess, timeout, wait_for
+from tests.api_util import api_process, listening, numsub
+from tests.helpers import ROOT, ServiceProcess, timeout, wait_for
 
 PACKAGE = ROOT / "post_office_client"
 
@@ -148,15 +148,7 @@ def test_installed_client_imports_from_outside_the_repository(client_venv: Path)
 async def test_the_example_agent_answers_from_the_fresh_venv(
     client_venv: Path, redis: Redis, redis_url: str, traffic_cop: ServiceProcess
 ) -> None:
-    api = ServiceProcess(
-        "services.post_office_api",
-        {
-            "REDIS_URL": redis_url,
-            "TRAFFIC_COP_URL": traffic_cop.url,
-            "TRAFFIC_COP_SERVICE_KEY": TRAFFIC_COP_KEY,
-        },
-    )
-    api.env["POST_OFFICE_PORT"] = str(api.port)
+    api = api_process(redis_url, traffic_cop)
     api.start()
     channel = "pillar:content"
     agent = await asyncio.create_subprocess_exec(
