@@ -261,13 +261,17 @@ def registration_context(
 
         async def keep_registered() -> None:
             attempt = 0
-            registered = False
+            registered = ever_registered = False
             while True:
                 try:
                     if not registered or not await known():
                         await register()
-                        log.info("registered %s in consul at %s", service_id, base)
-                        registered = True
+                        # Once at INFO; again (Consul forgot it, or came back) only at DEBUG:
+                        # a dev agent that drops it every refresh must not flood the logs.
+                        (log.info if not ever_registered else log.debug)(
+                            "registered %s in consul at %s", service_id, base
+                        )
+                        registered = ever_registered = True
                     attempt = 0
                     await asyncio.sleep(refresh_seconds)
                 except (aiohttp.ClientError, TimeoutError) as exc:

@@ -4,6 +4,11 @@ Every line carries the service and instance; a ``connection_id`` or ``request_id
 ``extra=`` is written as its own field. Tokens are never logged: code logs session ids and the
 first characters of a token hash at most, and :class:`JsonFormatter` redacts any field whose
 name says it holds a secret.
+
+A line written inside a span (an HTTP request the tracing middleware serves) carries that
+span's ``trace_id`` and ``span_id``; a line given a ``traceparent`` in ``extra=`` (a message's)
+carries the ids it names, so a log line and the trace of the same message are found with one
+id (docs/operations.md, "Logs").
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import time
 from typing import Any
 
 import orjson
+from opentelemetry import trace
+
+from shared.protocol import is_valid_traceparent
 
 __all__ = ["JsonFormatter", "scrub", "setup_logging"]
 
@@ -66,6 +74,21 @@ def _is_secret(name: object) -> bool:
     return any(w in lowered for w in _SECRET_WORDS)
 
 
+def _trace_fields(record: logging.LogRecord) -> dict[str, str]:
+    """``trace_id`` and ``span_id`` of the record's message (its ``traceparent`` extra), else
+    of the span current where it was logged; nothing outside any trace.
+
+    The current span is a context variable read (no span is created): outside a traced request
+    it is the invalid span, and the line gets no ids."""
+    traceparent = record.__dict__.get("traceparent")
+    if isinstance(traceparent, str) and is_valid_traceparent(traceparent):
+        return {"trace_id": traceparent[3:35], "span_id": traceparent[36:52]}
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": f"{context.trace_id:032x}", "span_id": f"{context.span_id:016x}"}
+
+
 class JsonFormatter(logging.Formatter):
     converter = staticmethod(time.gmtime)
 
@@ -87,6 +110,7 @@ class JsonFormatter(logging.Formatter):
             if key in _RESERVED or key.startswith("_"):
                 continue
             out[key] = "***" if _is_secret(key) else _redact(value)
+        out.update(_trace_fields(record))
         if record.exc_info:
             out["exc"] = scrub(self.formatException(record.exc_info))
         if record.stack_info:

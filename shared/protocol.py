@@ -24,6 +24,8 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "CLOSE_REASON_RATE_LIMITED",
+    "CLOSE_REASON_SESSION_LIMIT",
     "DEFAULT_CHANNELS",
     "INTENTS",
     "MAX_CLOSE_REASON_BYTES",
@@ -85,7 +87,13 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013  # overloaded, or the client reads too slowly
     SESSION_INVALID = 4401  # invalid, expired or revoked session
-    RATE_LIMITED = 4429  # rate limit exceeded repeatedly
+    RATE_LIMITED = 4429  # rate limit exceeded repeatedly, or too many sockets for the session
+
+
+#: The two causes of a 4429, told apart by the close reason (the chat page reads it; a client
+#: should wait on the first, and close another socket of the session on the second).
+CLOSE_REASON_RATE_LIMITED = "rate limit exceeded"
+CLOSE_REASON_SESSION_LIMIT = "too many connections for this session"
 
 
 #: RFC 6455 5.5: a Close frame's body is at most 125 bytes, two of them the code.

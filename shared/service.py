@@ -2,7 +2,7 @@
 
 * :func:`base_app` — an ``aiohttp`` application with JSON errors, ``/health`` (liveness),
   ``/ready`` (200 only when every dependency answers, else 503 naming the failing ones) and
-  ``/metrics`` (Prometheus text).
+  ``/metrics`` (Prometheus text, by prometheus_client's own aiohttp handler).
 * :func:`redis_context` and :func:`background` — cleanup contexts: every resource and every
   background task is created, yielded, cancelled and awaited by its owner (aiohttp's
   ``cleanup_ctx``), so nothing outlives the app and nothing leaks in tests.
@@ -33,7 +33,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import dataclass, field
 from typing import Any
 
-import prometheus_client
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 from redis.asyncio import Redis
@@ -46,6 +45,7 @@ from shared.http import (
     server_header,
 )
 from shared.http_server import ServerLimits, serve
+from shared.metrics import metrics_handler
 from shared.redis_client import make_redis
 from shared.settings import HttpLimitSettings, ServiceSettings
 from shared.tracing import tracing_middleware
@@ -142,11 +142,6 @@ async def _ready(request: web.Request) -> web.Response:
     return json_response({"status": "ready", "checks": checks})
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
-    return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
-
-
 async def _mark_draining(app: web.Application) -> None:
     app[SERVICE].draining = True
 
@@ -180,7 +175,7 @@ def base_app(
     app[SERVICE] = ServiceState(name=name, instance=instance)
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics", metrics_handler)
     app.on_shutdown.append(_mark_draining)
     return app
 

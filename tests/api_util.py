@@ -16,7 +16,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from services.post_office_api.settings import ApiSettings
-from tests.helpers import timeout
+from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, timeout
 
 KEYS = {
     "smart_city": "dev-smart_city",
@@ -118,6 +118,21 @@ async def listening(redis: Redis, *channels: str) -> AsyncIterator[Listener]:
         yield listener
     finally:
         await listener.close()
+
+
+def api_process(redis_url: str, traffic_cop: ServiceProcess, **env: str) -> ServiceProcess:
+    """A real ``python -m services.post_office_api`` on a free port (not started yet)."""
+    service = ServiceProcess(
+        "services.post_office_api",
+        {
+            "REDIS_URL": redis_url,
+            "TRAFFIC_COP_URL": traffic_cop.url,
+            "TRAFFIC_COP_SERVICE_KEY": TRAFFIC_COP_KEY,
+            **env,
+        },
+    )
+    service.env["POST_OFFICE_PORT"] = str(service.port)
+    return service
 
 
 async def numsub(redis: Redis, channel: str) -> int:

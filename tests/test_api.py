@@ -450,6 +450,30 @@ async def test_send_to_user(client: Client, redis: Redis) -> None:
     await error_of(resp, 400, "bad_request")
 
 
+def _histogram_count(text: str, name: str, labels: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(f"{name}_count{{{labels}}}"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+OP = 'operation="send_to_user"'
+
+
+async def test_request_durations_are_per_operation_in_seconds(client: Client) -> None:
+    """Latency by route name, never by raw path: two users, one series; buckets from 100 us."""
+    name = "postoffice_api_request_seconds"
+    resp = await client.post("/v1/users/carol/messages", data=body(), headers=auth())
+    assert resp.status == 202
+    # The registry is the process's: other tests' calls count too, so compare before/after.
+    before = _histogram_count(await (await client.get("/metrics")).text(), name, OP)
+    resp = await client.post("/v1/users/dave/messages", data=body(), headers=auth())
+    assert resp.status == 202
+    text = await (await client.get("/metrics")).text()
+    assert _histogram_count(text, name, OP) == before + 1
+    assert f'{name}_bucket{{le="0.0001",operation="send_to_user"}}' in text
+    assert f'{name}_bucket{{le="10.0",operation="send_to_user"}}' in text
+    assert "carol" not in text and "dave" not in text
+
+
 async def test_broadcast_is_one_publish_on_the_channel(client: Client, redis: Redis) -> None:
     await register(redis, user="a", channels=("pillar:content",))
     await register(redis, user="b", channels=("pillar:content", "guide"))

@@ -277,3 +277,30 @@ async def test_registration_outlives_more_failed_attempts_than_the_exponent_can_
             await server.close()
             if consul is not None:
                 consul.stop()
+
+
+async def test_re_registration_logs_at_debug_only(consul, caplog):
+    """The first registration is news (INFO); registering again after Consul forgot the
+    service, which its refresh does every ``refresh_seconds``, is not (DEBUG)."""
+    caplog.set_level(logging.DEBUG, logger="shared.discovery")
+    port = free_port()
+    app = _demo_app(consul.url, port, "d3", refresh_seconds=0.05)
+    server = TestServer(app, port=port)
+    await server.start_server()
+    try:
+        await wait_for(lambda: _agent_services(consul), what="registration")
+        for _ in range(2):  # Consul forgets it twice; the refresh registers it again each time
+            async with (
+                aiohttp.ClientSession() as http,
+                http.put(consul.url + "/v1/agent/service/deregister/demo-service-d3") as resp,
+            ):
+                assert resp.status == 200
+            await wait_for(lambda: _has(consul, "demo-service-d3"), what="registered again")
+    finally:
+        await server.close()
+    lines = [r for r in caplog.records if r.getMessage().startswith("registered demo-service-d3")]
+    assert [r.levelno for r in lines][:3] == [logging.INFO, logging.DEBUG, logging.DEBUG]
+
+
+async def _has(consul: ConsulServer, service_id: str) -> bool:
+    return service_id in await _agent_services(consul)

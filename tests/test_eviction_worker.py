@@ -123,6 +123,8 @@ async def test_a_dead_gateways_records_are_removed(redis: Redis, redis_url: str)
         events = sub.json()
     assert sorted(e["connection_id"] for e in events) == sorted(dead)
     assert all(e["type"] == "evicted" and e["reason"] == "gateway_lost" for e in events)
+    started = [line for line in worker.log().splitlines() if "started: a pass every" in line]
+    assert len(started) == 1 and "connections idle after 300.0s" in started[0]
     for i, cid in enumerate(dead):
         assert gone(await traces(redis, cid, f"gina{i}", "gw-dead"))
     assert not await redis.exists(names.gateway_connections("gw-dead"))

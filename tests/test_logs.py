@@ -184,3 +184,28 @@ def test_ids_and_names_are_not_mistaken_for_secrets(capture, text):
     logger, stream = capture
     logger.warning("%s", text)
     assert lines(stream)[0]["msg"] == text
+
+
+def test_trace_and_span_ids_of_the_current_span(capture):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    logger, stream = capture
+    tracer = TracerProvider().get_tracer("tests")
+    logger.info("outside")
+    with tracer.start_as_current_span("request") as span:
+        logger.info("inside")
+        context = span.get_span_context()
+    outside, inside = lines(stream)
+    assert "trace_id" not in outside and "span_id" not in outside
+    assert inside["trace_id"] == f"{context.trace_id:032x}"
+    assert inside["span_id"] == f"{context.span_id:016x}"
+
+
+def test_a_messages_traceparent_names_the_ids(capture):
+    logger, stream = capture
+    traceparent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    logger.info("delivered", extra={"traceparent": traceparent})
+    logger.info("bad", extra={"traceparent": "not-a-traceparent"})
+    good, bad = lines(stream)
+    assert (good["trace_id"], good["span_id"]) == ("ab" * 16, "cd" * 8)
+    assert "trace_id" not in bad and bad["traceparent"] == "not-a-traceparent"

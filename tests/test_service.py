@@ -107,8 +107,16 @@ async def test_skeleton_json_errors_and_metrics(aiohttp_client):
 
     async with client.get("/metrics") as resp:
         assert resp.status == 200
-        assert resp.headers["Content-Type"] == prometheus_client.CONTENT_TYPE_LATEST
+        # prometheus_client's own aiohttp handler negotiates: a plain client gets the text
+        # format its body really is (0.0.4), Prometheus' scrape Accept gets OpenMetrics.
+        assert resp.headers["Content-Type"] == prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
         text = await resp.text()
+    async with client.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text;version=1.0.0"}
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await resp.text()).endswith("# EOF\n")
     assert "# HELP" in text and "# TYPE" in text
     assert "python_info" in text or "process_" in text or "postoffice_" in text
     async with client.get("/health") as resp:

@@ -110,6 +110,15 @@ def create_app(settings: EvictionSettings) -> web.Application:
                 log.error("eviction loop died", exc_info=t.exception())
 
         task.add_done_callback(report)
+        # The one line that says the worker is at work, and how (its passes log only changes).
+        log.info(
+            "eviction worker %s started: a pass every %ss, connections idle after %ss, "
+            "up to %d ids per pass",
+            settings.instance,
+            settings.interval_seconds,
+            settings.max_idle_seconds,
+            settings.pass_limit,
+        )
         try:
             yield
         finally:

@@ -9,14 +9,18 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from services.gateway.connection_protocol import ProtocolStats
+from shared.metrics import LATENCY_BUCKETS
 
 __all__ = [
+    "AGENT_ANSWER_SECONDS",
     "BREAKER_BUFFERED",
     "BREAKER_OPEN",
     "CLOSES",
     "CONNECTIONS",
     "CONNECTIONS_REFUSED",
     "CONNECTIONS_TOTAL",
+    "DELIVERY_WRITE_SECONDS",
+    "FRAME_TO_REDIS_SECONDS",
     "PROTOCOL_STATS",
     "PUBLISH_BATCH",
     "UPGRADES_REFUSED",
@@ -86,3 +90,31 @@ class _ProtocolCollector(Collector):
 
 
 REGISTRY.register(_ProtocolCollector())
+
+# Latencies, in seconds. Where each clock starts and stops is part of the metric's meaning
+# (docs/metrics.md); the code that observes them says so at the observation.
+FRAME_TO_REDIS_SECONDS = Histogram(
+    "postoffice_gateway_frame_to_redis_seconds",
+    "From a client's message frame read off the socket to its publish (or queue) round trip "
+    "with Redis completed, by outcome (published, queued); frames refused before Redis "
+    "(invalid, rate limited, breaker open) are not observed",
+    ["outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+DELIVERY_WRITE_SECONDS = Histogram(
+    "postoffice_gateway_delivery_write_seconds",
+    "From an agent's delivery received from Redis pub/sub by this gateway to its frame "
+    "written to the client's socket (queueing in the per-connection buffer included), by kind "
+    "(connection, user, broadcast)",
+    ["kind"],
+    buckets=LATENCY_BUCKETS,
+)
+AGENT_ANSWER_SECONDS = Histogram(
+    "postoffice_gateway_agent_answer_seconds",
+    "The agent's answer time as the client sees it: from a client's message frame read off "
+    "the socket to the first delivery to the same connection whose in_reply_to names that "
+    "message's message_id written to the socket, by channel; answers that never come (or "
+    "come after the gateway stopped waiting for them) are not observed",
+    ["channel"],
+    buckets=LATENCY_BUCKETS,
+)

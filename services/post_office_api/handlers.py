@@ -50,8 +50,10 @@ from shared import redis_names as names
 from shared.discovery import DiscoveryError
 from shared.http import error_middleware, json_response
 from shared.protocol import (
+    MAX_CLOSE_REASON_BYTES,
     ErrorCode,
     ProtocolError,
+    close_reason_fits,
     is_valid_connection_id,
     is_valid_user_id,
     parse_delivery_body,
@@ -82,8 +84,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: A session token longer than this is not one Traffic Cop issued (43 characters).
 MAX_SESSION_TOKEN_LENGTH = 512
-#: WebSocket close reasons are at most 123 bytes of UTF-8 (RFC 6455 5.5).
-MAX_CLOSE_REASON_BYTES = 123
 #: Unknown channels are 404 (the channel is part of the resource path).
 UNKNOWN_CHANNEL_STATUS = 404
 #: Status recorded (never sent) for a request whose client left before the answer (nginx's).
@@ -313,7 +313,7 @@ async def close_connection(request: web.Request) -> web.Response:
     connection_id = _connection_id(request)
     code = _close_code(request)
     reason = request.query.get("reason", "closed by the Post Office API")
-    if len(reason.encode("utf-8", "surrogatepass")) > MAX_CLOSE_REASON_BYTES:
+    if not close_reason_fits(reason):
         fail(400, ErrorCode.BAD_REQUEST, f"reason is longer than {MAX_CLOSE_REASON_BYTES} bytes")
     outcome, instance = await request.app[DELIVERIES].close(connection_id, code, reason)
     metrics.DELIVERIES.labels(kind="close", outcome=outcome.value).inc()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.metrics import LATENCY_BUCKETS
+
 __all__ = [
     "DELIVERIES",
     "PUBLISHED",
@@ -25,9 +27,10 @@ REQUESTS = Counter(
 )
 REQUEST_SECONDS = Histogram(
     "postoffice_api_request_seconds",
-    "API request latency by operation (SSE streams excluded)",
+    "API request duration in seconds by operation (the route name, the OpenAPI operationId), "
+    "from the request reaching the API's middleware to its response; SSE streams excluded",
     ["operation"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    buckets=LATENCY_BUCKETS,
 )
 PUBLISHED = Counter(
     "postoffice_api_channel_messages_total",
