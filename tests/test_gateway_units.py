@@ -159,7 +159,7 @@ def _proto(**overrides: Any) -> ConnectionProtocol:
 
 
 def _queued(proto: ConnectionProtocol) -> list[str]:
-    return [data for kind, data, _ in proto._out if kind is FrameKind.TEXT]  # type: ignore[misc]
+    return [data for kind, data, *_ in proto._out if kind is FrameKind.TEXT]  # type: ignore[misc]
 
 
 def _reserve(proto: ConnectionProtocol) -> tuple[Answer, Publish]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from typing import Protocol
@@ -33,6 +34,7 @@ from services.gateway.connection_protocol import (
     FrameKind,
     Publish,
     State,
+    Timing,
 )
 from shared.protocol import truncate_close_reason
 from shared.registry import PublishResult
@@ -112,11 +114,15 @@ class Connection:
     def published(self, publish: Publish, result: PublishResult) -> None:
         """The publisher's outcome for one of this connection's messages."""
         self.protocol.publish_done(publish, result)
+        histogram = _FRAME_TO_REDIS.get(result)
+        if histogram is not None and publish.received_at:
+            histogram.observe(time.monotonic() - publish.received_at)
         self.apply()
 
-    def deliver(self, text: str, size: int) -> bool:
-        """A frame for the client; False when it was not queued (closing, or overflow)."""
-        queued = self.protocol.deliver(text, size)
+    def deliver(self, text: str, size: int, kind: str = "connection") -> bool:
+        """A frame for the client (``kind``: connection or broadcast, for the delivery-write
+        latency); False when it was not queued (closing, or overflow)."""
+        queued = self.protocol.deliver(text, size, (time.monotonic(), kind))
         self.apply()
         return queued
 
@@ -135,12 +141,14 @@ class Connection:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            kind, data = frame
+            kind, data, timing, reply = frame
             try:
                 if kind is FrameKind.TEXT:
                     await ws.send_str(data)  # type: ignore[arg-type]
                     self.messages_out += 1
                     stats.frames_out += 1
+                    if timing is not None or reply is not None:
+                        _observe_written(timing, reply)
                 elif kind is FrameKind.PING:
                     await ws.ping()
                 else:
@@ -221,6 +229,28 @@ class Connection:
         await self._stop_writer()
         if not self.ws.closed:
             _drop_transport(self.ws)
+
+
+#: The frame-to-Redis latency, by outcome (children looked up once, not per message).
+_FRAME_TO_REDIS = {
+    PublishResult.PUBLISHED: metrics.FRAME_TO_REDIS_SECONDS.labels("published"),
+    PublishResult.QUEUED: metrics.FRAME_TO_REDIS_SECONDS.labels("queued"),
+}
+_DELIVERY_WRITE = {
+    kind: metrics.DELIVERY_WRITE_SECONDS.labels(kind) for kind in ("connection", "broadcast")
+}
+
+
+def _observe_written(timing: Timing | None, reply: Timing | None) -> None:
+    """A delivery was written: how long since it arrived from Redis and, when it answers a
+    message of this connection, since that message was read (the client's answer time)."""
+    now = time.monotonic()
+    if timing is not None:
+        arrived, kind = timing
+        _DELIVERY_WRITE[kind].observe(now - arrived)
+    if reply is not None:
+        read_at, channel = reply
+        metrics.AGENT_ANSWER_SECONDS.labels(channel).observe(now - read_at)
 
 
 def _drop_transport(ws: web.WebSocketResponse) -> None:

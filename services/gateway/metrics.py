@@ -21,7 +21,6 @@ __all__ = [
     "CONNECTIONS_TOTAL",
     "DELIVERY_WRITE_SECONDS",
     "FRAME_TO_REDIS_SECONDS",
-    "PROTOCOL_STATS",
     "PUBLISH_BATCH",
     "UPGRADES_REFUSED",
 ]
@@ -89,15 +88,18 @@ class _ProtocolCollector(Collector):
         yield frames_out
 
 
-REGISTRY.register(_ProtocolCollector())
+#: Collectors whose metrics are read at scrape time (docs/metrics.md lists theirs too).
+COLLECTORS: tuple[Collector, ...] = (_ProtocolCollector(),)
+for _collector in COLLECTORS:
+    REGISTRY.register(_collector)
 
 # Latencies, in seconds. Where each clock starts and stops is part of the metric's meaning
 # (docs/metrics.md); the code that observes them says so at the observation.
 FRAME_TO_REDIS_SECONDS = Histogram(
     "postoffice_gateway_frame_to_redis_seconds",
     "From a client's message frame read off the socket to its publish (or queue) round trip "
-    "with Redis completed, by outcome (published, queued); frames refused before Redis "
-    "(invalid, rate limited, breaker open) are not observed",
+    "with Redis completed or the breaker's promise, by outcome (published, queued); frames "
+    "refused (invalid, rate limited, unavailable) are not observed",
     ["outcome"],
     buckets=LATENCY_BUCKETS,
 )
@@ -105,7 +107,7 @@ DELIVERY_WRITE_SECONDS = Histogram(
     "postoffice_gateway_delivery_write_seconds",
     "From an agent's delivery received from Redis pub/sub by this gateway to its frame "
     "written to the client's socket (queueing in the per-connection buffer included), by kind "
-    "(connection, user, broadcast)",
+    "(connection: to the connection or its user; broadcast)",
     ["kind"],
     buckets=LATENCY_BUCKETS,
 )

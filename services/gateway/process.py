@@ -203,7 +203,7 @@ class Gateway:
             text = data.decode("utf-8", "replace")
             size = len(data)
             for conn in self.connections.using(channel):
-                if conn.deliver(text, size):
+                if conn.deliver(text, size, "broadcast"):
                     self.frames_out_pubsub += 1
 
         return fan_out
