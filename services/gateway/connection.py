@@ -21,10 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -32,6 +33,7 @@ from services.gateway import metrics
 from services.gateway.connection_protocol import (
     ConnectionProtocol,
     FrameKind,
+    Outgoing,
     Publish,
     State,
     Timing,
@@ -134,8 +136,10 @@ class Connection:
 
     async def _write(self) -> None:
         ws, proto, stats = self.ws, self.protocol, self.protocol.stats
+        coalesce = _raw_text_writer(ws)
+        held: Outgoing | None = None  # a control frame taken while gathering text frames
         while True:
-            frame = proto.next_frame()
+            frame, held = (held, None) if held is not None else (proto.next_frame(), None)
             if frame is None:
                 self._progress.set()
                 self._wake.clear()
@@ -144,6 +148,11 @@ class Connection:
             kind, data, timing, reply = frame
             try:
                 if kind is FrameKind.TEXT:
+                    if coalesce is not None and proto.queued_frames:
+                        # Several frames wait (acks released together, a burst of replies):
+                        # one write for all of them instead of a syscall each.
+                        held = await self._write_batch(coalesce, frame)
+                        continue
                     await ws.send_str(data)  # type: ignore[arg-type]
                     self.messages_out += 1
                     stats.frames_out += 1
@@ -158,6 +167,31 @@ class Connection:
                 log.debug("write failed: %r", exc, extra={"connection_id": self.id})
                 return
             self._progress.set()
+
+    async def _write_batch(self, raw: _RawTextWriter, first: Outgoing) -> Outgoing | None:
+        """Write ``first`` and the text frames queued behind it (up to ``_BATCH_BYTES``) in
+        one transport write; returns a control frame met on the way, to write next."""
+        proto, stats = self.protocol, self.protocol.stats
+        frames = [first]
+        size = len(first[1])
+        held: Outgoing | None = None
+        while size < _BATCH_BYTES:
+            frame = proto.next_frame()
+            if frame is None:
+                break
+            if frame[0] is not FrameKind.TEXT:
+                held = frame
+                break
+            frames.append(frame)
+            size += len(frame[1])
+        await raw.write([f[1] for f in frames])  # type: ignore[misc]
+        self.messages_out += len(frames)
+        stats.frames_out += len(frames)
+        for _, _, timing, reply in frames:
+            if timing is not None or reply is not None:
+                _observe_written(timing, reply)
+        self._progress.set()
+        return held
 
     async def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -229,6 +263,58 @@ class Connection:
         await self._stop_writer()
         if not self.ws.closed:
             _drop_transport(self.ws)
+
+
+#: Most bytes of text frames gathered into one transport write.
+_BATCH_BYTES = 64 * 1024
+
+
+class _RawTextWriter:
+    """Unmasked, uncompressed text frames written straight to the socket's transport, several
+    at once (RFC 6455 5.2: a server never masks). aiohttp writes each frame with its own
+    transport.write — a syscall each on uvloop. Flow control is aiohttp's: the protocol is
+    paused past the transport's high-water mark, and its drain helper waits for it."""
+
+    __slots__ = ("protocol", "transport")
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+        self.transport = transport
+        self.protocol = protocol
+
+    async def write(self, texts: list[str]) -> None:
+        parts: list[bytes] = []
+        for text in texts:
+            payload = text.encode()
+            n = len(payload)
+            if n < 126:
+                parts.append(_LEN1(0x81, n))
+            elif n < 65536:
+                parts.append(_LEN2(0x81, 126, n))
+            else:
+                parts.append(_LEN3(0x81, 127, n))
+            parts.append(payload)
+        if self.transport.is_closing():
+            raise ConnectionResetError("the transport is closing")
+        self.transport.write(b"".join(parts))
+        if self.protocol._paused:
+            await self.protocol._drain_helper()
+
+
+_LEN1 = struct.Struct("!BB").pack
+_LEN2 = struct.Struct("!BBH").pack
+_LEN3 = struct.Struct("!BBQ").pack
+
+
+def _raw_text_writer(ws: web.WebSocketResponse) -> _RawTextWriter | None:
+    """The batching writer for ``ws``, or None where frames must go through aiohttp (a
+    compressed socket, or an aiohttp whose writer does not look as expected)."""
+    writer = getattr(ws, "_writer", None)
+    if ws.compress or writer is None:
+        return None
+    transport, protocol = getattr(writer, "transport", None), getattr(writer, "protocol", None)
+    if transport is None or not hasattr(protocol, "_drain_helper"):
+        return None
+    return _RawTextWriter(transport, protocol)
 
 
 #: The frame-to-Redis latency, by outcome (children looked up once, not per message).
