@@ -202,14 +202,23 @@ ScriptCall = tuple[AsyncScript, list[str], list[Any]]
 class Registry:
     """Registry operations on one Redis client. Cheap to build; holds no state but scripts."""
 
-    def __init__(self, redis: Redis, record_ttl: float) -> None:
+    def __init__(self, redis: Redis, record_ttl: float | None = None) -> None:
         self.redis = redis
-        self.record_ttl = max(1, int(record_ttl))
+        # Only writers of records (gateways: register, touch) need a TTL; readers and removers
+        # (the API, the worker) pass none.
+        self.record_ttl: int | None = None if record_ttl is None else max(1, int(record_ttl))
         self._unregister = redis.register_script(_UNREGISTER)
         self._publish_or_queue = redis.register_script(_PUBLISH_OR_QUEUE)
         self._drain = redis.register_script(_DRAIN_QUEUE)
         self._forget_gateway = redis.register_script(_FORGET_GATEWAY)
         self._touch = redis.register_script(_TOUCH)
+
+    def _writer_ttl(self) -> int:
+        if self.record_ttl is None:
+            raise RuntimeError(
+                "this Registry was built without record_ttl: it cannot write records"
+            )
+        return self.record_ttl
 
     async def run_scripts(self, calls: list[ScriptCall]) -> list[Any]:
         """Many script runs in one pipelined round trip; results (or exceptions) in order.
@@ -250,7 +259,7 @@ class Registry:
             # redis-py's stubs want Mapping[EncodableT, EncodableT]; Mapping is invariant in
             # its key type, so a dict[str, str] needs the cast.
             pipe.hset(names.connection(cid), mapping=cast("dict[Any, Any]", record.to_hash(now)))
-            pipe.expire(names.connection(cid), self.record_ttl)
+            pipe.expire(names.connection(cid), self._writer_ttl())
             pipe.sadd(names.user_connections(record.user_id), cid)
             pipe.sadd(names.gateway_connections(record.gateway_instance), cid)
             for channel in record.channels:
@@ -387,6 +396,7 @@ class Registry:
         if not seen and not used:
             return []
         sids = sessions or {}
+        ttl = self._writer_ttl()
         template = names.channel_connections(_T)
         ids = list({**seen, **used})
         calls: list[ScriptCall] = []
@@ -405,7 +415,7 @@ class Registry:
                     [
                         cid,
                         "" if ts is None else repr(ts),
-                        self.record_ttl,
+                        ttl,
                         "" if full is None else orjson.dumps(full).decode(),
                         template,
                         *new,

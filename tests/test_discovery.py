@@ -12,13 +12,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from shared.discovery import (
-    TRAFFIC_COP_SERVICE,
-    Discovery,
-    DiscoveryError,
-    registration_context,
-)
+from shared.discovery import Discovery, DiscoveryError, registration_context
 from shared.service import base_app
+from shared.service_names import TRAFFIC_COP_SERVICE
 from tests.consul_api import ConsulServer
 from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, free_port, timeout, wait_for
 
@@ -211,7 +207,7 @@ def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
     )
     service.env["TRAFFIC_COP_PORT"] = str(service.port)
     service.start()
-    service_id = f"{TRAFFIC_COP_SERVICE}-tc-disc"
+    service_id = f"{TRAFFIC_COP_SERVICE.name}-tc-disc"
     try:
 
         def registered() -> Any:
@@ -220,7 +216,7 @@ def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
         from tests.helpers import wait_for_sync
 
         entry = wait_for_sync(registered, seconds=10, what="traffic cop registered")
-        assert entry["Service"] == TRAFFIC_COP_SERVICE and entry["Port"] == service.port
+        assert entry["Service"] == TRAFFIC_COP_SERVICE.name and entry["Port"] == service.port
     finally:
         code = service.stop()
     assert code == 0, service.log()[-2000:]

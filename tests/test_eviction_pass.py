@@ -152,10 +152,11 @@ class TouchedMidPass(Evictor):
     were read stale and before the claim: the race the script's re-check exists for."""
 
     touch: dict[str, float]
+    gateway: Registry  # the gateway's registry (the worker's writes no records)
 
     async def _unregister(self, summary, ids, **kwargs):  # type: ignore[no-untyped-def]
         if self.touch:
-            await self.registry.touch(self.touch)
+            await self.gateway.touch(self.touch)
             self.touch = {}
         return await super()._unregister(summary, ids, **kwargs)
 
@@ -168,6 +169,7 @@ async def test_a_connection_seen_after_it_was_read_stale_is_not_evicted(
     evictor = TouchedMidPass.from_settings(redis, settings(redis_url))
     assert isinstance(evictor, TouchedMidPass)
     evictor.touch = {ids[1]: time.time()}
+    evictor.gateway = registry
     async with Subscriber(redis_url, names.EVENTS) as sub:
         summary = await evictor.run_pass()
         assert summary.stale_found == 3

@@ -212,7 +212,7 @@ async def test_queued_messages_reach_a_subscriber_that_appears_in_order(
 
 
 async def test_sigterm_exits_0_and_deregisters_from_consul(redis_url: str) -> None:
-    consul = ConsulServer(min_interval=0.05).start()
+    consul = ConsulServer(min_interval=0.05, plan_names=True).start()
     try:
         worker = worker_process(
             redis_url, NOWHERE, CONSUL_URL=consul.url, EVICTION_INSTANCE_ID="w1"

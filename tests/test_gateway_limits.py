@@ -417,8 +417,8 @@ async def test_a_revocation_lost_while_pubsub_reconnects_still_closes(base, gate
     gw = gateway(
         base,
         gateways,
-        GATEWAY_PUBSUB_BACKOFF_BASE=str(timeout(1)),
-        GATEWAY_PUBSUB_BACKOFF_CAP=str(timeout(1)),
+        GATEWAY_PUBSUB_BACKOFF_BASE_SECONDS=str(timeout(1)),
+        GATEWAY_PUBSUB_BACKOFF_CAP_SECONDS=str(timeout(1)),
     )
     token = base.token("lost")
     async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:

@@ -17,11 +17,11 @@ from agents.guide.settings import GuideSettings
 from services.eviction_worker.settings import PREFIX as EVICTION_PREFIX
 from services.eviction_worker.settings import EvictionSettings
 from services.gateway.settings import PREFIX as GATEWAY_PREFIX
-from services.gateway.settings import Settings as GatewaySettings
+from services.gateway.settings import GatewaySettings
 from services.post_office_api.settings import PREFIX as API_PREFIX
 from services.post_office_api.settings import ApiSettings
 from services.traffic_cop_stub.settings import PREFIX as TC_PREFIX
-from services.traffic_cop_stub.settings import Settings as TrafficCopSettings
+from services.traffic_cop_stub.settings import TrafficCopSettings
 from shared.settings import (
     COMMON_VARIABLES,
     LOG_LEVELS,
@@ -502,7 +502,7 @@ def test_traffic_cop_registers_its_advertised_address():
 @pytest.mark.parametrize(
     ("cls", "prefix"),
     [
-        ("services.gateway.settings:Settings", "GATEWAY_"),
+        ("services.gateway.settings:GatewaySettings", "GATEWAY_"),
         ("services.post_office_api.settings:ApiSettings", "POST_OFFICE_"),
         ("services.eviction_worker.settings:EvictionSettings", "EVICTION_"),
     ],
@@ -523,7 +523,7 @@ def test_every_service_refuses_the_same_unsafe_channel_names(cls, prefix, channe
 @pytest.mark.parametrize(
     ("cls", "prefix"),
     [
-        ("services.gateway.settings:Settings", "GATEWAY_"),
+        ("services.gateway.settings:GatewaySettings", "GATEWAY_"),
         ("services.post_office_api.settings:ApiSettings", "POST_OFFICE_"),
         ("services.eviction_worker.settings:EvictionSettings", "EVICTION_"),
         ("agents.guide.settings:GuideSettings", "GUIDE_AGENT_"),

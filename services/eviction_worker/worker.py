@@ -122,8 +122,7 @@ class Evictor:
         stop: asyncio.Event | None = None,
     ) -> None:
         self.redis = redis
-        # The worker never writes a record, so the TTL Registry would give one is unused.
-        self.registry = Registry(redis, record_ttl=max_idle_seconds)
+        self.registry = Registry(redis)  # the worker removes records, never writes one
         self.max_idle_seconds = max_idle_seconds
         self.batch_size = batch_size
         self.pass_limit = pass_limit

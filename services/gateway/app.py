@@ -38,25 +38,27 @@ from services.gateway.hub import Hub
 from services.gateway.keys import GATEWAY, ORIGINS, SETTINGS
 from services.gateway.origins import OriginPolicy
 from services.gateway.routes import setup_routes
-from services.gateway.settings import Settings
-from shared.discovery import (
-    DEREGISTER,
-    GATEWAY_SERVICE,
-    TRAFFIC_COP_SERVICE,
-    Discovery,
-    registration_context,
-)
+from services.gateway.settings import GatewaySettings
+from shared.discovery import DEREGISTER, Discovery, registration_context
 from shared.protocol import CloseCode
-from shared.service import REDIS, SERVICE, base_app, fail, redis_context, supervise
+from shared.service import REDIS, SERVICE, base_app, cancel_and_wait, fail, redis_context, spawn
+from shared.service_names import GATEWAY_SERVICE, TRAFFIC_COP_SERVICE
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient
 
-__all__ = ["SERVICE_NAME", "StartupError", "create_app"]
+__all__ = ["SERVICE_NAME", "TASKS", "StartupError", "create_app"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "gateway"
+SERVICE_NAME = GATEWAY_SERVICE.name
 TEMPLATES_DIR = Path(__file__).parent / "templates"
+#: The tasks the start-up starts, by name (the names the FAIL_TASKS test hook takes).
+TASKS = (
+    "gateway-pubsub-reader",
+    "gateway-publisher",
+    "gateway-tick",
+    "gateway-instance-heartbeat",
+)
 
 
 class StartupError(RuntimeError):
@@ -97,14 +99,16 @@ class _Lifecycle:
 
 
 def _gateway_context(
-    settings: Settings, life: _Lifecycle
+    settings: GatewaySettings, life: _Lifecycle
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         state = app[SERVICE]
         discovery = Discovery(settings.consul_url or None)
 
         async def traffic_cop_url() -> str:
-            return await discovery.resolve(TRAFFIC_COP_SERVICE, settings.traffic_cop_url or None)
+            return await discovery.resolve(
+                TRAFFIC_COP_SERVICE.name, settings.traffic_cop_url or None
+            )
 
         traffic_cop = TrafficCopClient(
             traffic_cop_url,
@@ -115,8 +119,8 @@ def _gateway_context(
         hub = Hub(
             settings.redis_url,
             name=f"{SERVICE_NAME}-pubsub",
-            backoff_base=settings.pubsub_backoff_base,
-            backoff_cap=settings.pubsub_backoff_cap,
+            backoff_base=settings.pubsub_backoff_base_seconds,
+            backoff_cap=settings.pubsub_backoff_cap_seconds,
         )
         gw = Gateway(settings, app[REDIS], hub, traffic_cop)
         app[GATEWAY] = gw
@@ -129,11 +133,7 @@ def _gateway_context(
             yield
         finally:
             gw.ready = False
-            tasks = [t for t in (life.startup, *life.tasks) if t is not None]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks)
+            await cancel_and_wait([t for t in (life.startup, *life.tasks) if t is not None])
             gw.publisher.abandon()
             if life.tasks:  # the instance key exists only once started
                 await gw.forget_instance()
@@ -154,16 +154,11 @@ async def _start(app: web.Application, gw: Gateway, life: _Lifecycle) -> None:
         life.waiting_for = "traffic_cop"
         await _wait_until("traffic_cop", gw.traffic_cop.ping, deadline)
         gw.watch_process_channels()
-        for name, factory in (
-            ("pubsub-reader", gw.hub.run),
-            ("publisher", gw.publisher.run),
-            ("tick", gw.tick),
-            ("instance-heartbeat", gw.keep_instance_alive),
-        ):
-            task = asyncio.create_task(factory(), name=f"gateway-{name}")
+        factories = (gw.hub.run, gw.publisher.run, gw.tick, gw.keep_instance_alive)
+        for name, factory in zip(TASKS, factories, strict=True):
+            task = spawn(app, name, factory())
             life.tasks.append(task)
             task.add_done_callback(lambda t: _stop_accepting(gw, t))
-            supervise(app, task)
         life.waiting_for = "pubsub"
         await _wait_until("pubsub", gw.hub.check, deadline)
     except StartupError as exc:
@@ -209,8 +204,8 @@ async def _drain(app: web.Application, life: _Lifecycle) -> None:
     await gw.close_all(CloseCode.GOING_AWAY, "server shutting down", settings.close_timeout)
 
 
-def create_app(settings: Settings) -> web.Application:
-    app = base_app(SERVICE_NAME, settings.instance)
+def create_app(settings: GatewaySettings) -> web.Application:
+    app = base_app(SERVICE_NAME, settings.instance, fail_tasks=settings.failing_tasks)
     app[SETTINGS] = settings
     app[ORIGINS] = OriginPolicy(settings.allowed_origins, settings.public_ws_url)
     aiohttp_jinja2.setup(

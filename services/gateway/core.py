@@ -41,7 +41,7 @@ from redis.exceptions import RedisError
 from services.gateway.connection import Connection, ConnectionTable
 from services.gateway.hub import Hub
 from services.gateway.publisher import Publisher
-from services.gateway.settings import Settings
+from services.gateway.settings import GatewaySettings
 from shared import redis_names as names
 from shared.protocol import CloseCode, ping_frame
 from shared.registry import Registry
@@ -97,7 +97,7 @@ class RefusedTokens:
 class Gateway:
     def __init__(
         self,
-        settings: Settings,
+        settings: GatewaySettings,
         redis: Redis,
         hub: Hub,
         traffic_cop: TrafficCopClient,
@@ -114,8 +114,8 @@ class Gateway:
             queue_size=settings.publish_queue,
             queue_bound=settings.queue_bound,
             buffer_size=settings.breaker_buffer,
-            backoff_base=settings.breaker_backoff_base,
-            backoff_cap=settings.breaker_backoff_cap,
+            backoff_base=settings.breaker_backoff_base_seconds,
+            backoff_cap=settings.breaker_backoff_cap_seconds,
         )
         self.connections = ConnectionTable()
         # Every accepted socket, registered or still being validated: the drain closes them all.
