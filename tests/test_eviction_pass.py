@@ -371,8 +371,8 @@ async def test_a_message_larger_than_the_byte_bound_still_moves(
         assert await registry.publish_or_queue(channel, data, 100) == PublishResult.QUEUED
     async with Subscriber(redis_url, names.agent_channel(channel)) as sub:
         # One run: the first message alone is past the bound and moves anyway, nothing else.
-        assert await registry.drain_queue_step(channel, 10, 1000) == (1, 3, 3000)
-        assert await registry.drain_queue_step(channel, 10, 1000) == (2, 1, 20)
+        assert await registry.drain_queue(channel, 10, 1000) == (1, 3, 3000)
+        assert await registry.drain_queue(channel, 10, 1000) == (2, 1, 20)
         evictor = Evictor.from_settings(redis, settings(redis_url, EVICTION_QUEUE_DRAIN_BYTES="1"))
         assert (await evictor.run_pass()).drained[channel] == 1
         await wait_for(lambda: len(sub.received) >= 4, what="the 4 messages")

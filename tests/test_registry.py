@@ -105,8 +105,9 @@ async def test_register_writes_record_indexes_and_event(redis, registry, events)
 async def test_get_returns_the_public_view(registry):
     assert await registry.get(CID) is None
     await registry.register(record(), now=200.0)
-    view = await registry.get(CID)
-    assert view is not None
+    stored = await registry.get(CID)
+    assert stored is not None
+    view = stored.as_json()
     assert view["connection_id"] == CID
     assert view["channels"] == ["guide", "pillar:content"]
     assert view["metadata"] == {"ua": "test"}
@@ -258,7 +259,7 @@ async def test_publish_or_queue_published_queued_refused_in_order(redis, registr
         assert (
             await registry.publish_or_queue(channel, b"m3", queue_bound=3) == PublishResult.QUEUED
         )
-        assert await registry.drain_queue(channel, batch=10) == 3
+        assert (await registry.drain_queue(channel, batch=10)).moved == 3
         assert await redis.llen(names.queue(channel)) == 0
         # Queue empty and a subscriber: straight through.
         assert await registry.publish_or_queue(channel, b"m4", queue_bound=3) == (
@@ -277,14 +278,15 @@ async def test_drain_queue_moves_only_when_a_subscriber_exists(redis, registry):
     channel = "pillar:content"
     for i in range(5):
         assert await registry.publish_or_queue(channel, b"%d" % i, queue_bound=10) == 2
-    assert await registry.drain_queue(channel, batch=10) == 0
+    assert (await registry.drain_queue(channel, batch=10)).moved == 0
     assert await redis.llen(names.queue(channel)) == 5
     agent = redis.pubsub()
     await agent.subscribe(names.agent_channel(channel))
     try:
-        assert await registry.drain_queue(channel, batch=2) == 2  # the batch bounds one pass
+        # The batch bounds one pass.
+        assert (await registry.drain_queue(channel, batch=2)).moved == 2
         assert await redis.lrange(names.queue(channel), 0, -1) == [b"2", b"3", b"4"]
-        assert await registry.drain_queue(channel, batch=10) == 3
+        assert (await registry.drain_queue(channel, batch=10)).moved == 3
         assert await redis.exists(names.queue(channel)) == 0
     finally:
         await agent.aclose()

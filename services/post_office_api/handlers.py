@@ -32,7 +32,7 @@ from aiohttp_sse import EventSourceResponse
 
 from services.post_office_api import metrics
 from services.post_office_api.auth import PUBLIC_ROUTES, RealmKeys, missing_capability
-from services.post_office_api.delivery import CloseOutcome, SendOutcome
+from services.post_office_api.delivery import CloseOutcome
 from services.post_office_api.endpoint import message_format
 from services.post_office_api.hub import HubFull, HubUnavailable, Subscriber
 from services.post_office_api.keys import (
@@ -56,6 +56,7 @@ from shared.protocol import (
     is_valid_user_id,
     parse_delivery_body,
 )
+from shared.registry import SendResult
 from shared.tracing import message_traceparent
 
 __all__ = [
@@ -276,16 +277,16 @@ async def publish_to_channel(request: web.Request) -> web.Response:
 async def send_to_connection(request: web.Request) -> web.Response:
     connection_id = _connection_id(request)
     message, _parent = await _delivery_body(request)
-    result = await request.app[DELIVERIES].to_connection(connection_id, orjson.dumps(message))
-    if result > 0:
+    sent = await request.app[DELIVERIES].to_connection(connection_id, orjson.dumps(message))
+    if sent.result is SendResult.DELIVERED:
         metrics.DELIVERIES.labels(kind="connection", outcome="delivered").inc()
-        return json_response({"delivered": result}, 202)
+        return json_response({"delivered": sent.receivers}, 202)
     metrics.DELIVERIES.labels(kind="connection", outcome="gone").inc()
     why = {
-        SendOutcome.NO_RECORD: "is unknown or has disconnected",
-        SendOutcome.STALE: "has no live gateway; its record was removed",
-        SendOutcome.GATEWAY_ALIVE_NOT_RECEIVED: "was not received by any gateway",
-    }.get(SendOutcome(result), "is gone")
+        SendResult.NO_RECORD: "is unknown or has disconnected",
+        SendResult.STALE: "has no live gateway; its record was removed",
+        SendResult.NOT_RECEIVED: "was not received by any gateway",
+    }[sent.result]
     fail(410, ErrorCode.GONE, f"connection {connection_id!r} {why}")
 
 
@@ -294,7 +295,7 @@ async def get_connection(request: web.Request) -> web.Response:
     record = await request.app[REGISTRY].get(connection_id)
     if record is None:
         fail(404, ErrorCode.NOT_FOUND, f"connection {connection_id!r} is unknown")
-    return json_response(record)
+    return json_response(record.as_json())
 
 
 def _close_code(request: web.Request) -> int:
