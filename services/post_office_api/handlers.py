@@ -31,7 +31,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from services.post_office_api import metrics
-from services.post_office_api.auth import PUBLIC_ROUTES, RealmKeys, missing_capability
+from services.post_office_api.auth import PUBLIC_ROUTES, missing_capability
 from services.post_office_api.delivery import CloseOutcome
 from services.post_office_api.endpoint import message_format
 from services.post_office_api.hub import HubFull, HubUnavailable, Subscriber
@@ -48,10 +48,13 @@ from services.post_office_api.keys import (
 )
 from shared import redis_names as names
 from shared.discovery import DiscoveryError
-from shared.http import error_middleware, json_response
+from shared.http import bearer_token, error_middleware, json_error_exception, json_response
 from shared.protocol import (
+    MAX_CLOSE_REASON_BYTES,
     ErrorCode,
     ProtocolError,
+    close_reason_fits,
+    is_agent_close_code,
     is_valid_connection_id,
     is_valid_user_id,
     parse_delivery_body,
@@ -60,7 +63,6 @@ from shared.registry import SendResult
 from shared.tracing import message_traceparent
 
 __all__ = [
-    "MAX_CLOSE_REASON_BYTES",
     "MAX_SESSION_TOKEN_LENGTH",
     "UNKNOWN_CHANNEL_STATUS",
     "broadcast_to_channel",
@@ -82,33 +84,17 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: A session token longer than this is not one Traffic Cop issued (43 characters).
 MAX_SESSION_TOKEN_LENGTH = 512
-#: WebSocket close reasons are at most 123 bytes of UTF-8 (RFC 6455 5.5).
-MAX_CLOSE_REASON_BYTES = 123
 #: Unknown channels are 404 (the channel is part of the resource path).
 UNKNOWN_CHANNEL_STATUS = 404
 #: Status recorded (never sent) for a request whose client left before the answer (nginx's).
 CLIENT_GONE_STATUS = 499
-
-_ERRORS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest,
-    401: web.HTTPUnauthorized,
-    403: web.HTTPForbidden,
-    404: web.HTTPNotFound,
-    410: web.HTTPGone,
-    429: web.HTTPTooManyRequests,
-    503: web.HTTPServiceUnavailable,
-}
 
 
 def fail(
     status: int, code: ErrorCode | str, message: str, headers: dict[str, str] | None = None
 ) -> NoReturn:
     """Raise the JSON error; the skeleton's error middleware lets JSON errors through as is."""
-    raise _ERRORS[status](
-        text=orjson.dumps({"error": {"code": str(code), "message": message}}).decode(),
-        content_type="application/json",
-        headers=headers,
-    )
+    raise json_error_exception(status, code, message, headers)
 
 
 # -- middlewares ------------------------------------------------------------------------------
@@ -158,7 +144,7 @@ async def realm_middleware(request: web.Request, handler: Handler) -> web.Stream
     if route is None or route in PUBLIC_ROUTES or not request.path.startswith("/v1/"):
         # Unmatched paths and methods fall through to aiohttp's 404/405 (as JSON).
         return await handler(request)
-    token = RealmKeys.bearer(request.headers.get("Authorization"))
+    token = bearer_token(request.headers.get("Authorization"))
     if token is None:
         fail(
             401,
@@ -304,7 +290,7 @@ def _close_code(request: web.Request) -> int:
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 5):
         fail(400, ErrorCode.BAD_REQUEST, f"code={raw[:20]!r}: expected an integer")
     code = int(raw)
-    if code != 1000 and not 3000 <= code <= 4999:
+    if not is_agent_close_code(code):
         fail(400, ErrorCode.BAD_REQUEST, f"code={code}: use 1000 or an application code 3000-4999")
     return code
 
@@ -313,7 +299,7 @@ async def close_connection(request: web.Request) -> web.Response:
     connection_id = _connection_id(request)
     code = _close_code(request)
     reason = request.query.get("reason", "closed by the Post Office API")
-    if len(reason.encode("utf-8", "surrogatepass")) > MAX_CLOSE_REASON_BYTES:
+    if not close_reason_fits(reason):
         fail(400, ErrorCode.BAD_REQUEST, f"reason is longer than {MAX_CLOSE_REASON_BYTES} bytes")
     outcome, instance = await request.app[DELIVERIES].close(connection_id, code, reason)
     metrics.DELIVERIES.labels(kind="close", outcome=outcome.value).inc()

@@ -12,7 +12,8 @@ from typing import Any
 
 from services.post_office_api.auth import ROUTE_CAPABILITIES
 from services.post_office_api.endpoint import message_format
-from services.post_office_api.handlers import MAX_CLOSE_REASON_BYTES, UNKNOWN_CHANNEL_STATUS
+from services.post_office_api.handlers import UNKNOWN_CHANNEL_STATUS
+from shared.protocol import MAX_CLOSE_REASON_BYTES
 
 __all__ = ["build_openapi"]
 
