@@ -98,7 +98,7 @@ class Discovery:
         self._rr: dict[str, itertools.count[int]] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for task in list(self._inflight.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -79,7 +79,7 @@ async def test_register_lookup_passing_and_deregister(consul):
     assert await discovery.resolve_all("demo-service", ["http://fallback:1/"]) == [
         "http://fallback:1"
     ]
-    await discovery.close()
+    await discovery.aclose()
 
 
 async def _resolved(discovery: Discovery, service: str) -> list[str]:
@@ -120,7 +120,7 @@ async def test_only_passing_instances_are_returned_round_robin(consul):
     finally:
         await down.close()
         await up.close()
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_fallback_to_environment_when_consul_is_unreachable():
@@ -135,7 +135,7 @@ async def test_fallback_to_environment_when_consul_is_unreachable():
         with pytest.raises(DiscoveryError, match="no healthy instance"):
             await discovery.resolve_all("traffic-cop")
     finally:
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_no_consul_uses_the_fallback_or_says_what_is_missing():
@@ -147,7 +147,7 @@ async def test_no_consul_uses_the_fallback_or_says_what_is_missing():
     assert await discovery.resolve("x", "http://a:1") == "http://a:1"
     with pytest.raises(DiscoveryError, match="no CONSUL_URL"):
         await discovery.resolve("x")
-    await discovery.close()
+    await discovery.aclose()
 
 
 async def test_last_answer_is_used_while_consul_is_down(consul):
@@ -166,7 +166,7 @@ async def test_last_answer_is_used_while_consul_is_down(consul):
         assert await discovery.resolve_all("demo-service") == [url]
     finally:
         await server.close()  # deregistration fails (Consul is down): logged, not raised
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_no_consul_url_means_no_registration(aiohttp_client):

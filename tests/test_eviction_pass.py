@@ -54,7 +54,7 @@ async def registry(redis: Redis) -> Registry:
 async def traffic_cop_client(traffic_cop: ServiceProcess) -> AsyncIterator[TrafficCopClient]:
     client = TrafficCopClient(traffic_cop.url, TRAFFIC_COP_KEY, timeout=timeout(5))
     yield client
-    await client.close()
+    await client.aclose()
 
 
 async def test_stale_connections_are_evicted_and_fresh_ones_kept(
@@ -452,7 +452,7 @@ async def test_dropped_reports_are_logged_at_most_once_a_second(
         assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]  # 2: a second boundary
         assert "(1 so far)" in lines[0].getMessage()
     finally:
-        await client.close()
+        await client.aclose()
 
 
 async def test_one_pass_moves_at_most_its_byte_budget_per_channel(

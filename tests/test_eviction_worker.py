@@ -293,7 +293,7 @@ async def test_traffic_cop_down_does_not_stop_evictions(redis: Redis, redis_url:
             assert await client.register_connection(cid, session["session_id"], f"jack{i}", "gw-a")
             ids.append(cid)
     finally:
-        await client.close()
+        await client.aclose()
     assert cop.stop() == 0
 
     worker = worker_process(

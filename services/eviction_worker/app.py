@@ -94,8 +94,8 @@ async def traffic_cop_reporter(
         if not await reporter.flush(flush_timeout):
             log.warning("%d traffic cop reports were still pending at exit", reporter.pending)
         await cancel_and_wait([task])
-        await client.close()
-        await discovery.close()
+        await client.aclose()
+        await discovery.aclose()
 
 
 def create_app(settings: EvictionSettings) -> web.Application:

@@ -138,8 +138,8 @@ def _gateway_context(
             if life.tasks:  # the instance key exists only once started
                 await gw.forget_instance()
             await hub.close()
-            await traffic_cop.close()
-            await discovery.close()
+            await traffic_cop.aclose()
+            await discovery.aclose()
 
     return ctx
 

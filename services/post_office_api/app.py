@@ -101,8 +101,8 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         if stale.pending:
             log.info("%d stale-connection report(s) not sent at exit", stale.pending)
         if traffic_cop is not None:
-            await traffic_cop.close()
-        await discovery.close()
+            await traffic_cop.aclose()
+        await discovery.aclose()
 
 
 async def _hub(app: web.Application) -> AsyncIterator[None]:
