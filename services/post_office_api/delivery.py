@@ -32,6 +32,7 @@ from services.post_office_api import metrics
 from shared import redis_names as names
 from shared.protocol import iso_now, new_message_id
 from shared.registry import Registry, SendResult, Sent, UnregisterResult
+from shared.service_names import API_SERVICE
 
 __all__ = [
     "API_SOURCE",
@@ -44,7 +45,7 @@ __all__ = [
 
 #: ``gateway_instance`` of agent messages the API publishes (their ``connection_id`` and
 #: ``user_id`` are empty): agents tell them apart from client messages by it.
-API_SOURCE = "post-office-api"
+API_SOURCE = API_SERVICE.name
 
 
 @dataclass(frozen=True, slots=True)
