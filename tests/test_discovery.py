@@ -14,7 +14,7 @@ from aiohttp.test_utils import TestServer
 
 from shared.discovery import Discovery, DiscoveryError, registration_context
 from shared.service import base_app
-from shared.service_names import TRAFFIC_COP_SERVICE
+from shared.service_names import GATEWAY_SERVICE, TRAFFIC_COP_SERVICE
 from tests.consul_api import ConsulServer
 from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, free_port, timeout, wait_for
 
@@ -195,7 +195,59 @@ async def test_registration_retries_until_consul_answers():
         consul.stop()
 
 
-def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
+@pytest.fixture
+def plan_consul() -> Iterator[ConsulServer]:
+    """A stand-in that refuses names, tags and check paths outside shared/service_names.py."""
+    server = ConsulServer(
+        stagger=False, min_interval=0.05, reap_interval=0.1, plan_names=True
+    ).start()
+    yield server
+    server.stop()
+
+
+async def test_the_stand_in_holds_registrations_and_lookups_to_the_plan(plan_consul):
+    gateway = GATEWAY_SERVICE
+
+    def registration(**changes: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "ID": "gw-plan",
+            "Name": gateway.name,
+            "Tags": list(gateway.tags),
+            "Address": "127.0.0.1",
+            "Port": 18100,
+            "Check": {"HTTP": f"http://127.0.0.1:9{gateway.check_path}", "Interval": "1s"},
+        }
+        return {**body, **changes}
+
+    async with aiohttp.ClientSession() as http:
+
+        async def put(body: dict[str, Any]) -> tuple[int, str]:
+            url = f"{plan_consul.url}/v1/agent/service/register"
+            async with http.put(url, json=body) as resp:
+                return resp.status, await resp.text()
+
+        async def lookup(name: str) -> int:
+            async with http.get(f"{plan_consul.url}/v1/health/service/{name}") as resp:
+                return resp.status
+
+        assert await put(registration(Name="post-office-gateway")) == (
+            400,
+            "not a Post Office service name: 'post-office-gateway' (expected one of "
+            "eviction-worker, post-office-api, traffic-cop, websocket-gateway)",
+        )
+        status, text = await put(registration(Tags=["post-office"]))
+        assert status == 400 and "the plan's are ['websocket', 'real-time', 'post-office']" in text
+        wrong_check = {"HTTP": "http://127.0.0.1:9/health", "Interval": "1s"}
+        status, text = await put(registration(Check=wrong_check))
+        assert status == 400 and "expected ['/health/websocket-gateway']" in text
+        assert await lookup("post-office-gateway") == 400
+        assert await put(registration()) == (200, "")
+        assert await lookup(gateway.name) == 200
+    assert list(await _agent_services(plan_consul)) == ["gw-plan"]
+
+
+def test_traffic_cop_process_registers_and_deregisters(plan_consul, redis_url):
+    consul = plan_consul
     service = ServiceProcess(
         "services.traffic_cop_stub",
         {
