@@ -45,6 +45,7 @@ __all__ = [
     "LOG_LEVELS",
     "MIN_PRODUCTION_KEY_LENGTH",
     "RESERVED_CHANNEL_NAMES",
+    "AgentQueueSettings",
     "ChannelSettings",
     "ProcessSettings",
     "ServiceSettings",
@@ -80,6 +81,7 @@ COMMON_VARIABLES = frozenset(
         "TRAFFIC_COP_SERVICE_KEY",
         "REALM_KEYS",
         "CHANNELS",
+        "QUEUE_MAX_LENGTH",
     }
 )
 
@@ -359,6 +361,23 @@ class ChannelSettings(ProcessSettings):
         if not self.channels:
             raise SettingsError(f"{self.PREFIX}CHANNELS: at least one channel is required")
         check_channel_names(f"{self.PREFIX}CHANNELS", self.channels)
+
+
+@dataclass(frozen=True, repr=False)
+class AgentQueueSettings(ProcessSettings):
+    """The bound of the agent queues, declared once for the processes that fill them (the
+    gateways with client messages, the API with what realms publish): one unprefixed
+    ``QUEUE_MAX_LENGTH`` sets both, so a queue holds the same number of messages whoever
+    writes to it."""
+
+    queue_max_length: int = setting(
+        10000,
+        "length bound of websocket:queue:<channel> (messages held while no agent listens); "
+        "past it clients get error 'unavailable' and the API answers 503; 0 queues nothing; "
+        "set QUEUE_MAX_LENGTH once for the whole stack",
+        common=True,
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True, repr=False)

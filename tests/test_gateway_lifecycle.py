@@ -269,7 +269,7 @@ async def test_a_full_channel_does_not_hold_up_the_others_once_redis_is_back(
     server, private_traffic_cop
 ):
     # Queue bound 0: with no agent on a channel, Redis refuses every message for it.
-    gw = start_gateway(server.url, private_traffic_cop.url, GATEWAY_QUEUE_BOUND="0")
+    gw = start_gateway(server.url, private_traffic_cop.url, GATEWAY_QUEUE_MAX_LENGTH="0")
     try:
         token = create_session(private_traffic_cop.url, "two-channels")
         async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:

@@ -539,3 +539,17 @@ def test_one_channels_variable_sets_every_process(cls, prefix):
     assert load(settings_class, prefix, {"CHANNELS": "guide,extra"}).channels == ("guide", "extra")
     both = {"CHANNELS": "guide,extra", f"{prefix}CHANNELS": "guide"}
     assert load(settings_class, prefix, both).channels == ("guide",)
+
+
+@pytest.mark.parametrize(
+    ("settings_class", "prefix"),
+    [(GatewaySettings, GATEWAY_PREFIX), (ApiSettings, API_PREFIX)],
+)
+def test_one_queue_bound_for_every_process_that_fills_the_queues(settings_class, prefix):
+    # Gateways and the API write the same agent queues: one QUEUE_MAX_LENGTH bounds both.
+    assert load(settings_class, prefix, {}).queue_max_length == 10000
+    assert load(settings_class, prefix, {"QUEUE_MAX_LENGTH": "7"}).queue_max_length == 7
+    both = {"QUEUE_MAX_LENGTH": "7", f"{prefix}QUEUE_MAX_LENGTH": "3"}
+    assert load(settings_class, prefix, both).queue_max_length == 3
+    with pytest.raises(SettingsError, match=f"{prefix}QUEUE_BOUND"):
+        load(settings_class, prefix, {f"{prefix}QUEUE_BOUND": "5"})  # the old name: unknown

@@ -112,7 +112,7 @@ class Gateway:
             self.registry,
             batch=settings.publish_batch,
             queue_size=settings.publish_queue,
-            queue_bound=settings.queue_bound,
+            queue_bound=settings.queue_max_length,
             buffer_size=settings.breaker_buffer,
             backoff_base=settings.breaker_backoff_base_seconds,
             backoff_cap=settings.breaker_backoff_cap_seconds,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.settings import (
+    AgentQueueSettings,
     ChannelSettings,
     SettingsError,
     TaskHookSettings,
@@ -21,7 +22,9 @@ DESCRIPTION = "Post Office gateway: the WebSocket ingress /ws (python -m service
 
 
 @dataclass(frozen=True, repr=False)
-class GatewaySettings(TrafficCopCallerSettings, ChannelSettings, TaskHookSettings):
+class GatewaySettings(
+    TrafficCopCallerSettings, ChannelSettings, AgentQueueSettings, TaskHookSettings
+):
     PREFIX = PREFIX
     INSTANCE_NAME = "gateway"
 
@@ -160,12 +163,6 @@ class GatewaySettings(TrafficCopCallerSettings, ChannelSettings, TaskHookSetting
         10000,
         "messages waiting for the publisher; past it clients get error 'unavailable'",
         minimum=1,
-    )
-    queue_bound: int = setting(
-        10000,
-        "length bound of websocket:queue:<channel> (messages held while no agent listens); "
-        "past it clients get error 'unavailable'",
-        minimum=0,
     )
     breaker_buffer: int = setting(
         10000,

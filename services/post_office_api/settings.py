@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.settings import (
+    AgentQueueSettings,
     ChannelSettings,
     SettingsError,
     TaskHookSettings,
@@ -63,7 +64,7 @@ def parse_realm_keys(entries: tuple[str, ...]) -> dict[str, str]:
 
 
 @dataclass(frozen=True, repr=False)
-class ApiSettings(TrafficCopCallerSettings, ChannelSettings, TaskHookSettings):
+class ApiSettings(TrafficCopCallerSettings, ChannelSettings, AgentQueueSettings, TaskHookSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "post-office-api"
 
@@ -109,12 +110,6 @@ class ApiSettings(TrafficCopCallerSettings, ChannelSettings, TaskHookSettings):
     )
     max_body_bytes: int = setting(
         65536, "largest request body; larger ones get 413", minimum=64, maximum=MAX_BODY_LIMIT
-    )
-    queue_max_length: int = setting(
-        10000,
-        "bound of an agent channel's queue (messages held while no agent listens); when it is "
-        "full, publishing answers 503",
-        minimum=1,
     )
     rate_limit_per_second: float = setting(
         1000.0,
