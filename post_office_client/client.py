@@ -101,9 +101,9 @@ class PostOfficeClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the client (and its session, unless the caller gave one). Calls made after
         this raise ``RuntimeError``."""
         self._closed = True

@@ -1,5 +1,14 @@
-"""JSON errors for every HTTP service: ``{"error": {"code": ..., "message": ...}}``.
+"""HTTP pieces every service shares: JSON errors and the bearer-token parser.
 
+Errors are ``{"error": {"code": ..., "message": ...}}``, built in one place
+(:func:`error_body`): :func:`json_error` answers with one, :func:`json_error_exception` makes
+one an exception to raise from deep in a handler. :func:`error_middleware` turns aiohttp's own
+HTTP exceptions (404, 405, 413 ...) and any unexpected exception into that shape, so no
+request ever gets an HTML page or a bare 500, and a Redis outage during a request is a 503
+naming the dependency rather than a crash.
+
+:func:`bearer_token` is the one reader of ``Authorization: Bearer <token>`` (realm keys, the
+Traffic Cop service key, a gateway client's session token).
 :func:`error_middleware` turns aiohttp's own HTTP exceptions (404, 405, 413 ...) and any
 unexpected exception into that shape, so no request ever gets an HTML page or a bare 500, and
 a Redis outage during a request is a 503 naming the dependency rather than a crash. A body
@@ -30,10 +39,13 @@ from shared.protocol import ErrorCode
 __all__ = [
     "SERVER_NAME",
     "Handler",
+    "bearer_token",
     "body_timeout_middleware",
     "encoding_middleware",
+    "error_body",
     "error_middleware",
     "json_error",
+    "json_error_exception",
     "json_response",
     "read_json_body",
     "server_header",
@@ -67,10 +79,57 @@ def json_response(
     )
 
 
+#: The statuses a handler raises JSON errors with (:func:`json_error_exception`).
+_EXCEPTIONS: dict[int, type[web.HTTPException]] = {
+    400: web.HTTPBadRequest,
+    401: web.HTTPUnauthorized,
+    403: web.HTTPForbidden,
+    404: web.HTTPNotFound,
+    410: web.HTTPGone,
+    429: web.HTTPTooManyRequests,
+    503: web.HTTPServiceUnavailable,
+}
+
+
+def error_body(code: ErrorCode | str, message: str) -> bytes:
+    """The one JSON error shape: ``{"error": {"code": ..., "message": ...}}``."""
+    return orjson.dumps({"error": {"code": str(code), "message": message}})
+
+
 def json_error(
     status: int, code: ErrorCode | str, message: str, headers: dict[str, str] | None = None
 ) -> web.Response:
-    return json_response({"error": {"code": str(code), "message": message}}, status, headers)
+    return web.Response(
+        body=error_body(code, message),
+        status=status,
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def json_error_exception(
+    status: int, code: ErrorCode | str, message: str, headers: dict[str, str] | None = None
+) -> web.HTTPException:
+    """The JSON error as an exception to raise; :func:`error_middleware` lets it through as
+    is. ``status`` is one of 400, 401, 403, 404, 410, 429, 503."""
+    kind = _EXCEPTIONS.get(status)
+    if kind is None:
+        raise ValueError(f"no JSON error exception for status {status!r}")
+    # text=, not body=: aiohttp deprecates body on HTTP exceptions.
+    return kind(
+        text=error_body(code, message).decode(), content_type="application/json", headers=headers
+    )
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (scheme in any case, spaces
+    around the token ignored), or None when there is no such header or no token."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip() or None
 
 
 async def read_json_body(request: web.Request) -> Any:
@@ -79,10 +138,8 @@ async def read_json_body(request: web.Request) -> Any:
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        # text=, not body=: aiohttp deprecates body on HTTP exceptions.
-        error = {"code": str(ErrorCode.INVALID_JSON), "message": f"body is not JSON: {exc.msg}"}
-        raise web.HTTPBadRequest(
-            text=orjson.dumps({"error": error}).decode(), content_type="application/json"
+        raise json_error_exception(
+            400, ErrorCode.INVALID_JSON, f"body is not JSON: {exc.msg}"
         ) from None
 
 

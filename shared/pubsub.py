@@ -412,5 +412,5 @@ class Hub:
             except Exception:
                 log.exception("resubscription callback failed")
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         await self.redis.aclose()

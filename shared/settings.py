@@ -40,6 +40,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from shared.protocol import DEFAULT_CHANNELS
+
 __all__ = [
     "COMMON_VARIABLES",
     "DEV_KEY_PREFIX",
@@ -47,10 +49,13 @@ __all__ = [
     "LOOPBACK_HOSTS",
     "MIN_PRODUCTION_KEY_LENGTH",
     "RESERVED_CHANNEL_NAMES",
+    "AgentQueueSettings",
+    "ChannelSettings",
     "HttpLimitSettings",
     "ProcessSettings",
     "ServiceSettings",
     "SettingsError",
+    "TaskHookSettings",
     "TrafficCopCallerSettings",
     "check_channel_names",
     "format_help",
@@ -85,6 +90,7 @@ COMMON_VARIABLES = frozenset(
         "TRUSTED_PROXIES",
         "REALM_KEYS",
         "CHANNELS",
+        "QUEUE_MAX_LENGTH",
     }
 )
 
@@ -398,6 +404,69 @@ class ProcessSettings:
             raise SettingsError(
                 f"{variable}={url!r}: ENVIRONMENT=production needs wss:// (session tokens "
                 "travel in it); ws:// is only accepted for localhost"
+            )
+
+
+@dataclass(frozen=True, repr=False)
+class ChannelSettings(ProcessSettings):
+    """The stack's logical channels, declared once for every process that lists them (the
+    gateways accept them, the API publishes and streams them, the worker drains their queues,
+    the guide agent names them): one unprefixed ``CHANNELS`` sets them all, since a channel
+    the gateways accept but the worker does not drain stalls once one message is queued."""
+
+    channels: tuple[str, ...] = setting(
+        DEFAULT_CHANNELS,
+        "comma-separated logical channels (clients use them, agents listen on them, the worker "
+        "drains their queues); set CHANNELS once for the whole stack",
+        common=True,
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.channels:
+            raise SettingsError(f"{self.PREFIX}CHANNELS: at least one channel is required")
+        check_channel_names(f"{self.PREFIX}CHANNELS", self.channels)
+
+
+@dataclass(frozen=True, repr=False)
+class AgentQueueSettings(ProcessSettings):
+    """The bound of the agent queues, declared once for the processes that fill them (the
+    gateways with client messages, the API with what realms publish): one unprefixed
+    ``QUEUE_MAX_LENGTH`` sets both, so a queue holds the same number of messages whoever
+    writes to it."""
+
+    queue_max_length: int = setting(
+        10000,
+        "length bound of websocket:queue:<channel> (messages held while no agent listens); "
+        "past it clients get error 'unavailable' and the API answers 503; 0 queues nothing; "
+        "set QUEUE_MAX_LENGTH once for the whole stack",
+        common=True,
+        minimum=0,
+    )
+
+
+@dataclass(frozen=True, repr=False)
+class TaskHookSettings(ProcessSettings):
+    """The ``FAIL_TASKS`` test hook of a service with background tasks (each service lists
+    this base): the supervision tests name a task, which then fails as it starts."""
+
+    fail_tasks: str = setting(
+        "",
+        "test hook: comma-separated background task names that fail as they start, to show "
+        "that /ready turns 503 and the process exits 1 (docs/operations.md lists the tasks); "
+        "refused when ENVIRONMENT=production",
+    )
+
+    @property
+    def failing_tasks(self) -> frozenset[str]:
+        """The ``FAIL_TASKS`` test hook's task names."""
+        return frozenset(name.strip() for name in self.fail_tasks.split(",") if name.strip())
+
+    def validate(self) -> None:
+        super().validate()
+        if self.failing_tasks and self.production:
+            raise SettingsError(
+                f"{self.PREFIX}FAIL_TASKS is a test hook: refused when ENVIRONMENT=production"
             )
 
 

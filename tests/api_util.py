@@ -37,8 +37,8 @@ def api_settings(redis_url: str, **overrides: Any) -> ApiSettings:
         traffic_cop_url="",  # no Traffic Cop unless a test starts one
         sse_keepalive_seconds=0.1,
         sse_subscribe_timeout_seconds=timeout(5),
-        pubsub_backoff_min_seconds=0.01,
-        pubsub_backoff_max_seconds=0.1,
+        pubsub_backoff_base_seconds=0.01,
+        pubsub_backoff_cap_seconds=0.1,
         shutdown_timeout=timeout(2),
     )
     settings = dataclasses.replace(base, **overrides)

@@ -1081,4 +1081,4 @@ async def test_a_stale_connection_removed_by_the_api_is_unregistered_from_traffi
 
         await wait_for(forgotten, what="traffic cop told about the stale connection")
     finally:
-        await cop.close()
+        await cop.aclose()

@@ -13,13 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from shared.discovery import (
-    TRAFFIC_COP_SERVICE,
-    Discovery,
-    DiscoveryError,
-    registration_context,
-)
+from shared.discovery import Discovery, DiscoveryError, registration_context
 from shared.service import base_app
+from shared.service_names import GATEWAY_SERVICE, TRAFFIC_COP_SERVICE
 from tests.consul_api import ConsulServer
 from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, free_port, timeout, wait_for
 
@@ -84,7 +80,7 @@ async def test_register_lookup_passing_and_deregister(consul):
     assert await discovery.resolve_all("demo-service", ["http://fallback:1/"]) == [
         "http://fallback:1"
     ]
-    await discovery.close()
+    await discovery.aclose()
 
 
 async def _resolved(discovery: Discovery, service: str) -> list[str]:
@@ -125,7 +121,7 @@ async def test_only_passing_instances_are_returned_round_robin(consul):
     finally:
         await down.close()
         await up.close()
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_fallback_to_environment_when_consul_is_unreachable():
@@ -140,7 +136,7 @@ async def test_fallback_to_environment_when_consul_is_unreachable():
         with pytest.raises(DiscoveryError, match="no healthy instance"):
             await discovery.resolve_all("traffic-cop")
     finally:
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_no_consul_uses_the_fallback_or_says_what_is_missing():
@@ -152,7 +148,7 @@ async def test_no_consul_uses_the_fallback_or_says_what_is_missing():
     assert await discovery.resolve("x", "http://a:1") == "http://a:1"
     with pytest.raises(DiscoveryError, match="no CONSUL_URL"):
         await discovery.resolve("x")
-    await discovery.close()
+    await discovery.aclose()
 
 
 async def test_last_answer_is_used_while_consul_is_down(consul):
@@ -171,7 +167,7 @@ async def test_last_answer_is_used_while_consul_is_down(consul):
         assert await discovery.resolve_all("demo-service") == [url]
     finally:
         await server.close()  # deregistration fails (Consul is down): logged, not raised
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_no_consul_url_means_no_registration(aiohttp_client):
@@ -200,7 +196,59 @@ async def test_registration_retries_until_consul_answers():
         consul.stop()
 
 
-def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
+@pytest.fixture
+def plan_consul() -> Iterator[ConsulServer]:
+    """A stand-in that refuses names, tags and check paths outside shared/service_names.py."""
+    server = ConsulServer(
+        stagger=False, min_interval=0.05, reap_interval=0.1, plan_names=True
+    ).start()
+    yield server
+    server.stop()
+
+
+async def test_the_stand_in_holds_registrations_and_lookups_to_the_plan(plan_consul):
+    gateway = GATEWAY_SERVICE
+
+    def registration(**changes: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "ID": "gw-plan",
+            "Name": gateway.name,
+            "Tags": list(gateway.tags),
+            "Address": "127.0.0.1",
+            "Port": 18100,
+            "Check": {"HTTP": f"http://127.0.0.1:9{gateway.check_path}", "Interval": "1s"},
+        }
+        return {**body, **changes}
+
+    async with aiohttp.ClientSession() as http:
+
+        async def put(body: dict[str, Any]) -> tuple[int, str]:
+            url = f"{plan_consul.url}/v1/agent/service/register"
+            async with http.put(url, json=body) as resp:
+                return resp.status, await resp.text()
+
+        async def lookup(name: str) -> int:
+            async with http.get(f"{plan_consul.url}/v1/health/service/{name}") as resp:
+                return resp.status
+
+        assert await put(registration(Name="post-office-gateway")) == (
+            400,
+            "not a Post Office service name: 'post-office-gateway' (expected one of "
+            "eviction-worker, post-office-api, traffic-cop, websocket-gateway)",
+        )
+        status, text = await put(registration(Tags=["post-office"]))
+        assert status == 400 and "the plan's are ['websocket', 'real-time', 'post-office']" in text
+        wrong_check = {"HTTP": "http://127.0.0.1:9/health", "Interval": "1s"}
+        status, text = await put(registration(Check=wrong_check))
+        assert status == 400 and "expected ['/health/websocket-gateway']" in text
+        assert await lookup("post-office-gateway") == 400
+        assert await put(registration()) == (200, "")
+        assert await lookup(gateway.name) == 200
+    assert list(await _agent_services(plan_consul)) == ["gw-plan"]
+
+
+def test_traffic_cop_process_registers_and_deregisters(plan_consul, redis_url):
+    consul = plan_consul
     service = ServiceProcess(
         "services.traffic_cop_stub",
         {
@@ -212,7 +260,7 @@ def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
     )
     service.env["TRAFFIC_COP_PORT"] = str(service.port)
     service.start()
-    service_id = f"{TRAFFIC_COP_SERVICE}-tc-disc"
+    service_id = f"{TRAFFIC_COP_SERVICE.name}-tc-disc"
     try:
 
         def registered() -> Any:
@@ -221,7 +269,7 @@ def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
         from tests.helpers import wait_for_sync
 
         entry = wait_for_sync(registered, seconds=10, what="traffic cop registered")
-        assert entry["Service"] == TRAFFIC_COP_SERVICE and entry["Port"] == service.port
+        assert entry["Service"] == TRAFFIC_COP_SERVICE.name and entry["Port"] == service.port
     finally:
         code = service.stop()
     assert code == 0, service.log()[-2000:]

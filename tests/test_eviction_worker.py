@@ -214,7 +214,7 @@ async def test_queued_messages_reach_a_subscriber_that_appears_in_order(
 
 
 async def test_sigterm_exits_0_and_deregisters_from_consul(redis_url: str) -> None:
-    consul = ConsulServer(min_interval=0.05).start()
+    consul = ConsulServer(min_interval=0.05, plan_names=True).start()
     try:
         worker = worker_process(
             redis_url, NOWHERE, CONSUL_URL=consul.url, EVICTION_INSTANCE_ID="w1"
@@ -295,7 +295,7 @@ async def test_traffic_cop_down_does_not_stop_evictions(redis: Redis, redis_url:
             assert await client.register_connection(cid, session["session_id"], f"jack{i}", "gw-a")
             ids.append(cid)
     finally:
-        await client.close()
+        await client.aclose()
     assert cop.stop() == 0
 
     worker = worker_process(

@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from shared import redis_names as names
-from shared.discovery import GATEWAY_SERVICE
 from shared.service import SERVICE, background, base_app
+from shared.service_names import GATEWAY_SERVICE
 from tests.consul_api import ConsulServer
 from tests.gateway_util import (
     AgentListener,
@@ -221,15 +221,17 @@ async def test_messages_sent_just_before_sigterm_are_answered_and_published_exac
 
 
 async def test_consul_deregistration_comes_before_the_sockets_close(redis_url, traffic_cop):
-    consul = ConsulServer(stagger=False, min_interval=0.05, reap_interval=0.1).start()
+    consul = ConsulServer(
+        stagger=False, min_interval=0.05, reap_interval=0.1, plan_names=True
+    ).start()
     try:
         gw = start_gateway(redis_url, traffic_cop.url, CONSUL_URL=consul.url)
-        service_id = f"{GATEWAY_SERVICE}-{instance_of(gw)}"
+        service_id = f"{GATEWAY_SERVICE.name}-{instance_of(gw)}"
         try:
             async with aiohttp.ClientSession() as http:
 
                 async def passing() -> list[int]:
-                    url = f"{consul.url}/v1/health/service/{GATEWAY_SERVICE}?passing=true"
+                    url = f"{consul.url}/v1/health/service/{GATEWAY_SERVICE.name}?passing=true"
                     async with http.get(url) as r:
                         return [e["Service"]["Port"] for e in await r.json()]
 
@@ -267,7 +269,7 @@ async def test_a_full_channel_does_not_hold_up_the_others_once_redis_is_back(
     server, private_traffic_cop
 ):
     # Queue bound 0: with no agent on a channel, Redis refuses every message for it.
-    gw = start_gateway(server.url, private_traffic_cop.url, GATEWAY_QUEUE_BOUND="0")
+    gw = start_gateway(server.url, private_traffic_cop.url, GATEWAY_QUEUE_MAX_LENGTH="0")
     try:
         token = create_session(private_traffic_cop.url, "two-channels")
         async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:

@@ -128,7 +128,7 @@ async def test_pongs_are_free_within_their_allowance_then_cost_a_token(base, gat
 
 
 async def test_a_full_agent_queue_answers_unavailable(base, gateways, redis):
-    gw = gateway(base, gateways, GATEWAY_QUEUE_BOUND="1")
+    gw = gateway(base, gateways, GATEWAY_QUEUE_MAX_LENGTH="1")
     async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, base.token("qb"))) as ws:
         await recv(ws)
         await ws.send_str(chat(id="a", channel="pillar:business_outcomes"))
@@ -417,8 +417,8 @@ async def test_a_revocation_lost_while_pubsub_reconnects_still_closes(base, gate
     gw = gateway(
         base,
         gateways,
-        GATEWAY_PUBSUB_BACKOFF_BASE=str(timeout(1)),
-        GATEWAY_PUBSUB_BACKOFF_CAP=str(timeout(1)),
+        GATEWAY_PUBSUB_BACKOFF_BASE_SECONDS=str(timeout(1)),
+        GATEWAY_PUBSUB_BACKOFF_CAP_SECONDS=str(timeout(1)),
     )
     token = base.token("lost")
     async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:

@@ -23,7 +23,7 @@ from services.gateway.connection_protocol import (
 )
 from services.gateway.origins import OriginPolicy
 from services.gateway.process import RefusedTokens
-from services.gateway.settings import PREFIX, Settings
+from services.gateway.settings import PREFIX, GatewaySettings
 from shared.backoff import backoff
 from shared.protocol import ErrorCode
 from shared.pubsub import Hub
@@ -80,18 +80,18 @@ def test_backoff_is_capped_and_jittered():
 
 
 def test_settings_validate_and_report_unknown_variables():
-    assert load(Settings, PREFIX, {}).port == 8100
+    assert load(GatewaySettings, PREFIX, {}).port == 8100
     with pytest.raises(SettingsError, match="GATEWAY_MAX_FRAME_BYTE"):
-        load(Settings, PREFIX, {"GATEWAY_MAX_FRAME_BYTE": "1"})
+        load(GatewaySettings, PREFIX, {"GATEWAY_MAX_FRAME_BYTE": "1"})
     with pytest.raises(SettingsError, match="GATEWAY_RATE_LIMIT_BURST"):
-        load(Settings, PREFIX, {"GATEWAY_RATE_LIMIT_BURST": "0"})
+        load(GatewaySettings, PREFIX, {"GATEWAY_RATE_LIMIT_BURST": "0"})
     with pytest.raises(SettingsError, match="RECORD_TTL"):
         load(
-            Settings,
+            GatewaySettings,
             PREFIX,
             {"GATEWAY_RECORD_TTL_SECONDS": "1", "GATEWAY_LIVENESS_FLUSH_SECONDS": "5"},
         )
-    assert "'***'" in repr(load(Settings, PREFIX, {}))
+    assert "'***'" in repr(load(GatewaySettings, PREFIX, {}))
 
 
 def test_help_lists_every_setting():
@@ -102,7 +102,7 @@ def test_help_lists_every_setting():
         text=True,
         check=True,
     ).stdout
-    for field in Settings.__dataclass_fields__:
+    for field in GatewaySettings.__dataclass_fields__:
         assert PREFIX + field.upper() in out, field
 
 
@@ -275,7 +275,7 @@ def test_the_connection_table_indexes_sessions_and_channels():
 
 
 def test_the_new_limits_have_their_documented_defaults():
-    s = load(Settings, PREFIX, {})
+    s = load(GatewaySettings, PREFIX, {})
     assert s.send_queue_bytes == 4 * 1024 * 1024
     assert s.close_flush_seconds == 1.0
     assert s.max_connections == 10000
@@ -302,7 +302,7 @@ async def test_a_channel_dropped_while_the_hub_resubscribes_is_not_left_behind(r
     finally:
         reader.cancel()
         await asyncio.wait([reader])
-        await hub.close()
+        await hub.aclose()
 
 
 async def _only_keep(channels: Callable[[], Awaitable[set[bytes]]]) -> bool:

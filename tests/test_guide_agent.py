@@ -61,8 +61,8 @@ def stack(redis_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
         "agents.guide",
         {
             "POST_OFFICE_URL": api.url,
-            "GUIDE_AGENT_BACKOFF_MIN_SECONDS": "0.05",
-            "GUIDE_AGENT_BACKOFF_MAX_SECONDS": "0.2",
+            "GUIDE_AGENT_BACKOFF_BASE_SECONDS": "0.05",
+            "GUIDE_AGENT_BACKOFF_CAP_SECONDS": "0.2",
             "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": str(timeout(2)),
         },
     ).start(wait_ready=False)

@@ -40,7 +40,7 @@ async def running(redis_url: str) -> AsyncIterator[Hub]:
     reader.cancel()
     await asyncio.wait([reader])
     assert reader.cancelled()  # CancelledError propagated: the reader did not swallow it
-    await hub.close()
+    await hub.aclose()
 
 
 async def _numsub(redis: Redis, channel: str) -> int:
@@ -169,7 +169,7 @@ async def test_a_reader_that_dies_is_restarted_counted_and_shown_in_ready(
     finally:
         reader.cancel()
         await asyncio.wait([reader])
-        await hub.close()
+        await hub.aclose()
 
 
 async def test_ready_fails_while_redis_is_down_and_recovers(
@@ -202,7 +202,7 @@ async def test_ready_fails_while_redis_is_down_and_recovers(
     finally:
         reader.cancel()
         await asyncio.wait([reader])
-        await hub.close()
+        await hub.aclose()
         await redis.aclose()
 
 
@@ -231,7 +231,7 @@ async def test_subscribe_raises_when_redis_does_not_confirm_in_time(
     finally:
         reader.cancel()
         await asyncio.wait([reader])
-        await hub.close()
+        await hub.aclose()
         await redis.aclose()
 
 

@@ -105,12 +105,42 @@ async def test_register_writes_record_indexes_and_event(redis, registry, events)
 async def test_get_returns_the_public_view(registry):
     assert await registry.get(CID) is None
     await registry.register(record(), now=200.0)
-    view = await registry.get(CID)
-    assert view is not None
+    stored = await registry.get(CID)
+    assert stored is not None
+    view = stored.as_json()
     assert view["connection_id"] == CID
     assert view["channels"] == ["guide", "pillar:content"]
     assert view["metadata"] == {"ua": "test"}
     assert view["connected_at"] == 100.0 and view["last_heartbeat"] == 200.0
+
+
+async def test_get_reads_a_damaged_record_as_none_fields(redis, registry):
+    # A hash written by hand (or by an older version): what cannot be read is None, never an
+    # exception, and a field the hash lacks is left out of the public view.
+    await redis.hset(
+        names.connection(CID),
+        mapping={"user_id": "alice", "channels": "not json", "connected_at": "soon"},
+    )
+    stored = await registry.get(CID)
+    assert stored is not None
+    assert (stored.user_id, stored.gateway_instance, stored.channels) == ("alice", None, None)
+    assert stored.connected_at is None and stored.metadata is None
+    assert stored.as_json() == {
+        "connection_id": CID,
+        "user_id": "alice",
+        "channels": None,
+        "metadata": None,
+        "connected_at": None,
+        "last_heartbeat": None,
+    }
+    assert await registry.gateway_of(CID) is None
+
+
+async def test_a_reader_cannot_write_records(redis):
+    reader = Registry(redis)
+    with pytest.raises(RuntimeError, match="built without record_ttl: it cannot write records"):
+        await reader.register(record())
+    assert await redis.exists(names.connection(CID)) == 0
 
 
 async def _keys_left(redis: Redis) -> set[bytes]:
@@ -258,7 +288,7 @@ async def test_publish_or_queue_published_queued_refused_in_order(redis, registr
         assert (
             await registry.publish_or_queue(channel, b"m3", queue_bound=3) == PublishResult.QUEUED
         )
-        assert await registry.drain_queue(channel, batch=10) == 3
+        assert (await registry.drain_queue(channel, batch=10)).moved == 3
         assert await redis.llen(names.queue(channel)) == 0
         # Queue empty and a subscriber: straight through.
         assert await registry.publish_or_queue(channel, b"m4", queue_bound=3) == (
@@ -277,14 +307,15 @@ async def test_drain_queue_moves_only_when_a_subscriber_exists(redis, registry):
     channel = "pillar:content"
     for i in range(5):
         assert await registry.publish_or_queue(channel, b"%d" % i, queue_bound=10) == 2
-    assert await registry.drain_queue(channel, batch=10) == 0
+    assert (await registry.drain_queue(channel, batch=10)).moved == 0
     assert await redis.llen(names.queue(channel)) == 5
     agent = redis.pubsub()
     await agent.subscribe(names.agent_channel(channel))
     try:
-        assert await registry.drain_queue(channel, batch=2) == 2  # the batch bounds one pass
+        # The batch bounds one pass.
+        assert (await registry.drain_queue(channel, batch=2)).moved == 2
         assert await redis.lrange(names.queue(channel), 0, -1) == [b"2", b"3", b"4"]
-        assert await registry.drain_queue(channel, batch=10) == 3
+        assert (await registry.drain_queue(channel, batch=10)).moved == 3
         assert await redis.exists(names.queue(channel)) == 0
     finally:
         await agent.aclose()

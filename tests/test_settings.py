@@ -17,11 +17,11 @@ from agents.guide.settings import GuideSettings
 from services.eviction_worker.settings import PREFIX as EVICTION_PREFIX
 from services.eviction_worker.settings import EvictionSettings
 from services.gateway.settings import PREFIX as GATEWAY_PREFIX
-from services.gateway.settings import Settings as GatewaySettings
+from services.gateway.settings import GatewaySettings
 from services.post_office_api.settings import PREFIX as API_PREFIX
 from services.post_office_api.settings import ApiSettings
 from services.traffic_cop_stub.settings import PREFIX as TC_PREFIX
-from services.traffic_cop_stub.settings import Settings as TrafficCopSettings
+from services.traffic_cop_stub.settings import TrafficCopSettings
 from shared.settings import (
     COMMON_VARIABLES,
     LOG_LEVELS,
@@ -502,7 +502,7 @@ def test_traffic_cop_registers_its_advertised_address():
 @pytest.mark.parametrize(
     ("cls", "prefix"),
     [
-        ("services.gateway.settings:Settings", "GATEWAY_"),
+        ("services.gateway.settings:GatewaySettings", "GATEWAY_"),
         ("services.post_office_api.settings:ApiSettings", "POST_OFFICE_"),
         ("services.eviction_worker.settings:EvictionSettings", "EVICTION_"),
     ],
@@ -523,7 +523,7 @@ def test_every_service_refuses_the_same_unsafe_channel_names(cls, prefix, channe
 @pytest.mark.parametrize(
     ("cls", "prefix"),
     [
-        ("services.gateway.settings:Settings", "GATEWAY_"),
+        ("services.gateway.settings:GatewaySettings", "GATEWAY_"),
         ("services.post_office_api.settings:ApiSettings", "POST_OFFICE_"),
         ("services.eviction_worker.settings:EvictionSettings", "EVICTION_"),
         ("agents.guide.settings:GuideSettings", "GUIDE_AGENT_"),
@@ -609,3 +609,17 @@ def test_production_gateway_refuses_allowed_origins_unset_or_any():
         "https://app.example.com",
     )
     assert load(GatewaySettings, GATEWAY_PREFIX, {"ALLOWED_ORIGINS": "*"}).allowed_origins
+
+
+@pytest.mark.parametrize(
+    ("settings_class", "prefix"),
+    [(GatewaySettings, GATEWAY_PREFIX), (ApiSettings, API_PREFIX)],
+)
+def test_one_queue_bound_for_every_process_that_fills_the_queues(settings_class, prefix):
+    # Gateways and the API write the same agent queues: one QUEUE_MAX_LENGTH bounds both.
+    assert load(settings_class, prefix, {}).queue_max_length == 10000
+    assert load(settings_class, prefix, {"QUEUE_MAX_LENGTH": "7"}).queue_max_length == 7
+    both = {"QUEUE_MAX_LENGTH": "7", f"{prefix}QUEUE_MAX_LENGTH": "3"}
+    assert load(settings_class, prefix, both).queue_max_length == 3
+    with pytest.raises(SettingsError, match=f"{prefix}QUEUE_BOUND"):
+        load(settings_class, prefix, {f"{prefix}QUEUE_BOUND": "5"})  # the old name: unknown

@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agents.guide.agent import DEFAULT_MAX_ANSWER_CHARS
-from shared.protocol import DEFAULT_CHANNELS
-from shared.settings import MIN_PRODUCTION_KEY_LENGTH, ProcessSettings, SettingsError, setting
+from shared.settings import MIN_PRODUCTION_KEY_LENGTH, ChannelSettings, SettingsError, setting
 
 __all__ = ["DESCRIPTION", "MIN_PRODUCTION_KEY_LENGTH", "PREFIX", "GuideSettings"]
 
@@ -18,7 +17,7 @@ DESCRIPTION = (
 
 
 @dataclass(frozen=True, repr=False)
-class GuideSettings(ProcessSettings):
+class GuideSettings(ChannelSettings):
     """No host or port: the agent listens on nothing, it only calls the API."""
 
     PREFIX = PREFIX
@@ -33,11 +32,10 @@ class GuideSettings(ProcessSettings):
         secret=True,
     )
     channel: str = setting("guide", "the agent channel to answer")
-    channels: tuple[str, ...] = setting(DEFAULT_CHANNELS, "channels that 'help' lists", common=True)
-    backoff_min_seconds: float = setting(
+    backoff_base_seconds: float = setting(
         0.1, "first pause before re-subscribing after the stream broke", minimum=0.001
     )
-    backoff_max_seconds: float = setting(
+    backoff_cap_seconds: float = setting(
         5.0, "cap of the jittered exponential re-subscribe backoff", minimum=0.001
     )
     idle_timeout_seconds: float = setting(
@@ -72,7 +70,7 @@ class GuideSettings(ProcessSettings):
         if not self.realm_key:
             raise SettingsError(f"{PREFIX}REALM_KEY is empty")
         self.refuse_development_keys(f"{PREFIX}REALM_KEY", (self.realm_key,))
-        if self.backoff_min_seconds > self.backoff_max_seconds:
+        if self.backoff_base_seconds > self.backoff_cap_seconds:
             raise SettingsError(
-                f"{PREFIX}BACKOFF_MIN_SECONDS is larger than {PREFIX}BACKOFF_MAX_SECONDS"
+                f"{PREFIX}BACKOFF_BASE_SECONDS is larger than {PREFIX}BACKOFF_CAP_SECONDS"
             )

@@ -10,6 +10,11 @@ Cleanup contexts, in start order (torn down in reverse):
 SIGTERM, the arq way: ``on_shutdown`` sets the stop event, so the loop takes no new page;
 the loop's context then waits up to ``SHUTDOWN_TIMEOUT`` for the pass in flight before
 cancelling it, and the reporter gets what is left of that bound to send its backlog.
+
+Supervision: the pass loop, the reporter and Consul's ``consul-registration`` are started
+with :func:`shared.service.spawn`; one that dies (or a loop that returns before SIGTERM)
+turns ``/ready`` 503 and ends the process with exit code 1 after the drain, so that its
+orchestrator restarts it rather than leaving a worker that evicts nothing in rotation.
 """
 
 from __future__ import annotations
@@ -28,29 +33,38 @@ from services.eviction_worker.reporter import TrafficCopReporter
 from services.eviction_worker.routes import setup_routes
 from services.eviction_worker.settings import EvictionSettings
 from services.eviction_worker.worker import Evictor
-from shared.discovery import (
-    EVICTION_SERVICE,
-    Discovery,
-    registration_context,
-    traffic_cop_resolver,
-)
+from shared.discovery import Discovery, registration_context, traffic_cop_resolver
 from shared.redis_client import make_redis
-from shared.service import REDIS, base_app, redis_context
+from shared.service import REDIS, base_app, cancel_and_wait, redis_context, spawn
+from shared.service_names import EVICTION_WORKER_SERVICE
 from shared.traffic_cop_client import TrafficCopClient
 
-__all__ = ["SERVICE_NAME", "create_app", "run_once", "traffic_cop_reporter"]
+__all__ = [
+    "LOOP_TASK",
+    "REPORTER_TASK",
+    "SERVICE_NAME",
+    "TASKS",
+    "create_app",
+    "run_once",
+    "traffic_cop_reporter",
+]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "eviction-worker"
+SERVICE_NAME = EVICTION_WORKER_SERVICE.name
+#: The worker's own background tasks, by name (the names the FAIL_TASKS test hook takes).
+LOOP_TASK = "eviction-loop"
+REPORTER_TASK = "traffic-cop-reporter"
+TASKS = (LOOP_TASK, REPORTER_TASK)
 
 
 @contextlib.asynccontextmanager
 async def traffic_cop_reporter(
-    settings: EvictionSettings, flush_timeout: float
+    settings: EvictionSettings, flush_timeout: float, app: web.Application | None = None
 ) -> AsyncIterator[TrafficCopReporter]:
     """A reporter with its client and background task; on exit the backlog gets up to
-    ``flush_timeout`` seconds to go out, then the task is cancelled and awaited."""
+    ``flush_timeout`` seconds to go out, then the task is cancelled and awaited. With ``app``
+    the task is supervised (:func:`shared.service.spawn`); run-once mode has no app."""
     discovery = Discovery(settings.consul_url or None)
 
     base_url = traffic_cop_resolver(
@@ -69,28 +83,35 @@ async def traffic_cop_reporter(
         backoff_base=settings.traffic_cop_retry_base_seconds,
         backoff_cap=settings.traffic_cop_retry_cap_seconds,
     )
-    task = asyncio.create_task(reporter.run(), name="traffic-cop-reporter")
+    task = (
+        spawn(app, REPORTER_TASK, reporter.run())
+        if app is not None
+        else asyncio.create_task(reporter.run(), name=REPORTER_TASK)
+    )
     try:
         yield reporter
     finally:
         if not await reporter.flush(flush_timeout):
             log.warning("%d traffic cop reports were still pending at exit", reporter.pending)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await client.close()
-        await discovery.close()
+        await cancel_and_wait([task])
+        await client.aclose()
+        await discovery.aclose()
 
 
 def create_app(settings: EvictionSettings) -> web.Application:
-    app = base_app(SERVICE_NAME, settings.instance, body_timeout=settings.http_body_timeout_seconds)
+    app = base_app(
+        SERVICE_NAME,
+        settings.instance,
+        body_timeout=settings.http_body_timeout_seconds,
+        fail_tasks=settings.failing_tasks,
+    )
     app[SETTINGS] = settings
     app[STOP] = asyncio.Event()
     # The deadline SIGTERM starts; both teardown waits draw on it.
     shutdown_deadline: list[float] = []
 
     async def reporter_ctx(app: web.Application) -> AsyncIterator[None]:
-        async with traffic_cop_reporter(settings, 0.0) as reporter:
+        async with traffic_cop_reporter(settings, 0.0, app) as reporter:
             app[REPORTER] = reporter
             yield
             remaining = shutdown_deadline[0] - time.monotonic() if shutdown_deadline else 0.0
@@ -100,16 +121,11 @@ def create_app(settings: EvictionSettings) -> web.Application:
         stop = app[STOP]
         evictor = Evictor.from_settings(app[REDIS], settings, app[REPORTER], stop)
         app[EVICTOR] = evictor
-        task = asyncio.create_task(
-            evictor.run(settings.interval_seconds, settings.error_backoff_seconds),
-            name="eviction-loop",
+        task = spawn(
+            app,
+            LOOP_TASK,
+            evictor.run(settings.interval_seconds, settings.error_backoff_cap_seconds),
         )
-
-        def report(t: asyncio.Task[None]) -> None:
-            if not t.cancelled() and t.exception() is not None:
-                log.error("eviction loop died", exc_info=t.exception())
-
-        task.add_done_callback(report)
         # The one line that says the worker is at work, and how (its passes log only changes).
         log.info(
             "eviction worker %s started: a pass every %ss, connections idle after %ss, "
@@ -131,9 +147,7 @@ def create_app(settings: EvictionSettings) -> web.Application:
                     "the pass in flight outlived SHUTDOWN_TIMEOUT=%s: cancelled",
                     settings.shutdown_timeout,
                 )
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
 
     async def stop_taking_work(app: web.Application) -> None:
         shutdown_deadline.append(time.monotonic() + settings.shutdown_timeout)
@@ -146,7 +160,7 @@ def create_app(settings: EvictionSettings) -> web.Application:
     app.cleanup_ctx.append(loop_ctx)
     app.cleanup_ctx.append(
         registration_context(
-            EVICTION_SERVICE,
+            EVICTION_WORKER_SERVICE,
             settings.instance,
             settings.advertised_host,
             settings.port,

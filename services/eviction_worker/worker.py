@@ -46,10 +46,9 @@ from redis.exceptions import RedisError
 from services.eviction_worker import metrics
 from services.eviction_worker.reporter import TrafficCopReporter
 from services.eviction_worker.settings import EvictionSettings
-from shared import redis_names as names
 from shared.backoff import backoff
 from shared.protocol import CloseCode
-from shared.registry import Registry
+from shared.registry import Registry, UnregisterResult
 
 __all__ = ["Evictor", "PassSummary"]
 
@@ -60,11 +59,6 @@ GATEWAY_LOST = "gateway_lost"
 #: Below this many ids a page is not split over several connections: the split costs more
 #: round trips than it saves.
 _MIN_CHUNK = 64
-
-
-def _text(value: Any) -> str:
-    """A member as returned by the client (bytes: the clients never decode responses)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -122,8 +116,7 @@ class Evictor:
         stop: asyncio.Event | None = None,
     ) -> None:
         self.redis = redis
-        # The worker never writes a record, so the TTL Registry would give one is unused.
-        self.registry = Registry(redis, record_ttl=max_idle_seconds)
+        self.registry = Registry(redis)  # the worker removes records, never writes one
         self.max_idle_seconds = max_idle_seconds
         self.batch_size = batch_size
         self.pass_limit = pass_limit
@@ -254,11 +247,8 @@ class Evictor:
                 summary.complete = False
                 return
             want = min(self.batch_size, self.pass_limit - looked)
-            raw = await self.redis.zrangebyscore(
-                names.LAST_SEEN, "-inf", cutoff, start=skip, num=want
-            )
+            ids = await self.registry.stale(cutoff, want, offset=skip)
             summary.round_trips += 1
-            ids = [_text(i) for i in raw]
             looked += len(ids)
             summary.stale_found += len(ids)
             metrics.STALE_FOUND.inc(len(ids))
@@ -277,14 +267,11 @@ class Evictor:
     # -- step 2: dead gateways ------------------------------------------------------------
 
     async def _clean_dead_gateways(self, summary: PassSummary) -> None:
-        members = sorted(_text(m) for m in await self.redis.smembers(names.GATEWAYS))
+        members = await self.registry.gateways()
         summary.round_trips += 1
         if not members:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for instance in members:
-                pipe.exists(names.gateway_instance(instance))
-            alive = await pipe.execute()
+        alive = await self.registry.alive(members)
         summary.round_trips += 1
         budget = self.pass_limit
         for instance, is_alive in zip(members, alive, strict=True):
@@ -295,11 +282,10 @@ class Evictor:
                 return
             cursor: int = 0
             while True:
-                cursor, raw = await self.redis.sscan(
-                    names.gateway_connections(instance), cursor, count=self.batch_size
+                cursor, ids = await self.registry.gateway_connections(
+                    instance, cursor, self.batch_size
                 )
                 summary.round_trips += 1
-                ids = [_text(i) for i in raw]
                 budget -= len(ids)
                 back = False
                 if ids:
@@ -311,7 +297,7 @@ class Evictor:
                         unless_gateway_alive=True,
                     )
                     self._tally(summary, ids, results, GATEWAY_LOST)
-                    back = -3 in results
+                    back = UnregisterResult.GATEWAY_BACK in results
                 if back:
                     log.info("gateway %s came back while its records were being removed", instance)
                     break
@@ -333,12 +319,9 @@ class Evictor:
     async def _drain_queues(self, summary: PassSummary) -> None:
         # One pipelined LLEN round trip first: queues are empty almost always, and a script
         # run per channel per pass would be the idle worker's largest cost.
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for channel in self.channels:
-                pipe.llen(names.queue(channel))
-            lengths = await pipe.execute()
+        lengths = await self.registry.queue_lengths(self.channels)
         summary.round_trips += 1
-        waiting = [c for c, n in zip(self.channels, lengths, strict=True) if int(n)]
+        waiting = [c for c, n in zip(self.channels, lengths, strict=True) if n]
         for channel in self.channels:
             summary.drained[channel] = 0
 
@@ -351,7 +334,7 @@ class Evictor:
             ):
                 want = min(self.queue_drain_batch, self.queue_drain_limit - moved)
                 run_bytes = min(self.queue_drain_bytes, self.queue_drain_pass_bytes - moved_bytes)
-                sent, left, size = await self.registry.drain_queue_step(channel, want, run_bytes)
+                sent, left, size = await self.registry.drain_queue(channel, want, run_bytes)
                 summary.round_trips += 1
                 moved += sent
                 moved_bytes += size
@@ -381,7 +364,7 @@ class Evictor:
         expected_gateway: str | None = None,
         close_code: int | None = None,
         unless_gateway_alive: bool = False,
-    ) -> list[int | Exception]:
+    ) -> list[UnregisterResult | Exception]:
         """The page's scripts, pipelined over up to ``concurrency`` connections at once."""
         parts = max(1, min(self.concurrency, len(ids) // _MIN_CHUNK))
         size = -(-len(ids) // parts)
@@ -404,25 +387,30 @@ class Evictor:
         return [result for answer in answers for result in answer]
 
     def _tally(
-        self, summary: PassSummary, ids: list[str], results: list[int | Exception], reason: str
+        self,
+        summary: PassSummary,
+        ids: list[str],
+        results: list[UnregisterResult | Exception],
+        reason: str,
     ) -> int:
         """Count the outcomes, hand the evicted ids to the reporter; return the failures."""
         evicted: list[str] = []
         failed = gone = 0
         for cid, result in zip(ids, results, strict=True):
-            if isinstance(result, Exception):
-                failed += 1
-                log.error("could not unregister: %r", result, extra={"connection_id": cid})
-            elif result == 1:
-                evicted.append(cid)
-            elif result == 0:
-                gone += 1
-            elif result == -1:
-                summary.still_alive += 1
-            elif result == -3:
-                summary.gateway_back += 1
-            else:
-                summary.held_elsewhere += 1
+            match result:
+                case Exception():
+                    failed += 1
+                    log.error("could not unregister: %r", result, extra={"connection_id": cid})
+                case UnregisterResult.REMOVED:
+                    evicted.append(cid)
+                case UnregisterResult.NOT_FOUND:
+                    gone += 1
+                case UnregisterResult.SEEN_SINCE:
+                    summary.still_alive += 1
+                case UnregisterResult.GATEWAY_BACK:
+                    summary.gateway_back += 1
+                case UnregisterResult.HELD_ELSEWHERE:
+                    summary.held_elsewhere += 1
         summary.errors += failed
         summary.already_gone += gone
         metrics.ALREADY_GONE.inc(gone)

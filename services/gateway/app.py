@@ -24,11 +24,13 @@ cleanup contexts stop the background tasks and delete the instance key.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp_jinja2
 import jinja2
@@ -38,29 +40,47 @@ from services.gateway.keys import GATEWAY, ORIGINS, SETTINGS
 from services.gateway.origins import OriginPolicy
 from services.gateway.process import Gateway
 from services.gateway.routes import setup_routes
-from services.gateway.settings import Settings
+from services.gateway.settings import GatewaySettings
 from services.gateway.upkeep import run_upkeep
 from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
-from shared.discovery import (
-    DEREGISTER,
-    GATEWAY_SERVICE,
-    Discovery,
-    registration_context,
-    traffic_cop_resolver,
-)
+from shared.discovery import DEREGISTER, Discovery, registration_context, traffic_cop_resolver
 from shared.http import Handler
 from shared.protocol import CloseCode
 from shared.pubsub import Hub
-from shared.service import REDIS, SERVICE, base_app, fail, on_drain, redis_context, supervise
+from shared.service import (
+    REDIS,
+    SERVICE,
+    base_app,
+    cancel_and_wait,
+    fail,
+    on_drain,
+    redis_context,
+    spawn,
+)
+from shared.service_names import GATEWAY_SERVICE
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient
 
-__all__ = ["PAGE_HEADERS", "SERVICE_NAME", "StartupError", "create_app", "page_headers_middleware"]
+__all__ = [
+    "PAGE_HEADERS",
+    "SERVICE_NAME",
+    "TASKS",
+    "StartupError",
+    "create_app",
+    "page_headers_middleware",
+]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "gateway"
+SERVICE_NAME = GATEWAY_SERVICE.name
 TEMPLATES_DIR = Path(__file__).parent / "templates"
+#: The tasks the start-up starts, by name (the names the FAIL_TASKS test hook takes).
+TASKS = (
+    "gateway-pubsub-reader",
+    "gateway-publisher",
+    "gateway-upkeep",
+    "gateway-instance-heartbeat",
+)
 
 
 #: Headers of the chat page, whose URL carries a session token (``/?session_token=...``): no
@@ -127,7 +147,7 @@ class _Lifecycle:
 
 
 def _gateway_context(
-    settings: Settings, life: _Lifecycle
+    settings: GatewaySettings, life: _Lifecycle
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         state = app[SERVICE]
@@ -145,8 +165,8 @@ def _gateway_context(
         hub = Hub(
             settings.redis_url,
             name=f"{SERVICE_NAME}-pubsub",
-            backoff_base=settings.pubsub_backoff_base,
-            backoff_cap=settings.pubsub_backoff_cap,
+            backoff_base=settings.pubsub_backoff_base_seconds,
+            backoff_cap=settings.pubsub_backoff_cap_seconds,
         )
         gw = Gateway(settings, app[REDIS], hub, traffic_cop)
         app[GATEWAY] = gw
@@ -159,17 +179,13 @@ def _gateway_context(
             yield
         finally:
             gw.ready = False
-            tasks = [t for t in (life.startup, *life.tasks) if t is not None]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks)
+            await cancel_and_wait([t for t in (life.startup, *life.tasks) if t is not None])
             gw.publisher.abandon()
             if life.tasks:  # the instance key exists only once started
                 await gw.forget_instance()
-            await hub.close()
-            await traffic_cop.close()
-            await discovery.close()
+            await hub.aclose()
+            await traffic_cop.aclose()
+            await discovery.aclose()
 
     return ctx
 
@@ -184,16 +200,16 @@ async def _start(app: web.Application, gw: Gateway, life: _Lifecycle) -> None:
         life.waiting_for = "traffic_cop"
         await _wait_until("traffic_cop", gw.traffic_cop.ping, deadline)
         gw.watch_process_channels()
-        for name, factory in (
-            ("pubsub-reader", gw.hub.run),
-            ("publisher", gw.publisher.run),
-            ("upkeep", lambda: run_upkeep(gw)),
-            ("instance-heartbeat", gw.keep_instance_alive),
-        ):
-            task = asyncio.create_task(factory(), name=f"gateway-{name}")
+        factories: tuple[Callable[[], Coroutine[Any, Any, None]], ...] = (
+            gw.hub.run,
+            gw.publisher.run,
+            functools.partial(run_upkeep, gw),
+            gw.keep_instance_alive,
+        )
+        for name, factory in zip(TASKS, factories, strict=True):
+            task = spawn(app, name, factory())
             life.tasks.append(task)
             task.add_done_callback(lambda t: _stop_accepting(gw, t))
-            supervise(app, task)
         life.waiting_for = "pubsub"
         await _wait_until("pubsub", gw.hub.check, deadline)
     except StartupError as exc:
@@ -240,12 +256,13 @@ async def _drain(app: web.Application, life: _Lifecycle) -> None:
     await gw.close_all(CloseCode.GOING_AWAY, "server shutting down", settings.close_timeout)
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: GatewaySettings) -> web.Application:
     app = base_app(
         SERVICE_NAME,
         settings.instance,
         body_timeout=settings.http_body_timeout_seconds,
         middlewares=[page_headers_middleware, address_budget_middleware],
+        fail_tasks=settings.failing_tasks,
     )
     # /ws is charged before its token goes to Traffic Cop; nothing else here takes credentials.
     app[BUDGET] = AddressBudget.of(settings, upgrade_paths=("/ws",))

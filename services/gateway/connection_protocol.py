@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.protocol import (
+    CLOSE_REASON_RATE_LIMITED,
     CloseCode,
     ErrorCode,
     ProtocolError,
@@ -499,7 +500,7 @@ class ConnectionProtocol:
         not make the gateway parse 64 KiB frames."""
         self.limited_in_a_row += 1
         if self.limited_in_a_row >= self.limits.rate_limit_close_after:
-            self.decide_close(CloseCode.RATE_LIMITED, "rate limit exceeded")
+            self.decide_close(CloseCode.RATE_LIMITED, CLOSE_REASON_RATE_LIMITED)
             return
         if data is None:
             return  # a protocol ping or pong: no error frame for a control frame

@@ -22,9 +22,10 @@ from services.gateway.connection import Connection
 from services.gateway.keys import GATEWAY, ORIGINS
 from services.gateway.lifecycle import admit, leave, refuse
 from services.gateway.process import Gateway
-from shared.http import json_error, json_response
+from shared.http import bearer_token, json_error, json_response
 from shared.protocol import CloseCode, ErrorCode
 from shared.service import SERVICE
+from shared.service_names import GATEWAY_SERVICE
 
 __all__ = ["health_detailed", "health_summary", "index", "legacy", "websocket"]
 
@@ -32,14 +33,9 @@ log = logging.getLogger(__name__)
 
 
 def _token(request: web.Request) -> str | None:
-    token = request.query.get("session_token")
-    if token:
-        return token
-    auth = request.headers.get("Authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return None
+    """The session token: the ``session_token`` query parameter (what a browser can send),
+    else ``Authorization: Bearer``."""
+    return request.query.get("session_token") or bearer_token(request.headers.get("Authorization"))
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -164,7 +160,7 @@ async def health_summary(request: web.Request) -> web.Response:
     return json_response(
         {
             "status": "ok" if gw.ready else "starting_or_draining",
-            "service": "websocket-gateway",
+            "service": GATEWAY_SERVICE.name,
             "instance": gw.instance,
             "connections": len(gw.connections),
         }
@@ -180,7 +176,7 @@ async def health_detailed(request: web.Request) -> web.Response:
     return json_response(
         {
             "status": "healthy" if healthy else "degraded",
-            "service": "websocket-gateway",
+            "service": GATEWAY_SERVICE.name,
             "ready": gw.ready,
             "dependencies": dependencies,
             **gw.snapshot(),

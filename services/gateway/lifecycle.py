@@ -31,7 +31,12 @@ from services.gateway.connection_protocol import ConnectionProtocol
 from services.gateway.process import Gateway
 from shared import redis_names as names
 from shared.address_budget import refund
-from shared.protocol import CloseCode, new_connection_id, welcome_frame
+from shared.protocol import (
+    CLOSE_REASON_SESSION_LIMIT,
+    CloseCode,
+    new_connection_id,
+    welcome_frame,
+)
 from shared.pubsub import PubSubUnavailable
 from shared.registry import ConnectionRecord
 from shared.traffic_cop_client import TrafficCopError, TrafficCopRejected
@@ -95,7 +100,7 @@ async def admit(
     # No await between this count and the table insert below: the bound is exact.
     if gw.connections.count_of_session(session.session_id) >= s.max_connections_per_session:
         metrics.CONNECTIONS_REFUSED.labels("session_limit").inc()
-        await refuse(ws, CloseCode.RATE_LIMITED, "too many connections for this session")
+        await refuse(ws, CloseCode.RATE_LIMITED, CLOSE_REASON_SESSION_LIMIT)
         return None
 
     cid = new_connection_id(session.user_id)

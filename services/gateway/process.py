@@ -29,7 +29,7 @@ from services.gateway import metrics
 from services.gateway.connection import Connection, ConnectionTable
 from services.gateway.connection_protocol import Limits, Publish
 from services.gateway.publisher import Item, Publisher
-from services.gateway.settings import Settings
+from services.gateway.settings import GatewaySettings
 from services.gateway.unregister_retries import UnregisterRetries
 from shared import redis_names as names
 from shared.protocol import CloseCode
@@ -80,7 +80,7 @@ class RefusedTokens:
             self._until.popitem(last=False)
 
 
-def limits_of(settings: Settings) -> Limits:
+def limits_of(settings: GatewaySettings) -> Limits:
     """The per-connection limits, from the gateway's settings of the same names."""
     return Limits(
         queue_frames=settings.send_queue_frames,
@@ -101,7 +101,7 @@ async def _close_socket(ws: web.WebSocketResponse, code: int, reason: str) -> No
 class Gateway:
     def __init__(
         self,
-        settings: Settings,
+        settings: GatewaySettings,
         redis: Redis,
         hub: Hub,
         traffic_cop: TrafficCopClient,
@@ -116,11 +116,11 @@ class Gateway:
             self.registry,
             batch=settings.publish_batch,
             queue_size=settings.publish_queue,
-            queue_bound=settings.queue_bound,
+            queue_bound=settings.queue_max_length,
             round_trip_timeout=settings.publish_timeout_seconds,
             buffer_size=settings.breaker_buffer,
-            backoff_base=settings.breaker_backoff_base,
-            backoff_cap=settings.breaker_backoff_cap,
+            backoff_base=settings.breaker_backoff_base_seconds,
+            backoff_cap=settings.breaker_backoff_cap_seconds,
         )
         self.limits = limits_of(settings)
         self.connections = ConnectionTable()

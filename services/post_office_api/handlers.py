@@ -31,8 +31,8 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from services.post_office_api import metrics
-from services.post_office_api.auth import PUBLIC_ROUTES, RealmKeys, missing_capability
-from services.post_office_api.delivery import CloseOutcome, SendOutcome
+from services.post_office_api.auth import PUBLIC_ROUTES, missing_capability
+from services.post_office_api.delivery import CloseOutcome
 from services.post_office_api.endpoint import message_format
 from services.post_office_api.hub import HubFull, Subscriber
 from services.post_office_api.keys import (
@@ -48,21 +48,22 @@ from services.post_office_api.keys import (
 )
 from shared import redis_names as names
 from shared.discovery import DiscoveryError
-from shared.http import error_middleware, json_response
+from shared.http import bearer_token, error_middleware, json_error_exception, json_response
 from shared.protocol import (
     MAX_CLOSE_REASON_BYTES,
     ErrorCode,
     ProtocolError,
     close_reason_fits,
+    is_agent_close_code,
     is_valid_connection_id,
     is_valid_user_id,
     parse_delivery_body,
 )
 from shared.pubsub import PubSubUnavailable
+from shared.registry import SendResult
 from shared.tracing import message_traceparent
 
 __all__ = [
-    "MAX_CLOSE_REASON_BYTES",
     "MAX_SESSION_TOKEN_LENGTH",
     "UNKNOWN_CHANNEL_STATUS",
     "broadcast_to_channel",
@@ -89,26 +90,12 @@ UNKNOWN_CHANNEL_STATUS = 404
 #: Status recorded (never sent) for a request whose client left before the answer (nginx's).
 CLIENT_GONE_STATUS = 499
 
-_ERRORS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest,
-    401: web.HTTPUnauthorized,
-    403: web.HTTPForbidden,
-    404: web.HTTPNotFound,
-    410: web.HTTPGone,
-    429: web.HTTPTooManyRequests,
-    503: web.HTTPServiceUnavailable,
-}
-
 
 def fail(
     status: int, code: ErrorCode | str, message: str, headers: dict[str, str] | None = None
 ) -> NoReturn:
     """Raise the JSON error; the skeleton's error middleware lets JSON errors through as is."""
-    raise _ERRORS[status](
-        text=orjson.dumps({"error": {"code": str(code), "message": message}}).decode(),
-        content_type="application/json",
-        headers=headers,
-    )
+    raise json_error_exception(status, code, message, headers)
 
 
 # -- middlewares ------------------------------------------------------------------------------
@@ -158,7 +145,7 @@ async def realm_middleware(request: web.Request, handler: Handler) -> web.Stream
     if route is None or route in PUBLIC_ROUTES or not request.path.startswith("/v1/"):
         # Unmatched paths and methods fall through to aiohttp's 404/405 (as JSON).
         return await handler(request)
-    token = RealmKeys.bearer(request.headers.get("Authorization"))
+    token = bearer_token(request.headers.get("Authorization"))
     if token is None:
         fail(
             401,
@@ -277,16 +264,16 @@ async def publish_to_channel(request: web.Request) -> web.Response:
 async def send_to_connection(request: web.Request) -> web.Response:
     connection_id = _connection_id(request)
     message, _parent = await _delivery_body(request)
-    result = await request.app[DELIVERIES].to_connection(connection_id, orjson.dumps(message))
-    if result > 0:
+    sent = await request.app[DELIVERIES].to_connection(connection_id, orjson.dumps(message))
+    if sent.result is SendResult.DELIVERED:
         metrics.DELIVERIES.labels(kind="connection", outcome="delivered").inc()
-        return json_response({"delivered": result}, 202)
+        return json_response({"delivered": sent.receivers}, 202)
     metrics.DELIVERIES.labels(kind="connection", outcome="gone").inc()
     why = {
-        SendOutcome.NO_RECORD: "is unknown or has disconnected",
-        SendOutcome.STALE: "has no live gateway; its record was removed",
-        SendOutcome.GATEWAY_ALIVE_NOT_RECEIVED: "was not received by any gateway",
-    }.get(SendOutcome(result), "is gone")
+        SendResult.NO_RECORD: "is unknown or has disconnected",
+        SendResult.STALE: "has no live gateway; its record was removed",
+        SendResult.NOT_RECEIVED: "was not received by any gateway",
+    }[sent.result]
     fail(410, ErrorCode.GONE, f"connection {connection_id!r} {why}")
 
 
@@ -295,7 +282,7 @@ async def get_connection(request: web.Request) -> web.Response:
     record = await request.app[REGISTRY].get(connection_id)
     if record is None:
         fail(404, ErrorCode.NOT_FOUND, f"connection {connection_id!r} is unknown")
-    return json_response(record)
+    return json_response(record.as_json())
 
 
 def _close_code(request: web.Request) -> int:
@@ -304,7 +291,7 @@ def _close_code(request: web.Request) -> int:
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 5):
         fail(400, ErrorCode.BAD_REQUEST, f"code={raw[:20]!r}: expected an integer")
     code = int(raw)
-    if code != 1000 and not 3000 <= code <= 4999:
+    if not is_agent_close_code(code):
         fail(400, ErrorCode.BAD_REQUEST, f"code={code}: use 1000 or an application code 3000-4999")
     return code
 

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
-    DEV_KEY_PREFIX,
-    MIN_PRODUCTION_KEY_LENGTH,
-    RESERVED_CHANNEL_NAMES,
+    AgentQueueSettings,
+    ChannelSettings,
     HttpLimitSettings,
     SettingsError,
+    TaskHookSettings,
     TrafficCopCallerSettings,
-    check_channel_names,
     instance_id_setting,
     port_setting,
     setting,
@@ -20,14 +18,10 @@ from shared.settings import (
 
 __all__ = [
     "DESCRIPTION",
-    "DEV_KEY_PREFIX",
     "MAX_BODY_LIMIT",
-    "MIN_PRODUCTION_KEY_LENGTH",
     "PREFIX",
     "REALMS",
-    "RESERVED_CHANNEL_NAMES",
     "ApiSettings",
-    "check_channel_names",
     "parse_realm_keys",
 ]
 
@@ -71,7 +65,13 @@ def parse_realm_keys(entries: tuple[str, ...]) -> dict[str, str]:
 
 
 @dataclass(frozen=True, repr=False)
-class ApiSettings(HttpLimitSettings, TrafficCopCallerSettings):
+class ApiSettings(
+    HttpLimitSettings,
+    TrafficCopCallerSettings,
+    ChannelSettings,
+    AgentQueueSettings,
+    TaskHookSettings,
+):
     PREFIX = PREFIX
     INSTANCE_NAME = "post-office-api"
 
@@ -115,19 +115,8 @@ class ApiSettings(HttpLimitSettings, TrafficCopCallerSettings):
     otel_exporter_otlp_endpoint: str = setting(
         "", "OpenTelemetry collector (OTLP/HTTP) base URL; empty: no span export", common=True
     )
-    channels: tuple[str, ...] = setting(
-        DEFAULT_CHANNELS,
-        "agent channels (comma-separated); set CHANNELS once for the whole stack",
-        common=True,
-    )
     max_body_bytes: int = setting(
         65536, "largest request body; larger ones get 413", minimum=64, maximum=MAX_BODY_LIMIT
-    )
-    queue_max_length: int = setting(
-        10000,
-        "bound of an agent channel's queue (messages held while no agent listens); when it is "
-        "full, publishing answers 503",
-        minimum=1,
     )
     rate_limit_per_second: float = setting(
         1000.0,
@@ -177,18 +166,15 @@ class ApiSettings(HttpLimitSettings, TrafficCopCallerSettings):
         "how long opening a stream waits for Redis to confirm the subscription (else 503)",
         minimum=0.01,
     )
-    pubsub_backoff_min_seconds: float = setting(
+    pubsub_backoff_base_seconds: float = setting(
         0.05, "first pause before re-connecting the pub/sub listener to Redis", minimum=0.001
     )
-    pubsub_backoff_max_seconds: float = setting(
+    pubsub_backoff_cap_seconds: float = setting(
         5.0, "cap of the pub/sub listener's jittered exponential backoff", minimum=0.001
     )
 
     def validate(self) -> None:
         super().validate()
-        if not self.channels:
-            raise SettingsError(f"{PREFIX}CHANNELS: at least one channel is required")
-        check_channel_names(f"{PREFIX}CHANNELS", self.channels)
         keys = parse_realm_keys(self.realm_keys)
         if not keys:
             raise SettingsError(f"{PREFIX}REALM_KEYS: at least one KEY:REALM pair is required")
@@ -214,10 +200,10 @@ class ApiSettings(HttpLimitSettings, TrafficCopCallerSettings):
                 raise SettingsError(
                     f"{PREFIX}GATEWAY_URLS: {url!r} must start with http:// or https://"
                 )
-        if self.pubsub_backoff_min_seconds > self.pubsub_backoff_max_seconds:
+        if self.pubsub_backoff_base_seconds > self.pubsub_backoff_cap_seconds:
             raise SettingsError(
-                f"{PREFIX}PUBSUB_BACKOFF_MIN_SECONDS is larger than "
-                f"{PREFIX}PUBSUB_BACKOFF_MAX_SECONDS"
+                f"{PREFIX}PUBSUB_BACKOFF_BASE_SECONDS is larger than "
+                f"{PREFIX}PUBSUB_BACKOFF_CAP_SECONDS"
             )
 
     def refuse_unsafe_production(self) -> None:

@@ -1,4 +1,7 @@
-"""``create_app(settings)``: Traffic Cop's application, every resource in a cleanup context."""
+"""``create_app(settings)``: Traffic Cop's application, every resource in a cleanup context.
+
+Its one background task is Consul's ``consul-registration`` (when ``CONSUL_URL`` is set),
+supervised like every other (:func:`shared.service.spawn`)."""
 
 from __future__ import annotations
 
@@ -10,14 +13,15 @@ from services.traffic_cop_stub.handlers import service_key_middleware
 from services.traffic_cop_stub.keys import SETTINGS, STORE
 from services.traffic_cop_stub.routes import setup_routes
 from services.traffic_cop_stub.sessions import SessionStore
-from services.traffic_cop_stub.settings import Settings
+from services.traffic_cop_stub.settings import TrafficCopSettings
 from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
-from shared.discovery import TRAFFIC_COP_SERVICE, registration_context
+from shared.discovery import registration_context
 from shared.service import REDIS, base_app, redis_context
+from shared.service_names import TRAFFIC_COP_SERVICE
 
-__all__ = ["create_app"]
+__all__ = ["SERVICE_NAME", "create_app"]
 
-SERVICE_NAME = "traffic_cop"
+SERVICE_NAME = TRAFFIC_COP_SERVICE.name
 
 
 async def _session_store(app: web.Application) -> AsyncIterator[None]:
@@ -25,13 +29,14 @@ async def _session_store(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: TrafficCopSettings) -> web.Application:
     app = base_app(
         SERVICE_NAME,
         settings.instance,
         client_max_size=settings.max_body_bytes,
         body_timeout=settings.http_body_timeout_seconds,
         middlewares=[address_budget_middleware, service_key_middleware],
+        fail_tasks=settings.failing_tasks,
     )
     app[BUDGET] = AddressBudget.of(settings)
     app[SETTINGS] = settings
