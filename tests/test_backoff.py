@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from services.eviction_worker.reporter import TrafficCopReporter
 from services.eviction_worker.settings import EvictionSettings
 from services.eviction_worker.worker import Evictor
-from services.gateway.settings import Settings as GatewaySettings
+from services.gateway.settings import GatewaySettings
 from services.post_office_api.settings import ApiSettings
 from shared.backoff import MAX_EXPONENT, backoff
 from shared.discovery import registration_context
@@ -38,11 +38,17 @@ def _retry_paths() -> dict[str, tuple[float, float]]:
     reporter = _parameters(TrafficCopReporter.__init__)
     interval = worker["interval_seconds"]
     return {
-        "gateway pub/sub": (gateway["pubsub_backoff_base"], gateway["pubsub_backoff_cap"]),
-        "gateway publisher": (gateway["breaker_backoff_base"], gateway["breaker_backoff_cap"]),
-        "api pub/sub": (api["pubsub_backoff_min_seconds"], api["pubsub_backoff_max_seconds"]),
+        "gateway pub/sub": (
+            gateway["pubsub_backoff_base_seconds"],
+            gateway["pubsub_backoff_cap_seconds"],
+        ),
+        "gateway publisher": (
+            gateway["breaker_backoff_base_seconds"],
+            gateway["breaker_backoff_cap_seconds"],
+        ),
+        "api pub/sub": (api["pubsub_backoff_base_seconds"], api["pubsub_backoff_cap_seconds"]),
         "consul registration": (discovery["retry_base"], discovery["retry_cap"]),
-        "eviction loop": (interval, max(interval, worker["error_backoff_seconds"])),
+        "eviction loop": (interval, max(interval, worker["error_backoff_cap_seconds"])),
         "eviction loop (run's default cap)": (
             interval,
             max(interval, _parameters(Evictor.run)["error_backoff_cap"]),
