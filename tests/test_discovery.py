@@ -289,9 +289,9 @@ async def test_traffic_cop_is_pinned_to_its_configured_url_unless_consul_is_trus
         assert discovery._cache == {} and discovery._failed == {}  # Consul never asked
         trusting = traffic_cop_resolver(discovery, "http://traffic-cop:8300", trust_consul=True)
         assert await trusting() == "http://traffic-cop:8300"  # asked, failed, fell back
-        assert TRAFFIC_COP_SERVICE in discovery._failed
+        assert TRAFFIC_COP_SERVICE.name in discovery._failed
     finally:
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_registration_outlives_more_failed_attempts_than_the_exponent_can_hold(

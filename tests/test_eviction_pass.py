@@ -535,4 +535,4 @@ async def test_traffic_cop_reports_outlive_ten_thousand_failed_rounds() -> None:
     finally:
         task.cancel()
         await asyncio.wait([task])
-        await client.close()
+        await client.aclose()
