@@ -16,7 +16,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from services.post_office_api.settings import ApiSettings
-from tests.helpers import timeout
+from tests.helpers import ServiceProcess, timeout
 
 KEYS = {
     "smart_city": "dev-smart_city",
@@ -123,3 +123,18 @@ async def listening(redis: Redis, *channels: str) -> AsyncIterator[Listener]:
 async def numsub(redis: Redis, channel: str) -> int:
     result = await redis.pubsub_numsub(channel)
     return int(result[0][1])
+
+
+def guide_process(api_url: str, **env: str) -> ServiceProcess:
+    """The real guide agent (not started) against ``api_url``, with short re-subscribe backoffs
+    and a short idle timeout so tests see it recover in seconds; ``env`` adds or overrides."""
+    return ServiceProcess(
+        "agents.guide",
+        {
+            "POST_OFFICE_URL": api_url,
+            "GUIDE_AGENT_BACKOFF_MIN_SECONDS": "0.05",
+            "GUIDE_AGENT_BACKOFF_MAX_SECONDS": "0.2",
+            "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": str(timeout(2)),
+            **env,
+        },
+    )

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -185,8 +184,8 @@ async def realm_middleware(request: web.Request, handler: Handler) -> web.Stream
         fail(
             429,
             ErrorCode.RATE_LIMITED,
-            f"realm {realm!r} is over its rate limit; retry in {wait:.2f}s",
-            {"Retry-After": str(max(1, math.ceil(wait)))},
+            f"realm {realm!r} is over its rate limit; retry in {wait}s",
+            {"Retry-After": str(wait)},
         )
     request[REALM] = realm
     return await handler(request)
