@@ -230,15 +230,151 @@ def test_terminal_ctrl_c_and_an_external_redis(
         run.close()
 
 
-def test_a_child_that_dies_stops_everything(tmp_path: Path) -> None:
-    run = Run(tmp_path, [sys.executable, "-m", "scripts.run_stack"], {})
+def _state(run: Run) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads((run.run_dir / "stack.json").read_text())
+    return state
+
+
+def _child(run: Run, name: str) -> dict[str, Any]:
+    return next(c for c in _state(run)["children"] if c["name"] == name)
+
+
+def _restarted(run: Run, name: str, old_pid: int) -> bool:
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        return int(_child(run, name)["pid"]) != old_pid
+    return False
+
+
+async def test_kill_9_of_a_gateway_leaves_the_others_serving_and_it_rejoins(
+    tmp_path: Path,
+) -> None:
+    """The supervisor is a process manager: a gateway killed with SIGKILL is restarted (logged)
+    and answers /ready again, while the clients of the other gateway stay open and served."""
+    import aiohttp
+
+    from tests.gateway_util import chat, create_sessions, recv
+
+    run = Run(
+        tmp_path,
+        [sys.executable, "-m", "scripts.run_stack"],
+        {"RUN_RESTART_BACKOFF_BASE": "0.2", "RUN_RESTART_BACKOFF_CAP": "1"},
+    )
+    clients: list[aiohttp.ClientWebSocketResponse] = []
     try:
         run.wait_ready()
-        victim = next(c for c in run.children() if c["name"] == "traffic_cop")
-        os.kill(victim["pid"], signal.SIGKILL)
+        first, second = run.ports["RUN_GATEWAY_PORTS"].split(",")
+        cop = f"http://127.0.0.1:{run.ports['RUN_TRAFFIC_COP_PORT']}"
+        tokens = await create_sessions(cop, [f"user{n}" for n in range(5)])
+        async with aiohttp.ClientSession() as http:
+            for token in tokens:
+                ws = await http.ws_connect(f"ws://127.0.0.1:{first}/ws?session_token={token}")
+                assert (await recv(ws))["type"] == "welcome"
+                clients.append(ws)
+            victim = _child(run, "gateway-2")
+            os.kill(victim["pid"], signal.SIGKILL)
+            wait_for_sync(
+                partial(_restarted, run, "gateway-2", victim["pid"]), 20, what="gateway-2 back"
+            )
+            wait_for_sync(
+                lambda: _status(f"http://127.0.0.1:{second}/ready") == 200,
+                30,
+                what="the restarted gateway-2 ready",
+            )
+            # Every client of the first gateway is still open and still served end to end
+            # (acked, and answered by the guide agent).
+            sent = acked = answered = 0
+            for n, ws in enumerate(clients):
+                await ws.send_str(chat(f"still here {n}", id=f"m{n}"))
+                sent += 1
+                kinds: set[str] = set()
+                while not {"ack", "response"} <= kinds:
+                    frame = await recv(ws, 15)
+                    kinds.add(frame["type"])
+                acked += "ack" in kinds
+                answered += "response" in kinds
+            still_open = sum(not ws.closed for ws in clients)
+            print(
+                f"clients=5 still_open={still_open} sent={sent} acked={acked} answered={answered}"
+            )
+            assert (still_open, sent, acked, answered) == (5, 5, 5, 5)
+            for ws in clients:
+                await ws.close()
+        out = run.output()
+        assert "gateway-2 (pid" in out and "died with code -9; restarting it in" in out, out
+        assert "restarted gateway-2" in out and "gateway-2 (pid" in out
+        assert _child(run, "gateway-2")["restarts"] == 1
+        assert "crash loop" not in out
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.wait_exit() == 0, run.output()
+    finally:
+        run.close()
+
+
+def test_a_crash_loop_stops_everything(tmp_path: Path) -> None:
+    """Only a child dying more than RUN_RESTART_LIMIT times in RUN_RESTART_WINDOW stops the
+    stack, naming it; each death before that is restarted."""
+    run = Run(
+        tmp_path,
+        [sys.executable, "-m", "scripts.run_stack"],
+        {
+            "RUN_RESTART_LIMIT": "2",
+            "RUN_RESTART_WINDOW": "120",
+            "RUN_RESTART_BACKOFF_BASE": "0.1",
+            "RUN_RESTART_BACKOFF_CAP": "0.2",
+        },
+        gateways=1,
+    )
+    try:
+        run.wait_ready()
+        kills = 0
+        for _ in range(2):
+            pid = int(_child(run, "traffic_cop")["pid"])
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+            wait_for_sync(partial(_restarted, run, "traffic_cop", pid), 20, what="restarted")
+        os.kill(int(_child(run, "traffic_cop")["pid"]), signal.SIGKILL)
+        kills += 1
         code = run.wait_exit()
+        out = run.output()
+        assert kills == 3 and out.count("restarted traffic_cop") == 2, out
         assert code != 0
-        assert "traffic_cop" in run.output() and "died unexpectedly" in run.output()
+        assert "crash loop: traffic_cop" in out and "RUN_RESTART_LIMIT=2" in out, out
+        run.state = {"children": [c for c in run.state["children"] if c["name"] != "traffic_cop"]}
+        run.assert_all_gone()
+    finally:
+        run.close()
+
+
+def test_a_second_make_run_is_refused_and_touches_nothing(tmp_path: Path) -> None:
+    """A second supervisor on the same RUN_DIR is refused before it touches the running
+    stack's files: stack.json, the logs and Redis's AOF stay as they are."""
+    run = Run(tmp_path, [sys.executable, "-m", "scripts.run_stack"], {}, gateways=1)
+    try:
+        run.wait_ready()
+        state_before = (run.run_dir / "stack.json").read_bytes()
+        logs = {p.name: p.stat().st_size for p in (run.run_dir / "logs").iterdir()}
+        assert list((run.run_dir / "redis").iterdir()), "the AOF directory is populated"
+        # The same RUN_DIR and ports, as a second `make run` in another terminal.
+        again = subprocess.run(
+            [sys.executable, "-m", "scripts.run_stack"],
+            cwd=ROOT,
+            env=run.env,
+            capture_output=True,
+            timeout=timeout(30),
+        )
+        message = again.stderr.decode()
+        assert again.returncode == 2, message
+        assert "another `make run`" in message and "Nothing of the running stack" in message
+        assert f"supervisor pid {run.state['supervisor_pid']}" in message, message
+        assert (run.run_dir / "stack.json").read_bytes() == state_before
+        for name, size in logs.items():
+            assert (run.run_dir / "logs" / name).stat().st_size >= size, name
+        # The first stack still serves.
+        for child in run.children():
+            if child["port"] and child["name"] != "redis":
+                assert _status(f"http://127.0.0.1:{child['port']}/ready") == 200, child
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.wait_exit() == 0, run.output()
         run.assert_all_gone()
     finally:
         run.close()
