@@ -113,7 +113,7 @@ def _gateway_context(
             pool_limit=settings.traffic_cop_max_connections,
         )
         hub = Hub(
-            settings.redis_url,
+            settings.redis_target,
             name=f"{SERVICE_NAME}-pubsub",
             backoff_base=settings.pubsub_backoff_base,
             backoff_cap=settings.pubsub_backoff_cap,
@@ -220,7 +220,7 @@ def create_app(settings: Settings) -> web.Application:
         tracing_context(SERVICE_NAME, settings.instance, settings.otel_exporter_otlp_endpoint)
     )
     app.cleanup_ctx.append(
-        redis_context(settings.redis_url, max_connections=settings.redis_max_connections)
+        redis_context(settings.redis_target, max_connections=settings.redis_max_connections)
     )
     life = _Lifecycle()
     app.cleanup_ctx.append(_gateway_context(settings, life))

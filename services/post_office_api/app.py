@@ -106,7 +106,7 @@ async def _hub(app: web.Application) -> AsyncIterator[None]:
     # racing the reader, and no silent reconnect inside redis-py (retries=0), which would
     # come back without the hub's subscriptions; the listener reconnects and resubscribes.
     client = make_redis(
-        settings.redis_url,
+        settings.redis_target,
         max_connections=2,
         retries=0,
         health_check_interval=0,
@@ -167,7 +167,7 @@ def create_app(settings: ApiSettings) -> web.Application:
         tracing_context(SERVICE_NAME, settings.instance, settings.otel_exporter_otlp_endpoint)
     )
     app.cleanup_ctx.append(
-        redis_context(settings.redis_url, max_connections=settings.redis_max_connections)
+        redis_context(settings.redis_target, max_connections=settings.redis_max_connections)
     )
     app.cleanup_ctx.append(_components)
     app.cleanup_ctx.append(_hub)
