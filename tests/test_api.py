@@ -349,12 +349,15 @@ async def test_send_to_connection_410_and_stale_record_removed(
     await error_of(resp, 410, "gone")
 
 
-async def test_send_to_connection_410_keeps_the_record_of_a_live_gateway(
+async def test_send_to_connection_not_received_by_a_live_gateway_is_503_and_kept(
     client: Client, redis: Redis
 ) -> None:
+    """Nobody received, but the gateway is alive (re-subscribing): nothing was delivered, so
+    the answer is a retryable 503 with Retry-After, and the record stays."""
     cid = await register(redis, gateway="gw-live", alive=True)
     resp = await client.post(f"/v1/connections/{cid}/messages", data=body(), headers=auth())
-    await error_of(resp, 410, "gone")
+    assert "not subscribed" in await error_of(resp, 503, "unavailable")
+    assert resp.headers["Retry-After"] == "1"
     assert await redis.exists(names.connection(cid))
 
 

@@ -226,30 +226,23 @@ async def _down_and_up(service: ServiceProcess, stack: Stack, wait_ready: bool =
     service.start(wait_ready=wait_ready)
 
 
-async def test_kill_9_of_the_agent(stack: Stack) -> None:
+@pytest.mark.parametrize("part", ["agent", "api"])
+async def test_kill_9_of_the_agent_or_the_api(stack: Stack, part: str) -> None:
+    """While no agent listens (the agent or the API it streams through is dead) messages are
+    queued and drained to it once it is back; the agent retries answers the API could not
+    take. The window that may lose messages: what the dead process had received and not yet
+    passed on (the agent's unanswered messages, the API's SSE buffer), at most one per client
+    at this pace; measured 0."""
+    service = stack.agent if part == "agent" else stack.api
+
     async def fault() -> None:
-        await _down_and_up(stack.agent, stack, wait_ready=False)
+        await _down_and_up(service, stack, wait_ready=part == "api")
         await stack.agent_listening()
 
-    counts = await run_case(stack, "agent", fault)
-    # Messages sent while no agent listened were queued and drained to the new agent; the ones
-    # the dead agent had received but not answered are the agent's in-flight window.
+    counts = await run_case(stack, part, fault)
     assert counts.sent == counts.acked + counts.refused and counts.refused == 0
     assert counts.closed == 0
-    assert counts.lost <= CLIENTS, counts.line("agent")
-
-
-async def test_kill_9_of_the_api(stack: Stack) -> None:
-    async def fault() -> None:
-        await _down_and_up(stack.api, stack)
-        await stack.agent_listening()
-
-    counts = await run_case(stack, "api", fault)
-    assert counts.sent == counts.acked + counts.refused and counts.refused == 0
-    assert counts.closed == 0
-    # Answers in flight were retried by the agent until the API was back; messages the dead
-    # API had taken from pub/sub but not yet streamed to the agent are its window.
-    assert counts.lost <= CLIENTS, counts.line("api")
+    assert counts.lost <= CLIENTS, counts.line(part)
 
 
 async def test_kill_9_of_the_worker(stack: Stack) -> None:
@@ -294,6 +287,9 @@ async def test_redis_restarted_from_its_aof(stack: Stack) -> None:
     assert counts.sent == counts.acked + counts.refused
     assert counts.closed == 0
     # The gateway held what it accepted while Redis was away and handed it over after; the
-    # agent retried its answers until the API could publish them again.
+    # agent retried its answers until the API could publish them again, and until the gateway
+    # had re-subscribed (the API answers 503, not 410, to a live gateway that did not receive).
+    # kill -9 of Redis loses nothing of its AOF even with everysec: written data sits in the
+    # page cache; only a machine crash loses up to the last second.
     assert counts.lost == 0, counts.line("redis_aof")
     assert "Redis lost its data" not in stack.cop.log()  # the AOF kept the epoch

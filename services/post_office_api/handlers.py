@@ -279,11 +279,22 @@ async def send_to_connection(request: web.Request) -> web.Response:
     if result > 0:
         metrics.DELIVERIES.labels(kind="connection", outcome="delivered").inc()
         return json_response({"delivered": result}, 202)
+    if result == SendOutcome.GATEWAY_ALIVE_NOT_RECEIVED:
+        # The holding gateway is alive but was not subscribed: most likely re-subscribing after
+        # a Redis restart. Nothing was delivered, so the caller may safely send again; a 410
+        # here made agents give the answer up for a socket that is reachable a moment later.
+        metrics.DELIVERIES.labels(kind="connection", outcome="not_received").inc()
+        fail(
+            503,
+            ErrorCode.UNAVAILABLE,
+            f"connection {connection_id!r} was not received: its gateway is alive but not "
+            "subscribed (re-subscribing after a Redis restart?); retry",
+            {"Retry-After": "1"},
+        )
     metrics.DELIVERIES.labels(kind="connection", outcome="gone").inc()
     why = {
         SendOutcome.NO_RECORD: "is unknown or has disconnected",
         SendOutcome.STALE: "has no live gateway; its record was removed",
-        SendOutcome.GATEWAY_ALIVE_NOT_RECEIVED: "was not received by any gateway",
     }.get(SendOutcome(result), "is gone")
     fail(410, ErrorCode.GONE, f"connection {connection_id!r} {why}")
 
