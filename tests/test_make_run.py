@@ -417,3 +417,46 @@ def test_a_child_that_cannot_start_is_named_with_its_log(tmp_path: Path) -> None
             wait_for_sync(partial(_pid_gone, pid), 10, what=f"pid {pid} exited")
     finally:
         run.close()
+
+
+def test_kill_9_of_the_private_redis_restarts_it_from_its_aof(tmp_path: Path) -> None:
+    """The private Redis writes an AOF under RUN_DIR/redis: killed, it is restarted on its port
+    and comes back with its data — the banner's session still validates."""
+    run = Run(
+        tmp_path,
+        [sys.executable, "-m", "scripts.run_stack"],
+        {"RUN_RESTART_BACKOFF_BASE": "0.2", "RUN_RESTART_BACKOFF_CAP": "0.5"},
+        gateways=1,
+    )
+    try:
+        run.wait_ready()
+        token = re.search(r"session token for user 'demo'.*\n\s+(\S+)", run.output())
+        assert token is not None
+        cop = f"http://127.0.0.1:{run.ports['RUN_TRAFFIC_COP_PORT']}"
+        assert _validate(cop, token[1]) == 200
+        victim = _child(run, "redis")
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for_sync(partial(_restarted, run, "redis", victim["pid"]), 20, what="redis back")
+        wait_for_sync(lambda: "redis (pid" in run.output() and "is ready again" in run.output(), 20)
+        wait_for_sync(lambda: _validate(cop, token[1]) == 200, 20, what="the session again")
+        assert "crash loop" not in run.output()
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.wait_exit() == 0, run.output()
+    finally:
+        run.close()
+
+
+def _validate(traffic_cop_url: str, token: str) -> int | None:
+    request = urllib.request.Request(
+        traffic_cop_url + "/v1/sessions/validate",
+        data=json.dumps({"session_token": token}).encode(),
+        method="POST",
+        headers={"Authorization": "Bearer dev-traffic_cop", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout(2)) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None
