@@ -22,9 +22,10 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 
 install: $(STAMP) os-deps  ## venv with the pinned deps, plus redis-server from the OS packages
 
-os-deps:  ## redis-server and promtool from the OS packages when they are missing
+os-deps:  ## redis-server, redis-sentinel and promtool from the OS packages when missing
 	@scripts/ensure-os-package.sh redis-server redis-server
 	@scripts/ensure-os-package.sh promtool prometheus
+	@scripts/ensure-os-package.sh redis-sentinel redis-sentinel
 
 browser:  ## Chromium from the OS packages (the browser test drives it)
 	@scripts/ensure-os-package.sh chromium chromium

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from shared.protocol import DEFAULT_CHANNELS
+from shared.redis_client import sentinel_target
 
 __all__ = [
     "COMMON_VARIABLES",
@@ -75,6 +76,10 @@ T = TypeVar("T")
 COMMON_VARIABLES = frozenset(
     {
         "REDIS_URL",
+        "REDIS_SENTINELS",
+        "REDIS_SENTINEL_MASTER",
+        "REDIS_SENTINEL_PASSWORD",
+        "REDIS_EPOCH_CHECK_SECONDS",
         "CONSUL_URL",
         "LOG_LEVEL",
         "ENVIRONMENT",
@@ -182,7 +187,17 @@ def _check(value: Any, field: dataclasses.Field[Any], name: str) -> None:
 _CHANNEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}(:[A-Za-z0-9_-]{1,64})?\Z")
 #: First segments that are Redis names of their own under ``websocket:``.
 RESERVED_CHANNEL_NAMES = frozenset(
-    {"events", "connection", "connections", "user", "channel", "gateway", "gateways", "queue"}
+    {
+        "events",
+        "epoch",
+        "connection",
+        "connections",
+        "user",
+        "channel",
+        "gateway",
+        "gateways",
+        "queue",
+    }
 )
 
 
@@ -480,7 +495,32 @@ class _Endpoint:
         "", "address registered in Consul (default: HOST, or the hostname when HOST is 0.0.0.0)"
     )
     instance_id: str = instance_id_setting("<service>-<hostname>-<port>")
-    redis_url: str = setting("redis://127.0.0.1:6379/0", "Redis URL", common=True)
+    redis_url: str = setting(
+        "redis://127.0.0.1:6379/0",
+        "Redis URL; with REDIS_SENTINELS only its password, user and database number are used",
+        common=True,
+    )
+    redis_sentinels: tuple[str, ...] = setting(
+        (),
+        "Redis Sentinel addresses, host:port comma-separated; set: the primary of "
+        "REDIS_SENTINEL_MASTER is found (and followed through failovers) through them, "
+        "instead of REDIS_URL's host",
+        common=True,
+    )
+    redis_sentinel_master: str = setting(
+        "", "the Sentinel master name (with REDIS_SENTINELS)", common=True
+    )
+    redis_sentinel_password: str = setting(
+        "", "password of the sentinels themselves, if they require one", secret=True, common=True
+    )
+    redis_epoch_check_seconds: float = setting(
+        2.0,
+        "how often the Redis epoch key is checked to notice that Redis lost its data (an empty "
+        "restart, a failover to a replica without it); also checked at every reconnect",
+        common=True,
+        minimum=0.05,
+        maximum=300.0,
+    )
     consul_url: str = setting(
         "",
         "Consul agent to register with (and look services up in); empty: no registration, "
@@ -512,6 +552,31 @@ class ServiceSettings(ProcessSettings, _Endpoint):
                 f"{self.PREFIX}REDIS_URL (or REDIS_URL): ENVIRONMENT=production needs a Redis "
                 "password (redis://:PASSWORD@host:6379/0 or ?password=)"
             )
+
+    def validate(self) -> None:
+        super().validate()
+        if bool(self.redis_sentinels) != bool(self.redis_sentinel_master):
+            raise SettingsError(
+                "REDIS_SENTINELS and REDIS_SENTINEL_MASTER go together: set both, or neither "
+                "(then REDIS_URL is used)"
+            )
+        for address in self.redis_sentinels:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise SettingsError(f"REDIS_SENTINELS: {address!r} is not host:port")
+
+    @property
+    def redis_target(self) -> str:
+        """What :func:`shared.redis_client.make_redis` takes: ``REDIS_URL``, or the Sentinel
+        target built from ``REDIS_SENTINELS`` and ``REDIS_SENTINEL_MASTER``."""
+        if not self.redis_sentinels:
+            return self.redis_url
+        return sentinel_target(
+            self.redis_sentinels,
+            self.redis_sentinel_master,
+            self.redis_url,
+            self.redis_sentinel_password,
+        )
 
     @property
     def instance(self) -> str:

@@ -138,3 +138,18 @@ def api_process(redis_url: str, traffic_cop: ServiceProcess, **env: str) -> Serv
 async def numsub(redis: Redis, channel: str) -> int:
     result = await redis.pubsub_numsub(channel)
     return int(result[0][1])
+
+
+def guide_process(api_url: str, **env: str) -> ServiceProcess:
+    """The real guide agent (not started) against ``api_url``, with short re-subscribe backoffs
+    and a short idle timeout so tests see it recover in seconds; ``env`` adds or overrides."""
+    return ServiceProcess(
+        "agents.guide",
+        {
+            "POST_OFFICE_URL": api_url,
+            "GUIDE_AGENT_BACKOFF_BASE_SECONDS": "0.05",
+            "GUIDE_AGENT_BACKOFF_CAP_SECONDS": "0.2",
+            "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": str(timeout(2)),
+            **env,
+        },
+    )

@@ -349,12 +349,15 @@ async def test_send_to_connection_410_and_stale_record_removed(
     await error_of(resp, 410, "gone")
 
 
-async def test_send_to_connection_410_keeps_the_record_of_a_live_gateway(
+async def test_send_to_connection_not_received_by_a_live_gateway_is_503_and_kept(
     client: Client, redis: Redis
 ) -> None:
+    """Nobody received, but the gateway is alive (re-subscribing): nothing was delivered, so
+    the answer is a retryable 503 with Retry-After, and the record stays."""
     cid = await register(redis, gateway="gw-live", alive=True)
     resp = await client.post(f"/v1/connections/{cid}/messages", data=body(), headers=auth())
-    await error_of(resp, 410, "gone")
+    assert "not subscribed" in await error_of(resp, 503, "unavailable")
+    assert resp.headers["Retry-After"] == "1"
     assert await redis.exists(names.connection(cid))
 
 
@@ -1040,7 +1043,9 @@ async def test_rate_limit_per_realm_is_429(make_client: MakeClient) -> None:
         assert resp.status == 404
     resp = await client.get(f"/v1/connections/{CID}", headers=auth())
     assert "smart_city" in await error_of(resp, 429, "rate_limited")
-    assert int(resp.headers["Retry-After"]) >= 1
+    # Rate 0.5/s: a token is 2 s away; the hint is that whole number, in the header and the text.
+    assert resp.headers["Retry-After"] == "2"
+    assert "retry in 2s" in (await resp.json())["error"]["message"]
     # Other realms have their own bucket; unauthenticated calls never spend tokens.
     other = await client.get(f"/v1/connections/{CID}", headers=auth("business_enablement"))
     assert other.status == 404
@@ -1052,9 +1057,13 @@ def test_rate_limiter_refills() -> None:
     now = [0.0]
     limiter = RealmRateLimiter(rate=2.0, burst=2, clock=lambda: now[0])
     assert limiter.take("a") == 0 and limiter.take("a") == 0
-    assert limiter.take("a") == pytest.approx(0.5)
+    assert limiter.take("a") == 1  # 0.5 s short of a token: a whole second, never 0
     now[0] = 0.5
     assert limiter.take("a") == 0
+    now[0] = 0.501  # 0.002 s short: still 1 (the old hint printed "retry in 0.00s")
+    assert limiter.take("a") == 1
+    slow = RealmRateLimiter(rate=0.25, burst=1, clock=lambda: now[0])
+    assert slow.take("b") == 0 and slow.take("b") == 4
     assert RealmRateLimiter(rate=0, burst=1).take("a") == 0  # 0 disables
 
 

@@ -29,6 +29,7 @@ def test_spec_table_formats():
     )
     assert names.gateway_instance("gw-1") == "websocket:gateway:gw-1"
     assert names.EVENTS == "websocket:events"
+    assert names.EPOCH == "websocket:epoch"
     assert names.queue("guide") == "websocket:queue:guide"
     digest = hashlib.sha256(b"token").hexdigest()
     assert names.session(digest) == f"session:{digest}"
@@ -56,7 +57,7 @@ def test_templates_used_by_lua_scripts():
 
 def test_internal_names_do_not_collide_with_spec_names():
     # An agent channel named "events" or "gateways" would share a name with internal keys.
-    internal = {names.EVENTS, names.LAST_SEEN, names.GATEWAYS}
+    internal = {names.EVENTS, names.EPOCH, names.LAST_SEEN, names.GATEWAYS}
     channels = (
         "guide",
         "pillar:content",

@@ -7,8 +7,12 @@ Messages without a connection (published through the API by another agent) get n
 
 Messages are answered concurrently, at most ``max_in_flight`` at once, so one slow API call
 does not stall the stream; past that bound the loop waits for a free slot (the API's SSE
-buffer absorbs the pause). Only a refused realm key (401/403) stops the agent; any other
-failure loses that one answer and is logged.
+buffer absorbs the pause). Only a refused realm key (401/403) stops the agent.
+
+A delivery the API refused for now (429 with ``Retry-After``, 503) or that did not reach it is
+retried by the client until its ``retry_deadline`` (``GUIDE_AGENT_DELIVERY_DEADLINE_SECONDS``);
+an answer is given up only past it, or on an answer no retry can fix, and then always with an
+ERROR line naming the message id (``answer to <id> dropped: ...``), counted in ``dropped``.
 """
 
 from __future__ import annotations
@@ -99,6 +103,7 @@ class GuideAgent:
         self.max_in_flight = max_in_flight
         self.max_answer_chars = max_answer_chars
         self.answered = 0
+        self.dropped = 0
 
     async def run(self) -> None:
         """Answer until cancelled. Raises only what retrying cannot fix (a refused key)."""
@@ -145,9 +150,11 @@ class GuideAgent:
         except (Unauthorized, Forbidden):
             raise
         except PostOfficeError as exc:
-            # One lost answer must not stop the agent; the next message is answered again.
-            log.warning(
-                "answer to %s failed: %s",
+            # The client retried what was safe until its deadline; one lost answer must not
+            # stop the agent, but it is never lost silently.
+            self.dropped += 1
+            log.error(
+                "answer to %s dropped: %s",
                 msg.message_id,
                 exc,
                 extra={"connection_id": msg.connection_id},
@@ -155,6 +162,7 @@ class GuideAgent:
             return
         except Exception:
             # A bug or an unexpected answer must not end the agent: this answer is lost.
-            log.exception("answer to %s failed", msg.message_id)
+            self.dropped += 1
+            log.exception("answer to %s dropped", msg.message_id)
             return
         self.answered += 1

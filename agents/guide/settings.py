@@ -46,6 +46,21 @@ class GuideSettings(ChannelSettings):
     request_timeout_seconds: float = setting(
         10.0, "timeout of each delivery call to the API", minimum=0.1
     )
+    delivery_deadline_seconds: float = setting(
+        30.0,
+        "how long an answer is retried when the API refuses it for now (429, honouring "
+        "Retry-After; 503) or cannot be reached; past it the answer is dropped with an ERROR "
+        "log line naming the message id. 0: no retry",
+        minimum=0.0,
+    )
+    retry_base_seconds: float = setting(
+        0.1,
+        "first pause before retrying an answer (shared backoff, doubled each try)",
+        minimum=0.001,
+    )
+    retry_cap_seconds: float = setting(
+        5.0, "cap of the pause between answer retries (a longer Retry-After wins)", minimum=0.001
+    )
     max_in_flight: int = setting(
         32,
         "answers being delivered at once; past it the agent reads no further message until "

@@ -5,7 +5,9 @@ Cleanup contexts, in start order (torn down in reverse):
 1. Redis (the skeleton's :func:`shared.service.redis_context`, which also makes ``/ready``);
 2. the Traffic Cop client and its reporter task;
 3. the pass loop;
-4. Consul registration — deregistered first on shutdown.
+4. the Redis epoch watch (:mod:`shared.epoch`): when Redis lost its data the loop's recovery
+   grace starts, as after an outage;
+5. Consul registration — deregistered first on shutdown.
 
 SIGTERM, the arq way: ``on_shutdown`` sets the stop event, so the loop takes no new page;
 the loop's context then waits up to ``SHUTDOWN_TIMEOUT`` for the pass in flight before
@@ -34,6 +36,7 @@ from services.eviction_worker.routes import setup_routes
 from services.eviction_worker.settings import EvictionSettings
 from services.eviction_worker.worker import Evictor
 from shared.discovery import Discovery, registration_context, traffic_cop_resolver
+from shared.epoch import DataLoss, epoch_context
 from shared.redis_client import make_redis
 from shared.service import REDIS, base_app, cancel_and_wait, redis_context, spawn
 from shared.service_names import EVICTION_WORKER_SERVICE
@@ -154,10 +157,17 @@ def create_app(settings: EvictionSettings) -> web.Application:
         app[STOP].set()
 
     app.cleanup_ctx.append(
-        redis_context(settings.redis_url, max_connections=settings.concurrency + 4)
+        redis_context(settings.redis_target, max_connections=settings.concurrency + 4)
     )
     app.cleanup_ctx.append(reporter_ctx)
     app.cleanup_ctx.append(loop_ctx)
+
+    async def data_lost(loss: DataLoss) -> None:
+        app[EVICTOR].redis_lost_data()
+
+    app.cleanup_ctx.append(
+        epoch_context(SERVICE_NAME, data_lost, settings.redis_epoch_check_seconds)
+    )
     app.cleanup_ctx.append(
         registration_context(
             EVICTION_WORKER_SERVICE,
@@ -176,7 +186,7 @@ async def run_once(settings: EvictionSettings) -> dict[str, Any]:
     """One pass (for tests and cron): its summary plus what became of the Traffic Cop reports,
     which get up to ``SHUTDOWN_TIMEOUT`` seconds to go out."""
     redis = make_redis(
-        settings.redis_url, max_connections=settings.concurrency + 4, name=SERVICE_NAME
+        settings.redis_target, max_connections=settings.concurrency + 4, name=SERVICE_NAME
     )
     try:
         async with traffic_cop_reporter(settings, settings.shutdown_timeout) as reporter:

@@ -21,7 +21,10 @@ A pass does three things, each in pages of pipelined Redis work, never a key sca
 
 After a failed pass (Redis unreachable) idle eviction waits ``recovery_grace_seconds`` from the
 moment Redis answers again: while Redis was away the gateways could not write last-seen times,
-so every connection would look idle until their next flush.
+so every connection would look idle until their next flush. The same grace starts when Redis
+lost its data (:meth:`Evictor.redis_lost_data`, called by the app's epoch watch): until the
+gateways have re-asserted their instance keys, records and last-seen times, every live
+connection would look idle or orphaned by a dead gateway.
 
 Evicted ids go to the :class:`~services.eviction_worker.reporter.TrafficCopReporter`, which
 tells Traffic Cop in the background so an unreachable Traffic Cop never holds a pass up.
@@ -162,6 +165,16 @@ class Evictor:
         )
 
     # -- the loop ------------------------------------------------------------------------
+
+    def redis_lost_data(self) -> None:
+        """Redis lost its data (:mod:`shared.epoch`): the next pass starts the recovery grace,
+        as after an outage, so nothing is evicted before the gateways re-assert."""
+        self._recovering = True
+        log.warning(
+            "Redis lost its data: idle and dead-gateway cleanup pause for %.1fs from the next "
+            "pass while the gateways re-assert their connections",
+            self.recovery_grace_seconds,
+        )
 
     async def run(self, interval: float, error_backoff_cap: float = 5.0) -> None:
         """A pass every ``interval`` seconds until :attr:`stop` is set. A failing pass (Redis

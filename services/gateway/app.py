@@ -41,9 +41,10 @@ from services.gateway.origins import OriginPolicy
 from services.gateway.process import Gateway
 from services.gateway.routes import setup_routes
 from services.gateway.settings import GatewaySettings
-from services.gateway.upkeep import run_upkeep
+from services.gateway.upkeep import reassert_after_data_loss, run_upkeep
 from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
 from shared.discovery import DEREGISTER, Discovery, registration_context, traffic_cop_resolver
+from shared.epoch import DataLoss, epoch_context
 from shared.http import Handler
 from shared.protocol import CloseCode
 from shared.pubsub import Hub
@@ -163,7 +164,7 @@ def _gateway_context(
             pool_limit=settings.traffic_cop_max_connections,
         )
         hub = Hub(
-            settings.redis_url,
+            settings.redis_target,
             name=f"{SERVICE_NAME}-pubsub",
             backoff_base=settings.pubsub_backoff_base_seconds,
             backoff_cap=settings.pubsub_backoff_cap_seconds,
@@ -275,10 +276,20 @@ def create_app(settings: GatewaySettings) -> web.Application:
         tracing_context(SERVICE_NAME, settings.instance, settings.otel_exporter_otlp_endpoint)
     )
     app.cleanup_ctx.append(
-        redis_context(settings.redis_url, max_connections=settings.redis_max_connections)
+        redis_context(settings.redis_target, max_connections=settings.redis_max_connections)
     )
     life = _Lifecycle()
     app.cleanup_ctx.append(_gateway_context(settings, life))
+
+    async def data_lost(loss: DataLoss) -> None:
+        gw = app.get(GATEWAY)
+        if gw is not None and gw.ready:
+            await reassert_after_data_loss(gw)
+
+    # After the gateway's context: the re-assert uses its connections and registry.
+    app.cleanup_ctx.append(
+        epoch_context(SERVICE_NAME, data_lost, settings.redis_epoch_check_seconds)
+    )
     # Registered last so its cleanup runs first; the drain leaves Consul even earlier
     # (app[DEREGISTER] in on_shutdown), so Consul stops routing here before anything closes.
     app.cleanup_ctx.append(

@@ -39,7 +39,7 @@ from services.gateway.connection_protocol import (
     Timing,
 )
 from shared.protocol import truncate_close_reason
-from shared.registry import PublishResult
+from shared.registry import ConnectionRecord, PublishResult
 
 __all__ = ["Connection", "ConnectionTable", "PublishSink"]
 
@@ -80,6 +80,8 @@ class Connection:
         self._closer: asyncio.Task[None] | None = None
         self._close_counted = False
         self.messages_out = 0
+        #: What the registry holds for it (written again if Redis loses its data).
+        self.record: ConnectionRecord | None = None
 
     def __repr__(self) -> str:
         return f"Connection({self.id!r})"

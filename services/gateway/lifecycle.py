@@ -130,17 +130,16 @@ async def admit(
     try:
         admitted.registered = True
         await gw.hub.subscribe(names.connection_messages(cid), functools.partial(gw.deliver, conn))
+        conn.record = ConnectionRecord(
+            cid,
+            session.user_id,
+            session.session_id,
+            gw.instance,
+            time.time(),
+            metadata=_record_metadata(session.metadata, s.record_metadata_bytes),
+        )
         async with gw.redis_slots:
-            await gw.registry.register(
-                ConnectionRecord(
-                    cid,
-                    session.user_id,
-                    session.session_id,
-                    gw.instance,
-                    time.time(),
-                    metadata=_record_metadata(session.metadata, s.record_metadata_bytes),
-                )
-            )
+            await gw.registry.register(conn.record)
         admitted.maybe_tied = True
         tied = await gw.traffic_cop.register_connection(
             cid, session.session_id, session.user_id, gw.instance

@@ -215,15 +215,19 @@ class Gateway:
 
     # -- the instance key -----------------------------------------------------------------------
 
+    async def refresh_instance(self) -> None:
+        """Write the instance key (with its TTL) and this instance's place in the gateway set."""
+        ttl = self.settings.instance_ttl_seconds
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(names.gateway_instance(self.instance), str(time.time()), px=int(ttl * 1000))
+            pipe.sadd(names.GATEWAYS, self.instance)
+            await pipe.execute()
+
     async def keep_instance_alive(self) -> None:
         ttl = self.settings.instance_ttl_seconds
-        key = names.gateway_instance(self.instance)
         while True:
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(key, str(time.time()), px=int(ttl * 1000))
-                    pipe.sadd(names.GATEWAYS, self.instance)
-                    await pipe.execute()
+                await self.refresh_instance()
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh the instance key: %r", exc)
                 # Retry soon: the key may have expired meanwhile, and the worker must see this

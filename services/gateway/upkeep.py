@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,7 @@ from services.gateway.process import Gateway
 from shared import redis_names as names
 from shared.protocol import ping_frame
 
-__all__ = ["check_sessions", "flush_liveness", "run_upkeep"]
+__all__ = ["check_sessions", "flush_liveness", "reassert_after_data_loss", "run_upkeep"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,45 @@ async def _session_check_loop(gw: Gateway) -> None:
             await asyncio.wait_for(gw.check_sessions_now.wait(), gw.settings.session_check_seconds)
         gw.check_sessions_now.clear()
         await _guarded("session check", lambda: check_sessions(gw))
+
+
+async def reassert_after_data_loss(gw: Gateway) -> tuple[int, int]:
+    """Redis lost its data (``shared.epoch`` saw the epoch key vanish or change): make every
+    socket reachable again or close it, never leave it open and unreachable.
+
+    The instance key comes back first (the worker must see this gateway alive). Then the session
+    check closes the sockets whose session vanished (4401 "session lost"), and the records and
+    indexes of the others are written again from memory, in batches bounded by the gateway's
+    Redis slots. Returns (closed, re-registered)."""
+    await gw.refresh_instance()
+    closed = await check_sessions(gw)
+    missing = await _missing_records(gw)
+    registered = 0
+    for conn in missing:
+        if conn.closing or conn.record is None:
+            continue
+        # The channels used so far go back with it, so broadcasts' counts stay right.
+        record = dataclasses.replace(conn.record, channels=tuple(conn.protocol.channels))
+        async with gw.redis_slots:
+            await gw.registry.register(record)
+        registered += 1
+    log.warning(
+        "redis lost its data: %d sockets closed (session lost), %d connections re-registered",
+        closed,
+        registered,
+    )
+    return closed, registered
+
+
+async def _missing_records(gw: Gateway) -> list[Connection]:
+    conns = [c for c in gw.connections if not c.closing]
+    if not conns:
+        return []
+    async with gw.redis.pipeline(transaction=False) as pipe:
+        for conn in conns:
+            pipe.exists(names.connection(conn.id))
+        found = await pipe.execute()
+    return [conn for conn, exists in zip(conns, found, strict=True) if not exists]
 
 
 async def check_sessions(gw: Gateway) -> int:

@@ -109,7 +109,7 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
 async def _hub(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     pubsub = Hub(
-        settings.redis_url,
+        settings.redis_target,
         name=PUBSUB_CLIENT_NAME,
         backoff_base=settings.pubsub_backoff_base_seconds,
         backoff_cap=settings.pubsub_backoff_cap_seconds,
@@ -160,7 +160,7 @@ def create_app(settings: ApiSettings) -> web.Application:
         tracing_context(SERVICE_NAME, settings.instance, settings.otel_exporter_otlp_endpoint)
     )
     app.cleanup_ctx.append(
-        redis_context(settings.redis_url, max_connections=settings.redis_max_connections)
+        redis_context(settings.redis_target, max_connections=settings.redis_max_connections)
     )
     app.cleanup_ctx.append(_components)
     app.cleanup_ctx.append(_hub)

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, NoReturn
@@ -173,8 +172,8 @@ async def realm_middleware(request: web.Request, handler: Handler) -> web.Stream
         fail(
             429,
             ErrorCode.RATE_LIMITED,
-            f"realm {realm!r} is over its rate limit; retry in {wait:.2f}s",
-            {"Retry-After": str(max(1, math.ceil(wait)))},
+            f"realm {realm!r} is over its rate limit; retry in {wait}s",
+            {"Retry-After": str(wait)},
         )
     request[REALM] = realm
     return await handler(request)
@@ -268,11 +267,22 @@ async def send_to_connection(request: web.Request) -> web.Response:
     if sent.result is SendResult.DELIVERED:
         metrics.DELIVERIES.labels(kind="connection", outcome="delivered").inc()
         return json_response({"delivered": sent.receivers}, 202)
+    if sent.result is SendResult.NOT_RECEIVED:
+        # The holding gateway is alive but was not subscribed: most likely re-subscribing after
+        # a Redis restart. Nothing was delivered, so the caller may safely send again; a 410
+        # here made agents give the answer up for a socket that is reachable a moment later.
+        metrics.DELIVERIES.labels(kind="connection", outcome="not_received").inc()
+        fail(
+            503,
+            ErrorCode.UNAVAILABLE,
+            f"connection {connection_id!r} was not received: its gateway is alive but not "
+            "subscribed (re-subscribing after a Redis restart?); retry",
+            {"Retry-After": "1"},
+        )
     metrics.DELIVERIES.labels(kind="connection", outcome="gone").inc()
     why = {
         SendResult.NO_RECORD: "is unknown or has disconnected",
         SendResult.STALE: "has no live gateway; its record was removed",
-        SendResult.NOT_RECEIVED: "was not received by any gateway",
     }[sent.result]
     fail(410, ErrorCode.GONE, f"connection {connection_id!r} {why}")
 
