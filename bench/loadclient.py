@@ -140,6 +140,8 @@ class Client:
         self.delivered = asyncio.Event()
         self.unmatched = 0
         self.first_errors: list[str] = []
+        #: error frames by code (``unavailable`` is the gateway shedding load)
+        self.error_codes: dict[str, int] = {}
         self.closing = False
         self.running = False
         self.max_lag = 0.0
@@ -177,7 +179,13 @@ class Client:
             if not socket.ready.done():
                 socket.ready.set_result(socket.connection_id)
         elif kind == "error":
+            code = str(frame.get("code"))
+            self.error_codes[code] = self.error_codes.get(code, 0) + 1
             self.note_error(f"error frame {frame!r}")
+            # A refused message is answered: it no longer waits for a reply.
+            self.sent_at.pop(frame.get("id"), None)
+            if not self.sent_at and not self.running:
+                self.drained.set()
         elif kind == "delivery":
             self.deliveries += 1
             if self.deliveries >= self.deliveries_expected:
@@ -388,6 +396,7 @@ async def run(config: dict[str, Any]) -> int:
             "acks": client.acks,
             "errors": client.errors,
             "first_errors": client.first_errors,
+            "error_codes": client.error_codes,
             "unmatched": client.unmatched,
         }
     )
