@@ -761,6 +761,13 @@ def markdown(figures: dict[str, dict[str, Any]], goals: list[dict[str, Any]], p:
                 cell += " ⚑"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if key == "closed.{}":
+            cpu = [_cpu_cell(figures.get(key.format(c))) for c in cols]
+            lines.append(
+                "| closed loop: CPU % of a core, server / agent (+ API) / load client | "
+                + " | ".join(cpu)
+                + " |"
+            )
     api = figures.get("api.send_to_connection.per_second")
     lines += [
         "",
@@ -787,6 +794,22 @@ def markdown(figures: dict[str, dict[str, Any]], goals: list[dict[str, Any]], p:
         met = {True: "yes", False: "**no**", None: "n/a"}[g["met"]]
         lines.append(f"| {g['target']} | {measured} | {goal} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _cpu_cell(fig: dict[str, Any] | None) -> str:
+    """Median CPU % over the runs: the server (gateways summed), the agent side, the client."""
+    runs = (fig or {}).get("cpu") or []
+    if not runs:
+        return "—"
+
+    def median_of(pick: Callable[[dict[str, float]], float]) -> str:
+        return f"{statistics.median(pick(r) for r in runs):.0f}"
+
+    server = median_of(
+        lambda r: sum(v for k, v in r.items() if k.startswith(("gateway", "server")))
+    )
+    agent = median_of(lambda r: r.get("agent", 0.0) + r.get("api", 0.0))
+    return f"{server} / {agent} / {median_of(lambda r: r.get('client', 0.0))}"
 
 
 def _num(v: float | None) -> str:
@@ -936,7 +959,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--systems", default=",".join(SYSTEMS), help=f"comma-separated subset of {SYSTEMS}"
     )
+    parser.add_argument(
+        "--table-from", type=Path, metavar="JSON", help="print the tables of a saved result"
+    )
     args = parser.parse_args(argv)
+    if args.table_from:
+        doc = orjson.loads(args.table_from.read_bytes())
+        fields = {k: v for k, v in doc["params"].items() if k in Plan.__dataclass_fields__}
+        fields["rates"] = tuple(fields.get("rates", ()))
+        print(markdown(doc["figures"], targets(doc["figures"]), Plan(**fields)), end="")
+        return 0
     if args.quick:
         os.environ["BENCH_QUICK"] = "1"
     systems = tuple(s for s in args.systems.split(",") if s)

@@ -18,7 +18,7 @@ import pytest
 
 from bench.resp import encode
 from bench.responder import reply_frame, socketio_emit
-from bench.roundtrip import SYSTEMS, TARGETS, expected_figures, plan, targets
+from bench.roundtrip import SYSTEMS, TARGETS, expected_figures, main, plan, targets
 from tests.helpers import ROOT, timeout
 
 
@@ -68,7 +68,9 @@ def test_targets_ratio_and_overload() -> None:
     assert by_figure["connect.po.per_second"]["met"] is None  # not measured
 
 
-def test_quick_run_writes_every_figure_and_target(tmp_path: Path) -> None:
+def test_quick_run_writes_every_figure_and_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     env = {**os.environ, "BENCH_RESULTS_DIR": str(tmp_path), "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "bench.roundtrip", "--quick"],
@@ -108,6 +110,10 @@ def test_quick_run_writes_every_figure_and_target(tmp_path: Path) -> None:
     for t in TARGETS:
         assert t.name in table
     assert "GATEWAY_RATE_LIMIT_PER_SECOND=1000000" in proc.stdout
+
+    # The tables can be printed again from the saved JSON, the same as the run wrote them.
+    assert main(["--table-from", str(tmp_path / "roundtrip.json")]) == 0
+    assert capsys.readouterr().out.strip() in table
 
 
 @pytest.mark.parametrize("system", ["nope"])
