@@ -42,6 +42,7 @@ import itertools
 import resource
 import sys
 import time
+from array import array
 from typing import Any
 
 import aiohttp
@@ -356,6 +357,7 @@ class Client:
             await asyncio.gather(*(worker(w) for w in range(int(self.config["workers"]))))
         stats["window_statuses"] = statuses
         stats["latency"] = percentiles(latencies)
+        stats["samples"] = latencies
 
 
 async def run(config: dict[str, Any]) -> int:
@@ -379,6 +381,7 @@ async def run(config: dict[str, Any]) -> int:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(client.delivered.wait(), float(config.get("drain", 5)))
             ok = stats["window_statuses"].get("202", 0)
+            save_samples(config, stats.pop("samples"))
             result.update(stats)
             result["requests_per_second"] = round(ok / result["window_seconds"], 1)
             result["delivered"] = client.deliveries
@@ -388,6 +391,7 @@ async def run(config: dict[str, Any]) -> int:
             result["received_per_second"] = round(client.window_received / seconds, 1)
             result["sent_in_window"] = client.window_sent
             result["latency"] = percentiles(client.latencies)
+            save_samples(config, client.latencies)
             result["unanswered"] = len(client.sent_at)
     client.closing = True
     result.update(
@@ -403,6 +407,14 @@ async def run(config: dict[str, Any]) -> int:
     await close_all(client.sockets)
     print("result " + orjson.dumps(result).decode(), flush=True)
     return 0
+
+
+def save_samples(config: dict[str, Any], seconds: list[float]) -> None:
+    """The window's latencies to ``samples_path``, when given: the parent merges several
+    clients' samples into one set of percentiles."""
+    if config.get("samples_path"):
+        with open(config["samples_path"], "wb") as f:
+            array("d", seconds).tofile(f)
 
 
 async def close_all(sockets: list[Socket]) -> None:

@@ -36,11 +36,13 @@ import argparse
 import asyncio
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -58,7 +60,7 @@ from bench.gateway_throughput import (
     start_gateway,
     start_traffic_cop,
 )
-from bench.loadclient import CPU_FLAG_PERCENT
+from bench.loadclient import CPU_FLAG_PERCENT, percentiles
 from bench.responder import SOCKETIO_CHANNEL
 from shared import redis_names as names
 from tests.helpers import TRAFFIC_COP_KEY, RedisServer, ServiceProcess
@@ -102,6 +104,9 @@ class Plan:
     http_workers: int = 64
     http_sockets: int = 100
     payload_bytes: int = 100
+    #: Load-client processes for the closed loop, the idle sockets and the HTTP load (where
+    #: one client would pass half a core); the open loops need one.
+    clients: int = 2
 
 
 def plan(quick_run: bool, runs: int | None) -> Plan:
@@ -332,67 +337,179 @@ async def redis_used_memory(redis_url: str) -> int:
 # ---- one load-client run ----------------------------------------------------------------------
 
 
+def split(config: dict[str, Any], clients: int) -> list[dict[str, Any]]:
+    """One load-client config per process: the sockets dealt round-robin, the open loop's rate
+    and the HTTP workers divided between them."""
+    parts = []
+    for i in range(clients):
+        part = {**config, "urls": config["urls"][i::clients]}
+        if "rate" in config:
+            part["rate"] = config["rate"] / clients
+        if "workers" in config:
+            part["workers"] = max(1, config["workers"] // clients)
+        parts.append(part)
+    return [p for p in parts if p["urls"]]
+
+
+def merge(results: list[dict[str, Any]], samples: list[list[float]]) -> dict[str, Any]:
+    """Several load clients' results as one: counts and rates summed, latency percentiles over
+    every client's samples, CPU per client (the flag is per process: each is one thread)."""
+    merged: dict[str, Any] = {"clients": len(results)}
+    connects = [r["connect"] for r in results]
+    seconds = max(c["connect_seconds"] for c in connects)
+    sockets = sum(c["sockets"] for c in connects)
+    merged["connect"] = {
+        "sockets": sockets,
+        "failed": sum(c["failed"] for c in connects),
+        "first_failures": [f for c in connects for f in c["first_failures"]][:3],
+        "connect_seconds": seconds,
+        # The clients connect at the same time: the rate is all sockets over the slowest.
+        "connects_per_second": round(sockets / seconds, 1) if seconds else None,
+        "connect_latency": [c["connect_latency"] for c in connects],
+        "client_cpu_percent": max(c["client_cpu_percent"] for c in connects),
+        "client_cpu_percent_each": [c["client_cpu_percent"] for c in connects],
+    }
+    summed = (
+        "replies_per_second",
+        "received_per_second",
+        "sent_in_window",
+        "unanswered",
+        "requests_per_second",
+        "sent_ok",
+        "delivered",
+        "replies",
+        "acks",
+        "errors",
+        "unmatched",
+    )
+    for key in summed:
+        if any(key in r for r in results):
+            merged[key] = round(sum(r.get(key, 0) for r in results), 1)
+    merged["first_errors"] = [e for r in results for e in r.get("first_errors", [])][:5]
+    for key in ("error_codes", "window_statuses"):
+        counts: dict[str, int] = {}
+        for r in results:
+            for code, n in r.get(key, {}).items():
+                counts[code] = counts.get(code, 0) + n
+        if any(key in r for r in results):
+            merged[key] = counts
+    if any("window_seconds" in r for r in results):
+        merged["window_seconds"] = max(r["window_seconds"] for r in results)
+        each = [r["client_cpu_percent"] for r in results]
+        merged["client_cpu_percent"] = max(each)
+        merged["client_cpu_percent_each"] = each
+    if any("max_schedule_lag_ms" in r for r in results):
+        merged["max_schedule_lag_ms"] = max(r.get("max_schedule_lag_ms", 0) for r in results)
+    if any("latency" in r for r in results):
+        merged["latency"] = percentiles([s for part in samples for s in part])
+    return merged
+
+
 async def drive(
     config: dict[str, Any],
     watches: dict[str, int],
-    on_connected: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+    on_connected: Callable[[dict[int, dict[str, Any]]], Awaitable[None]] | None = None,
     deadline_seconds: float = 300,
+    clients: int = 1,
 ) -> dict[str, Any]:
-    """Run :mod:`bench.loadclient` once; its result with every watched process's CPU % over
-    the measured window (``cpu``), and the client's own share flagged."""
-    with tempfile.NamedTemporaryFile("wb", suffix=".json", delete=False) as f:
-        f.write(orjson.dumps(config))
-        path = f.name
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.loadclient",
-        path,
-        cwd=ROOT,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    if proc.stdin is None or proc.stdout is None:
-        raise RuntimeError("load client without pipes")
-    procs = {who: ProcWatch(pid) for who, pid in watches.items()}
-    procs["client"] = ProcWatch(proc.pid)
-    result: dict[str, Any] = {}
+    """Run :mod:`bench.loadclient` once in ``clients`` processes at the same time; their merged
+    result with every watched process's CPU % over the measured window (``cpu``; ``client`` is
+    the clients' sum), and a load client above :data:`CPU_FLAG_PERCENT` flagged."""
+    workdir = Path(tempfile.mkdtemp(prefix="po-bench-"))
+    parts = split(config, clients)
+    procs: list[asyncio.subprocess.Process] = []
+    lines: asyncio.Queue[tuple[int, str]] = asyncio.Queue()
+
+    async def read(i: int, proc: asyncio.subprocess.Process) -> None:
+        if proc.stdout is not None:
+            while line := (await proc.stdout.readline()).decode().strip():
+                await lines.put((i, line))
+        await lines.put((i, "exit"))
+
+    for i, part in enumerate(parts):
+        part["samples_path"] = str(workdir / f"samples-{i}")
+        (workdir / f"config-{i}.json").write_bytes(orjson.dumps(part))
+        procs.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.loadclient",
+                str(workdir / f"config-{i}.json"),
+                cwd=ROOT,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+        )
+    readers = [asyncio.create_task(read(i, p)) for i, p in enumerate(procs)]
+    watched = {who: ProcWatch(pid) for who, pid in watches.items()}
+    watched.update({f"client{i}": ProcWatch(p.pid) for i, p in enumerate(procs)})
+    results: dict[int, dict[str, Any]] = {}
+    connected: dict[int, dict[str, Any]] = {}
     before: dict[str, Any] = {}
     cpu: dict[str, float] = {}
+    measuring = done = exited = 0
     try:
         async with asyncio.timeout(deadline_seconds):
-            while line := (await proc.stdout.readline()).decode().strip():
+            while exited < len(procs):
+                i, line = await lines.get()
                 word, _, rest = line.partition(" ")
                 if word == "connected":
+                    connected[i] = orjson.loads(rest)
+                    if len(connected) < len(procs):
+                        continue
                     if on_connected is not None:
-                        await on_connected(orjson.loads(rest))
-                    proc.stdin.write(b"go\n" if config["mode"] != "idle" else b"stop\n")
-                    await proc.stdin.drain()
+                        await on_connected(connected)
+                    command = b"go\n" if config["mode"] != "idle" else b"stop\n"
+                    for proc in procs:
+                        if proc.stdin is not None:
+                            proc.stdin.write(command)
+                            await proc.stdin.drain()
                 elif word == "measuring":
-                    before = {who: w.sample() for who, w in procs.items()}
+                    measuring += 1
+                    if measuring == 1:
+                        before = {who: w.sample() for who, w in watched.items()}
                 elif word == "done":
-                    for who, w in procs.items():
+                    done += 1
+                    if done < len(procs):
+                        continue
+                    for who, w in watched.items():
                         after = w.sample()
                         elapsed = max(after.at - before[who].at, 1e-9)
                         cpu[who] = round(
                             100 * (after.cpu_seconds - before[who].cpu_seconds) / elapsed, 1
                         )
+                    cpu["client"] = round(sum(v for k, v in cpu.items() if k[:6] == "client"), 1)
                 elif word == "result":
-                    result = orjson.loads(rest)
-            code = await proc.wait()
+                    results[i] = orjson.loads(rest)
+                elif word == "exit":
+                    exited += 1
+            codes = [await p.wait() for p in procs]
     finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-        with suppress(FileNotFoundError):
-            os.remove(path)
-    if not result:
-        raise RuntimeError(f"the load client gave no result (exit {code})")
+        for proc in procs:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        for task in readers:
+            task.cancel()
+        samples = [_samples(workdir / f"samples-{i}") for i in range(len(procs))]
+        shutil.rmtree(workdir, ignore_errors=True)
+    if len(results) < len(procs):
+        raise RuntimeError(f"{len(procs) - len(results)} load clients gave no result ({codes})")
+    ordered = [results[i] for i in range(len(procs))]
+    result = ordered[0] if len(procs) == 1 else merge(ordered, samples)
     result["cpu"] = cpu
     client_cpu = result.get("client_cpu_percent", result["connect"].get("client_cpu_percent"))
     result["client_bottleneck"] = bool(client_cpu and client_cpu > CPU_FLAG_PERCENT)
     return result
+
+
+def _samples(path: Path) -> list[float]:
+    if not path.exists():
+        return []
+    values = array("d")
+    values.frombytes(path.read_bytes())
+    return values.tolist()
 
 
 def run_problems(result: dict[str, Any], expect_acks: bool) -> list[str]:
@@ -496,7 +613,7 @@ class Bench:
                 urls = await system.urls(http, p.sockets, f"{name}-c{run}")
                 config = {**base, "urls": urls, "mode": "closed", "in_flight": p.in_flight}
                 config["seconds"] = p.closed_seconds
-                result = await drive(config, system.watches)
+                result = await drive(config, system.watches, clients=p.clients)
                 self.keep("closed", name, result, expect_acks)
                 closed.append(result)
             self.record(
@@ -549,7 +666,7 @@ class Bench:
                 seen: dict[str, float] = {}
 
                 async def connected(
-                    info: dict[str, Any],
+                    info: dict[int, dict[str, Any]],
                     system: System = system,
                     server: ProcWatch = server,
                     seen: dict[str, float] = seen,
@@ -565,7 +682,7 @@ class Bench:
                     "mode": "idle",
                     "connect_concurrency": 100,
                 }
-                result = await drive(config, system.watches, connected)
+                result = await drive(config, system.watches, connected, clients=p.clients)
                 self.keep("idle", name, result, expect_acks=False)
                 results.append(result)
                 n = max(result["connect"]["sockets"], 1)
@@ -595,7 +712,7 @@ class Bench:
                     "seconds": p.http_seconds,
                     "drain": p.drain,
                 }
-                result = await drive(config, system.watches)
+                result = await drive(config, system.watches, clients=p.clients)
                 statuses = result.get("window_statuses", {})
                 if set(statuses) - {"202"}:
                     result["errors"] = result.get("errors", 0) + sum(
