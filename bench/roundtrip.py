@@ -969,7 +969,13 @@ def ensure_sio_venv() -> Path:
 
 def sio_versions(python: Path) -> str:
     out = subprocess.run(
-        [str(python), "-c", "import socketio, engineio; print(socketio.__version__)"],
+        [
+            str(python),
+            "-c",
+            "from importlib.metadata import version as v; "
+            "print('python-socketio', v('python-socketio'), "
+            "'python-engineio', v('python-engineio'))",
+        ],
         capture_output=True,
         text=True,
         check=False,
