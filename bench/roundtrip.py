@@ -273,7 +273,10 @@ async def start_system(name: str, sio_python: Path | None) -> AsyncIterator[Syst
 
 
 def _start_with(service: ServiceProcess, python: Path) -> ServiceProcess:
-    """``service.start()`` with another interpreter (the reference peer's venv)."""
+    """``service.start()`` with another interpreter (the reference peer's venv).
+
+    ``tests.helpers.ServiceProcess`` runs ``sys.executable``; it is swapped for the call only,
+    which is safe here: the orchestrator is one thread and ``start`` blocks until ready."""
     real = sys.executable
     sys.executable = str(python)
     try:
