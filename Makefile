@@ -22,8 +22,10 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 
 install: $(STAMP) os-deps  ## venv with the pinned deps, plus redis-server from the OS packages
 
-os-deps:  ## redis-server from the OS packages when it is missing
+os-deps:  ## redis-server, redis-sentinel and promtool from the OS packages when missing
 	@scripts/ensure-os-package.sh redis-server redis-server
+	@scripts/ensure-os-package.sh promtool prometheus
+	@scripts/ensure-os-package.sh redis-sentinel redis-sentinel
 
 browser:  ## Chromium from the OS packages (the browser test drives it)
 	@scripts/ensure-os-package.sh chromium chromium
@@ -54,13 +56,13 @@ up:  ## the full stack in Docker Compose (first run: compose/.env with fresh ran
 		{ echo "make up needs Docker with the compose plugin ('docker compose'): see docs/deployment.md"; exit 1; }
 	@$(PYTHON) compose/gen_env.py
 	$(COMPOSE) up --build --detach --wait
-	@echo "edge: http://localhost/ (chat page; /ws, /v1)  grafana: http://127.0.0.1:3000  prometheus: http://127.0.0.1:9090  consul: http://127.0.0.1:8500"
+	@echo "edge: http://localhost/ (chat page; /ws, /v1)  grafana: http://127.0.0.1:3000  prometheus: http://127.0.0.1:9090  jaeger: http://127.0.0.1:16686  consul: http://127.0.0.1:8500"
 
 down:  ## stop the Docker Compose stack (each service drains on SIGTERM; volumes are kept)
 	$(COMPOSE) down
 
-lock: $(STAMP)  ## re-pin requirements after changing pyproject.toml
-	$(PY) -m pip freeze --exclude-editable > /tmp/po-freeze.txt && echo "review /tmp/po-freeze.txt and split into the two lock files"
+lock: $(STAMP)  ## re-pin both hashed lock files after changing pyproject.toml (scripts/lock.sh)
+	scripts/lock.sh
 
 clean:  ## remove the venv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .run

@@ -29,6 +29,7 @@ __all__ = [
     "CountingSubscriber",
     "ProcSample",
     "ProcWatch",
+    "ReadyChild",
     "latency_summary",
     "machine",
     "percentile",
@@ -38,7 +39,8 @@ __all__ = [
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = ROOT / "bench" / "results"
+#: ``BENCH_RESULTS_DIR`` moves them (the harness test writes to a temporary directory).
+RESULTS_DIR = Path(os.environ.get("BENCH_RESULTS_DIR") or ROOT / "bench" / "results")
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -150,9 +152,14 @@ class ProcWatch:
 
 
 def write_result(
-    name: str, params: dict[str, Any], results: list[dict[str, Any]], summary: list[str]
+    name: str,
+    params: dict[str, Any],
+    results: list[dict[str, Any]],
+    summary: list[str],
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """``bench/results/<name>.json``: machine, parameters, rows and the human summary lines."""
+    """``bench/results/<name>.json``: machine, parameters, rows, ``extra`` and the human
+    summary lines."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"{name}.json"
     doc = {
@@ -163,6 +170,7 @@ def write_result(
         "machine": machine(),
         "params": params,
         "results": results,
+        **(extra or {}),
         "summary": summary,
     }
     tmp = path.with_suffix(".json.tmp")
@@ -173,17 +181,20 @@ def write_result(
     return path
 
 
-class CountingSubscriber:
-    """:mod:`bench.subscriber` as a child process: an agent that only counts."""
+class ReadyChild:
+    """A bench part in a child process: it prints ``ready`` once it takes work and, on SIGTERM,
+    one JSON line of counts (:mod:`bench.subscriber`, :mod:`bench.responder`, ...)."""
 
-    def __init__(self, redis_url: str, *channels: str) -> None:
+    def __init__(self, args: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.args = list(args)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.subscriber", redis_url, *channels],
+            self.args,
             cwd=ROOT,
             stdout=subprocess.PIPE,
             text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
         )
-        # A bounded wait, so a subscriber that never subscribes cannot outlast the benchmark's
+        # A bounded wait, so a child that never gets ready cannot outlast the benchmark's
         # own deadline.
         # selectors, not select.select: a benchmark holding 1,000 sockets has descriptors past
         # select()'s limit of 1024.
@@ -195,10 +206,27 @@ class CountingSubscriber:
         line = self.proc.stdout.readline().strip() if ready and self.proc.stdout else ""
         if line != "ready":
             self.proc.kill()
-            raise RuntimeError(f"bench.subscriber did not start (said {line!r})")
+            self.proc.wait()
+            raise RuntimeError(f"{' '.join(self.args[1:3])} did not start (said {line!r})")
 
-    def stop(self) -> dict[str, float]:
-        """Stop it and return ``{"count", "first", "last"}``."""
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> dict[str, Any]:
+        """Stop it and return its last JSON line (``{}`` when it printed none)."""
         self.proc.terminate()
-        out, _ = self.proc.communicate(timeout=30)
-        return dict(orjson.loads(out.strip().splitlines()[-1]))
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+        lines = out.strip().splitlines()
+        return dict(orjson.loads(lines[-1])) if lines else {}
+
+
+class CountingSubscriber(ReadyChild):
+    """:mod:`bench.subscriber` as a child process: an agent that only counts."""
+
+    def __init__(self, redis_url: str, *channels: str) -> None:
+        super().__init__([sys.executable, "-m", "bench.subscriber", redis_url, *channels])

@@ -36,7 +36,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -210,19 +210,32 @@ def start_traffic_cop(redis_url: str) -> ServiceProcess:
     return service.start()
 
 
-def start_gateway(redis_url: str, traffic_cop_url: str, index: int) -> ServiceProcess:
+#: The gateway settings every benchmark uses, on top of the defaults.
+GATEWAY_BENCH_SETTINGS = {
+    # The limiter is per socket; the benchmark measures the gateway, not its limiter.
+    "GATEWAY_RATE_LIMIT_PER_SECOND": "1000000",
+    "GATEWAY_RATE_LIMIT_BURST": "1000000",
+    # A connect burst queues Traffic Cop calls behind each other on a shared core.
+    "GATEWAY_TRAFFIC_COP_TIMEOUT_SECONDS": "10",
+    "GATEWAY_SHUTDOWN_TIMEOUT": "10",
+    # The raw responders read the tap and no consumer group reads the stream, so nothing is
+    # acked and nothing trimmed: a bound this high keeps a long run from being refused.
+    "GATEWAY_STREAM_MAX_PENDING": "100000000",
+}
+
+
+def start_gateway(
+    redis_url: str, traffic_cop_url: str, index: int, extra: Mapping[str, str] | None = None
+) -> ServiceProcess:
+    """A gateway with :data:`GATEWAY_BENCH_SETTINGS` and ``extra`` on top."""
     service = ServiceProcess(
         "services.gateway",
         {
             "REDIS_URL": redis_url,
             "TRAFFIC_COP_URL": traffic_cop_url,
             "TRAFFIC_COP_SERVICE_KEY": TRAFFIC_COP_KEY,
-            # The limiter is per socket; the benchmark measures the gateway, not its limiter.
-            "GATEWAY_RATE_LIMIT_PER_SECOND": "1000000",
-            "GATEWAY_RATE_LIMIT_BURST": "1000000",
-            # A connect burst queues Traffic Cop calls behind each other on a shared core.
-            "GATEWAY_TRAFFIC_COP_TIMEOUT_SECONDS": "10",
-            "GATEWAY_SHUTDOWN_TIMEOUT": "10",
+            **GATEWAY_BENCH_SETTINGS,
+            **(extra or {}),
         },
     )
     service.env["GATEWAY_PORT"] = str(service.port)

@@ -2,8 +2,9 @@
 
 Each module starts its own private redis-server and service processes and stops by itself
 within its own deadline; results land in ``bench/results/<name>.json`` together with the
-machine they were measured on. ``BENCH_QUICK=1 make bench`` is a smoke run (tiny sizes).
-``BENCH_ONLY=gateway_throughput`` runs one of them.
+machine they were measured on. ``BENCH_QUICK=1 make bench`` (or ``python -m bench.run_all
+--quick``) is a smoke run (tiny sizes). ``BENCH_ONLY=gateway_throughput`` runs one of them.
+``roundtrip`` comes last: it prints the comparison table and issue 12's targets.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import time
 from bench.common import ROOT
 
 #: In the order they run: cheapest first, so a broken set-up shows up early.
-BENCHMARKS = ("publish_batching", "eviction_pass", "gateway_throughput")
+BENCHMARKS = ("publish_batching", "eviction_pass", "gateway_throughput", "roundtrip")
 
 
 def main() -> int:
+    if "--quick" in sys.argv[1:]:
+        os.environ["BENCH_QUICK"] = "1"
     only = {b for b in os.environ.get("BENCH_ONLY", "").split(",") if b}
     failed = []
     for name in BENCHMARKS:

@@ -17,14 +17,25 @@ a group instead (:class:`post_office_client.consumer.GroupConsumer`).
 
 One bad event never ends a subscription: an event that is not an agent message, or larger
 than ``max_event_bytes``, is skipped (and logged), and the stream goes on.
+
+Deliveries (:meth:`~PostOfficeClient.publish`, ``send_to_connection``, ``send_to_user``,
+``broadcast``) are retried for up to ``retry_deadline`` seconds when retrying is safe: a 429 or
+a 503 (the API refused before delivering anything) and a connection that failed (status 0
+``connection_failed``: the API was not reached or went away). Each retry waits
+:func:`shared.backoff.backoff`, or the answer's ``Retry-After`` when longer; a wait that would
+pass the deadline is not started and the last error is raised. A timeout (status 0
+``timeout``) is not retried: the API may have delivered, and a second copy would be a
+duplicate. A retry after a dropped connection can still duplicate (the API may have delivered
+before it went away); every copy carries the same message, so a receiver that keys on
+``message_id`` / ``in_reply_to`` drops it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import re
+import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, TypeVar
@@ -43,6 +54,7 @@ from post_office_client.models import (
     UserDelivery,
     WebSocketEndpoint,
 )
+from shared.backoff import backoff
 
 __all__ = ["PostOfficeClient", "Subscription"]
 
@@ -57,6 +69,11 @@ DEFAULT_MAX_EVENT_BYTES = 4 * 1024 * 1024
 HEALTHY_STREAM_SECONDS = 5.0
 #: The longest ``Retry-After`` a subscription honours.
 MAX_RETRY_AFTER = 300.0
+#: Statuses of a delivery that refused before doing anything: safe to send again.
+_RETRY_STATUSES = frozenset({429, 502, 503, 504})
+#: Status-0 codes that are safe enough to retry (the API was not reached, or dropped the
+#: connection); a ``timeout`` is not among them: the API may have delivered.
+_RETRY_CODES = frozenset({"connection_failed"})
 #: What an over-long line is replaced with by the line reader.
 _OVERSIZED = object()
 #: The shape of a W3C traceparent; only such a value is also sent as the header.
@@ -81,8 +98,18 @@ class PostOfficeClient:
         *,
         timeout: float = 10.0,
         session: aiohttp.ClientSession | None = None,
+        retry_deadline: float = 0.0,
+        retry_base: float = 0.1,
+        retry_cap: float = 5.0,
     ) -> None:
+        """``retry_deadline``: seconds a delivery keeps retrying what is safe to retry (0: no
+        retry); ``retry_base`` and ``retry_cap`` shape the backoff between tries."""
         self.base_url = base_url.rstrip("/")
+        self.retry_deadline = retry_deadline
+        self.retry_base = retry_base
+        self.retry_cap = retry_cap
+        #: Deliveries sent again after a refusal or a dropped connection (for metrics, tests).
+        self.retries = 0
         # Sent with every request (not set on the session): a caller's session gets them too.
         self._headers = {"Authorization": f"Bearer {realm_key}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout)
@@ -102,9 +129,9 @@ class PostOfficeClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the client (and its session, unless the caller gave one). Calls made after
         this raise ``RuntimeError``."""
         self._closed = True
@@ -138,7 +165,7 @@ class PostOfficeClient:
         self, channel: str, message: dict[str, Any], *, traceparent: str | None = None
     ) -> PublishResult:
         """Publish an agent message on ``channel`` (queued while no agent listens)."""
-        body = await self._call(
+        body = await self._deliver(
             "POST", f"/v1/channels/{_segment(channel)}/messages", _body(message, traceparent)
         )
         return _typed(
@@ -161,14 +188,15 @@ class PostOfficeClient:
         payload = _body(message, traceparent)
         if ack is not None:
             payload["ack"] = ack
-        body = await self._call(
+        body = await self._deliver(
             "POST", f"/v1/connections/{_segment(connection_id)}/messages", payload
         )
         return _typed(body, lambda: _int(body, "delivered"))
 
     async def ack(self, channel: str, group: str, ids: list[str]) -> int:
-        """Ack stream entries of a consumer group in one call; how many were still pending."""
-        body = await self._call(
+        """Ack stream entries of a consumer group in one call; how many were still pending
+        (acking again is harmless, so it is retried like a delivery)."""
+        body = await self._deliver(
             "POST",
             f"/v1/channels/{_segment(channel)}/groups/{_segment(group)}/acks",
             {"ids": ids},
@@ -178,7 +206,7 @@ class PostOfficeClient:
     async def send_to_user(
         self, user_id: str, message: dict[str, Any], *, traceparent: str | None = None
     ) -> UserDelivery:
-        body = await self._call(
+        body = await self._deliver(
             "POST", f"/v1/users/{_segment(user_id)}/messages", _body(message, traceparent)
         )
         return _typed(
@@ -193,7 +221,7 @@ class PostOfficeClient:
     async def broadcast(
         self, channel: str, message: dict[str, Any], *, traceparent: str | None = None
     ) -> BroadcastResult:
-        body = await self._call(
+        body = await self._deliver(
             "POST", f"/v1/channels/{_segment(channel)}/broadcast", _body(message, traceparent)
         )
         return _typed(
@@ -260,6 +288,26 @@ class PostOfficeClient:
         )
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    async def _deliver(self, method: str, path: str, json_body: dict[str, Any]) -> dict[str, Any]:
+        """:meth:`_call`, retried within ``retry_deadline`` while retrying is safe."""
+        deadline = time.monotonic() + self.retry_deadline
+        attempt = 0
+        while True:
+            try:
+                return await self._call(method, path, json_body)
+            except PostOfficeError as exc:
+                if not _retryable(exc):
+                    raise
+                delay = backoff(attempt, self.retry_base, self.retry_cap)
+                if exc.retry_after is not None:
+                    delay = max(delay, min(exc.retry_after, MAX_RETRY_AFTER))
+                if time.monotonic() + delay > deadline:
+                    raise
+                attempt += 1
+                self.retries += 1
+                log.info("%s %s: %s; retry %d in %.2fs", method, path, exc, attempt, delay)
+                await asyncio.sleep(delay)
 
     async def _call(
         self,
@@ -334,6 +382,12 @@ def _typed(body: dict[str, Any], build: Callable[[], T]) -> T:
         raise PostOfficeError(
             200, "invalid_response", f"answer lacks a valid {exc}: {str(body)[:200]}"
         ) from None
+
+
+def _retryable(exc: PostOfficeError) -> bool:
+    if exc.status == 0:
+        return exc.code in _RETRY_CODES
+    return exc.status in _RETRY_STATUSES
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -484,8 +538,7 @@ class Subscription:
         return None
 
     def _backoff(self, attempt: int) -> float:
-        ceiling = min(self.backoff_max, self.backoff_min * 2.0 ** min(attempt, 32))
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        return backoff(attempt, self.backoff_min, self.backoff_max)
 
     async def _connect_with_retry(self) -> None:
         while True:

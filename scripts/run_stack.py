@@ -1,46 +1,68 @@
 """``make run``: the whole Post Office stack on this machine, stopped cleanly by Ctrl-C.
 
 Starts, in order, each as a child ``python -m ...`` process with its log in
-``.run/logs/<name>.log`` (rewritten at every start):
+``.run/logs/<name>.log`` (rewritten at every start of the stack, appended to on a restart):
 
-1. a private ``redis-server`` on a free port in a temporary directory (skipped when
-   ``REDIS_URL`` is given: that Redis is used and left alone);
+1. a private ``redis-server`` on a free port, persisting to an append-only file in
+   ``.run/redis/`` (``appendfsync everysec``; the directory is emptied at every start of the
+   stack, so a stack starts empty but a Redis that crashes while it runs comes back from its
+   AOF with at most about a second of writes lost); skipped when ``REDIS_URL`` is given: that
+   Redis is used and left alone;
 2. Traffic Cop (8300), the Post Office API (8200), the eviction worker (8400), two gateways
    (8100 and 8101), each waited for on ``/ready`` with a deadline;
-3. the demo guide agent, waited for until it listens on the ``guide`` channel.
+3. the demo guide agent replicas (``RUN_GUIDE_REPLICAS``, 2), each waited for until it
+   consumes the ``guide`` channel's group.
 
 Then it prints the URLs, the development realm keys, a fresh session token, the chat-page link
-and a command to connect from a terminal, and watches the children. Ctrl-C or SIGTERM stops
-them in reverse order (SIGTERM, a bounded wait, then SIGKILL) and the private Redis, and exits
-0 when every one stopped cleanly; a second Ctrl-C skips the waits and kills what is left.
-A child that dies on its own stops everything, naming it,
-with a non-zero exit. Children run in their own process groups (a terminal's Ctrl-C reaches
-only this supervisor, which stops them in order) and, on Linux, receive SIGTERM should the
-supervisor itself be killed, so nothing outlives it.
+and a command to connect from a terminal, and watches the children, as a process manager: a
+child that dies on its own is restarted (same port, same settings) after
+``shared.backoff.backoff(<restarts in the window>, RUN_RESTART_BACKOFF_BASE_SECONDS,
+RUN_RESTART_BACKOFF_CAP_SECONDS)`` seconds, and both the death and the restart are logged on stdout;
+the other children keep serving meanwhile. Only a crash loop (a child dying more than
+``RUN_RESTART_LIMIT`` times within ``RUN_RESTART_WINDOW`` seconds) stops the stack, naming the
+child with its log tail, with a non-zero exit. A child that fails while the stack starts stops
+it too (a bad setting would only loop).
+
+Ctrl-C or SIGTERM stops the children in reverse order (SIGTERM, a bounded wait, then SIGKILL)
+and exits 0 when every one stopped cleanly; a second Ctrl-C skips the waits and kills what is
+left. Children run in their own process groups (a terminal's Ctrl-C reaches only this
+supervisor, which stops them in order) and, on Linux, receive SIGTERM should the supervisor
+itself be killed, so nothing outlives it.
+
+One stack per ``RUN_DIR``: the supervisor holds an exclusive lock on ``RUN_DIR/stack.lock``
+while it runs; a second ``make run`` on the same directory is refused before it touches
+anything there (the running stack's ``stack.json``, logs and Redis files stay as they are).
 
 Environment (besides what the services read themselves; see ``python -m services.<name>
 --help``):
 
-=====================  ==================================================================
-``REDIS_URL``          use this Redis instead of starting a private one
-``RUN_GATEWAY_PORTS``  comma-separated gateway ports (default ``8100,8101``)
-``RUN_API_PORT``       Post Office API port (default 8200)
-``RUN_TRAFFIC_COP_PORT``  Traffic Cop port (default 8300)
-``RUN_EVICTION_PORT``  eviction worker port (default 8400)
-``RUN_DIR``            where ``logs/`` and ``stack.json`` go (default ``.run``)
-``RUN_READY_TIMEOUT``  seconds each process has to become ready (default 30)
-``RUN_STOP_TIMEOUT``   seconds each process has to exit after SIGTERM (default 15; above the
-                       services' 10 s ``shutdown_timeout``)
-=====================  ==================================================================
+=============================  ==========================================================
+``REDIS_URL``                  use this Redis instead of starting a private one
+``RUN_GATEWAY_PORTS``          comma-separated gateway ports (default ``8100,8101``)
+``RUN_API_PORT``               Post Office API port (default 8200)
+``RUN_TRAFFIC_COP_PORT``       Traffic Cop port (default 8300)
+``RUN_EVICTION_PORT``          eviction worker port (default 8400)
+``RUN_DIR``                    where ``logs/``, ``redis/`` and ``stack.json`` go (default
+                               ``.run``)
+``RUN_READY_TIMEOUT``          seconds each process has to become ready (default 30)
+``RUN_STOP_TIMEOUT``           seconds each process has to exit after SIGTERM (default 15;
+                               above the services' 10 s ``shutdown_timeout``)
+``RUN_RESTART_LIMIT``          restarts of one child allowed within the window (default 5)
+``RUN_RESTART_WINDOW``         the crash-loop window in seconds (default 60)
+``RUN_RESTART_BACKOFF_BASE_SECONDS``   first restart delay's ceiling in seconds (default 0.5)
+``RUN_RESTART_BACKOFF_CAP_SECONDS``    longest restart delay in seconds (default 10)
+=============================  ==========================================================
 
-``stack.json`` in ``RUN_DIR`` records the supervisor's pid and every child's name, pid and
-port while the stack runs (tests and scripts read it); it is removed on exit.
+``stack.json`` in ``RUN_DIR`` records the supervisor's pid and every child's name, pid, port
+and restart count while the stack runs (rewritten at each restart; tests and scripts read it);
+it is removed on exit.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import importlib.util
 import json
 import os
@@ -49,7 +71,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
@@ -61,6 +82,7 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 from shared import redis_names as names
+from shared.backoff import backoff
 
 __all__ = ["main"]
 
@@ -98,6 +120,13 @@ class Child:
     #: Its exit was already reported (it died on its own); stop() does not report it again.
     reported: bool = False
     log_file: IO[bytes] | None = field(default=None, repr=False)
+    #: Restarts so far, and the monotonic times of its deaths within the crash-loop window.
+    restarts: int = 0
+    deaths: list[float] = field(default_factory=list)
+    #: Monotonic time of a pending restart (None: none pending).
+    restart_at: float | None = None
+    #: Restarted and not yet seen ready again.
+    rejoining: bool = False
 
     @property
     def url(self) -> str:
@@ -118,17 +147,27 @@ class Child:
         return "\n".join(text.splitlines()[-lines:]) or "(empty log)"
 
 
-def _env_float(name: str, default: float) -> float:
+def _env_number(name: str, default: float, kind: type[float] | type[int], what: str) -> float:
+    """``name`` from the environment parsed by ``kind``; ``default`` when unset. A float must
+    be positive, an int 0 or more."""
     raw = os.environ.get(name, "")
     if not raw.strip():
         return default
     try:
-        value = float(raw)
+        value = kind(raw)
     except ValueError:
-        raise StackError(f"{name}={raw!r}: expected a number of seconds") from None
-    if value <= 0:
-        raise StackError(f"{name}={raw!r}: must be positive")
+        raise StackError(f"{name}={raw!r}: expected {what}") from None
+    if value < 0 or (kind is float and value == 0):
+        raise StackError(f"{name}={raw!r}: must be {'positive' if kind is float else '0 or more'}")
     return value
+
+
+def _env_float(name: str, default: float) -> float:
+    return _env_number(name, default, float, "a number of seconds")
+
+
+def _env_int(name: str, default: int) -> int:
+    return int(_env_number(name, default, int, "a whole number"))
 
 
 def _env_port(name: str, default: int) -> int:
@@ -234,8 +273,14 @@ class Stack:
         self.run_dir = Path(os.environ.get("RUN_DIR") or ROOT / ".run").resolve()
         self.log_dir = self.run_dir / "logs"
         self.state_path = self.run_dir / "stack.json"
+        self.lock_path = self.run_dir / "stack.lock"
+        self._lock_file: IO[bytes] | None = None
         self.ready_timeout = _env_float("RUN_READY_TIMEOUT", 30.0)
         self.stop_timeout = _env_float("RUN_STOP_TIMEOUT", 15.0)
+        self.restart_limit = _env_int("RUN_RESTART_LIMIT", 5)
+        self.restart_window = _env_float("RUN_RESTART_WINDOW", 60.0)
+        self.restart_base = _env_float("RUN_RESTART_BACKOFF_BASE_SECONDS", 0.5)
+        self.restart_cap = _env_float("RUN_RESTART_BACKOFF_CAP_SECONDS", 10.0)
         self.traffic_cop_port = _env_port("RUN_TRAFFIC_COP_PORT", 8300)
         self.api_port = _env_port("RUN_API_PORT", 8200)
         self.eviction_port = _env_port("RUN_EVICTION_PORT", 8400)
@@ -274,6 +319,32 @@ class Stack:
         return self._stop.is_set()
 
     # -- start --------------------------------------------------------------------------------
+
+    def lock(self) -> None:
+        """Take ``RUN_DIR``'s lock, or refuse without touching anything a running stack owns.
+
+        An ``flock`` rather than a pid file: the kernel drops it when the supervisor dies, even
+        by SIGKILL, so a stale lock can never block the next ``make run``."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock_file = open(self.lock_path, "ab")  # noqa: SIM115 - held until exit
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock_file.close()
+            owner = "another supervisor"
+            with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                pid = json.loads(self.state_path.read_text())["supervisor_pid"]
+                owner = f"supervisor pid {pid}"
+            raise StackError(
+                f"another `make run` ({owner}) is running with RUN_DIR={self.run_dir}; "
+                "stop it first (Ctrl-C in its terminal), or give this one another RUN_DIR and "
+                "other ports. Nothing of the running stack was touched."
+            ) from None
+        self._lock_file = lock_file
+
+    @property
+    def locked(self) -> bool:
+        return self._lock_file is not None
 
     def plan(self) -> None:
         """Build the children to start, skipping modules that do not exist (yet)."""
@@ -367,7 +438,12 @@ class Stack:
         port = free_port()
         while port in planned:  # a planned port is free until its service binds it
             port = free_port()
-        self.redis_dir = tempfile.mkdtemp(prefix="po-run-redis-")
+        # A fresh stack starts empty: the previous run's data would name connections of
+        # gateways that no longer exist. Within a run, the AOF brings a crashed Redis back.
+        redis_dir = self.run_dir / "redis"
+        shutil.rmtree(redis_dir, ignore_errors=True)
+        redis_dir.mkdir(parents=True)
+        self.redis_dir = str(redis_dir)
         self.redis_url = f"redis://{HOST}:{port}/0"
         redis = Child(
             name="redis",
@@ -380,7 +456,9 @@ class Stack:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes",
+                "--appendfsync",
+                "everysec",
                 "--dir",
                 self.redis_dir,
                 "--loglevel",
@@ -404,7 +482,11 @@ class Stack:
         return self.redis_url
 
     def _spawn(self, child: Child) -> None:
-        child.log_file = open(child.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        # A restart appends: the log of the run that died is what explains the death.
+        mode = "ab" if child.restarts else "wb"
+        if child.log_file is not None:
+            child.log_file.close()
+        child.log_file = open(child.log_path, mode)  # noqa: SIM115 - closed in stop()
         env = {**os.environ, **child.env}
         if child.name != "redis":
             env["REDIS_URL"] = self.redis_url
@@ -450,18 +532,21 @@ class Stack:
                 url = child.url + "/ready"
                 self._wait(child, lambda url=url: _http_status(url) == 200, f"GET {url}")
             else:
-                # An agent has no port; it is ready once its group stream is open: the API
-                # marks its consumer live in Redis at every step of that stream.
-                key = names.stream_consumers(GUIDE_CHANNEL)
-                member = f"{GUIDE_GROUP}/{child.env['GUIDE_AGENT_CONSUMER']}"
                 self._wait(
                     child,
-                    lambda key=key, member=member: (
-                        _redis_command(self.redis_url, "ZSCORE", key, member)
-                        not in (None, b"$-1\r\n", b"_\r\n")
-                    ),
-                    f"consumer {member} in {key}",
+                    lambda child=child: self._agent_consuming(child),
+                    f"consumer {GUIDE_GROUP}/{child.env['GUIDE_AGENT_CONSUMER']} of "
+                    f"{names.stream_consumers(GUIDE_CHANNEL)}",
                 )
+
+    def _agent_consuming(self, child: Child) -> bool:
+        """An agent has no port; it is ready once its group stream is open: the API marks its
+        consumer live in Redis at every step of that stream."""
+        member = f"{GUIDE_GROUP}/{child.env['GUIDE_AGENT_CONSUMER']}"
+        reply = _redis_command(
+            self.redis_url, "ZSCORE", names.stream_consumers(GUIDE_CHANNEL), member
+        )
+        return reply not in (None, b"$-1\r\n", b"_\r\n")
 
     def create_session(self) -> dict[str, Any] | None:
         if not any(c.name == "traffic_cop" for c in self.children):
@@ -488,7 +573,13 @@ class Stack:
             "redis_url": self._redis_shown(),
             "own_redis": self.own_redis,
             "children": [
-                {"name": c.name, "pid": c.pid, "port": c.port, "log": str(c.log_path)}
+                {
+                    "name": c.name,
+                    "pid": c.pid,
+                    "port": c.port,
+                    "log": str(c.log_path),
+                    "restarts": c.restarts,
+                }
                 for c in self.children
                 if c.proc is not None
             ],
@@ -540,12 +631,56 @@ class Stack:
     # -- watch and stop -----------------------------------------------------------------------
 
     def watch(self) -> Child | None:
-        """Block until a stop is requested (``None``) or a child dies (that child)."""
-        while not self._stop.wait(0.2):
+        """Restart children that die until a stop is requested (``None``) or one of them is
+        in a crash loop (that child)."""
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
             for child in self.children:
-                if not child.alive():
-                    return child
+                if child.restart_at is not None:
+                    if now >= child.restart_at:
+                        self._restart(child)
+                elif not child.alive():
+                    if self._died(child, now):
+                        return child
+                elif child.rejoining and self._ready(child):
+                    child.rejoining = False
+                    print(f"make run: {child.name} (pid {child.pid}) is ready again", flush=True)
         return None
+
+    def _died(self, child: Child, now: float) -> bool:
+        """Log the death and schedule the restart; True when it is one death too many."""
+        code = child.proc.returncode if child.proc is not None else None
+        child.reported = True  # stop() must not count this death as a failed stop
+        child.deaths = [t for t in child.deaths if now - t <= self.restart_window] + [now]
+        if len(child.deaths) > self.restart_limit:
+            return True
+        delay = backoff(len(child.deaths) - 1, self.restart_base, self.restart_cap)
+        child.restart_at = now + delay
+        print(
+            f"make run: {child.name} (pid {child.pid}) died with code {code}; restarting it in "
+            f"{delay:.2f}s ({len(child.deaths)} of at most {self.restart_limit} deaths in "
+            f"{self.restart_window:g}s); the others keep serving",
+            flush=True,
+        )
+        return False
+
+    def _restart(self, child: Child) -> None:
+        child.restart_at = None
+        child.reported = False
+        child.restarts += 1
+        child.rejoining = True
+        self._spawn(child)
+        print(
+            f"make run: restarted {child.name} (pid {child.pid}, restart {child.restarts})",
+            flush=True,
+        )
+
+    def _ready(self, child: Child) -> bool:
+        if child.name == "redis":
+            return _redis_command(self.redis_url, "PING") == b"+PONG\r\n"
+        if child.port is None:
+            return self._agent_consuming(child)
+        return _http_status(child.url + "/ready", timeout=0.5) == 200
 
     def stop(self) -> list[str]:
         """Stop every child, highest tier first; the problems met (empty: all clean)."""
@@ -579,11 +714,10 @@ class Stack:
                 if child.log_file is not None:
                     child.log_file.close()
                     child.log_file = None
-        if self.redis_dir is not None:
-            shutil.rmtree(self.redis_dir, ignore_errors=True)
-            self.redis_dir = None
-        with contextlib.suppress(FileNotFoundError):
-            self.state_path.unlink()
+        # The Redis directory stays (its AOF shows what the run held); the next start empties it.
+        if self.locked:
+            with contextlib.suppress(FileNotFoundError):
+                self.state_path.unlink()
         return problems
 
 
@@ -603,6 +737,12 @@ def main() -> int:
     stack.install_signal_handlers()
     failure: str | None = None
     try:
+        stack.lock()
+    except StackError as exc:
+        # Refused before anything started: nothing of ours to stop, nothing of theirs to touch.
+        print(f"make run: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
         stack.plan()
         stack.check_ports()
         stack.start_redis()
@@ -613,8 +753,10 @@ def main() -> int:
             if died is not None:
                 code = died.proc.returncode if died.proc is not None else None
                 failure = (
-                    f"{died.name} (pid {died.pid}) died unexpectedly with code {code}; "
-                    f"stopping everything. The end of {died.log_path}:\n{died.log_tail()}"
+                    f"crash loop: {died.name} (pid {died.pid}) died with code {code}, "
+                    f"{len(died.deaths)} deaths within {stack.restart_window:g}s (more than "
+                    f"RUN_RESTART_LIMIT={stack.restart_limit}); stopping everything. The end of "
+                    f"{died.log_path}:\n{died.log_tail()}"
                 )
                 died.reported = True
     except StackError as exc:

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
@@ -43,24 +42,23 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from shared.backoff import backoff
+from shared.service import cancel_and_wait, spawn
+from shared.service_names import TRAFFIC_COP_SERVICE, ServiceName
+
 __all__ = [
-    "API_SERVICE",
     "DEREGISTER",
-    "EVICTION_SERVICE",
-    "GATEWAY_SERVICE",
-    "TRAFFIC_COP_SERVICE",
+    "REGISTRATION_TASK",
     "Discovery",
     "DiscoveryError",
     "registration_context",
+    "traffic_cop_resolver",
 ]
 
 log = logging.getLogger(__name__)
 
-# Consul service names.
-GATEWAY_SERVICE = "post-office-gateway"
-API_SERVICE = "post-office-api"
-TRAFFIC_COP_SERVICE = "traffic-cop"
-EVICTION_SERVICE = "eviction-worker"
+#: The name of the task that keeps a service registered (supervised: see shared.service).
+REGISTRATION_TASK = "consul-registration"
 
 #: Set by :func:`registration_context` (when Consul is configured): leave Consul now, and stop
 #: re-registering. Idempotent; the context's cleanup calls it too.
@@ -101,7 +99,7 @@ class Discovery:
         self._rr: dict[str, itertools.count[int]] = {}
         self._session: aiohttp.ClientSession | None = None
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         for task in list(self._inflight.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -193,14 +191,8 @@ class Discovery:
         return sorted(urls)
 
 
-def _backoff(attempt: int, base: float, cap: float) -> float:
-    """Capped exponential backoff with equal jitter."""
-    delay = min(cap, base * 2.0**attempt)
-    return delay / 2 + random.uniform(0, delay / 2)
-
-
 def registration_context(
-    service: str,
+    service: ServiceName | str,
     instance_id: str,
     address: str,
     port: int,
@@ -209,7 +201,8 @@ def registration_context(
     check_interval: str = "10s",
     check_timeout: str = "5s",
     deregister_after: str = "1m",
-    tags: Sequence[str] = (),
+    tags: Sequence[str] | None = None,
+    check_path: str | None = None,
     meta: dict[str, str] | None = None,
     refresh_seconds: float = 30.0,
     retry_base: float = 0.5,
@@ -221,23 +214,34 @@ def registration_context(
     Without ``consul_url`` it does nothing. Registration runs in a task the context owns: a
     Consul that does not answer at start is retried with capped, jittered backoff (the service
     works meanwhile; the env fallback still applies), and every ``refresh_seconds`` the agent
-    is asked whether it still knows the service, which is registered again if not."""
+    is asked whether it still knows the service, which is registered again if not. The task is
+    supervised (:func:`shared.service.spawn`): one that dies fails the process.
+
+    ``service`` is an entry of :mod:`shared.service_names` (its name, tags and check path are
+    registered) or, for tests, a bare name; ``tags`` and ``check_path`` override the entry's."""
+    if isinstance(service, ServiceName):
+        name = service.name
+        tags = service.tags if tags is None else tags
+        check_path = service.check_path if check_path is None else check_path
+    else:
+        name = service
+    check_path = check_path or "/health"
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         if not consul_url:
             yield
             return
         base = consul_url.rstrip("/")
-        service_id = f"{service}-{instance_id}"
+        service_id = f"{name}-{instance_id}"
         body = {
             "ID": service_id,
-            "Name": service,
+            "Name": name,
             "Address": address,
             "Port": port,
-            "Tags": list(tags),
+            "Tags": list(tags or ()),
             "Meta": dict(meta or {}),
             "Check": {
-                "HTTP": f"http://{address}:{port}/health",
+                "HTTP": f"http://{address}:{port}{check_path}",
                 "Interval": check_interval,
                 "Timeout": check_timeout,
                 "DeregisterCriticalServiceAfter": deregister_after,
@@ -265,17 +269,21 @@ def registration_context(
 
         async def keep_registered() -> None:
             attempt = 0
-            registered = False
+            registered = ever_registered = False
             while True:
                 try:
                     if not registered or not await known():
                         await register()
-                        log.info("registered %s in consul at %s", service_id, base)
-                        registered = True
+                        # Once at INFO; again (Consul forgot it, or came back) only at DEBUG:
+                        # a dev agent that drops it every refresh must not flood the logs.
+                        (log.info if not ever_registered else log.debug)(
+                            "registered %s in consul at %s", service_id, base
+                        )
+                        registered = ever_registered = True
                     attempt = 0
                     await asyncio.sleep(refresh_seconds)
                 except (aiohttp.ClientError, TimeoutError) as exc:
-                    delay = _backoff(attempt, retry_base, retry_cap)
+                    delay = backoff(attempt, retry_base, retry_cap)
                     (log.warning if attempt == 0 else log.debug)(
                         "consul registration of %s failed (retrying in %.1fs): %r",
                         service_id,
@@ -286,7 +294,7 @@ def registration_context(
                     registered = False
                     await asyncio.sleep(delay)
 
-        task = asyncio.create_task(keep_registered(), name=f"consul-registration-{service_id}")
+        task = spawn(app, REGISTRATION_TASK, keep_registered())
         deregistered = False
 
         async def deregister() -> None:
@@ -295,9 +303,7 @@ def registration_context(
                 return
             deregistered = True
             # Stopped first, or it would register the service again.
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await cancel_and_wait([task])
             try:
                 async with session.put(f"{base}/v1/agent/service/deregister/{service_id}") as resp:
                     if resp.status == 404:
@@ -318,3 +324,20 @@ def registration_context(
                 await session.close()
 
     return ctx
+
+
+def traffic_cop_resolver(
+    discovery: Discovery, configured_url: str, trust_consul: bool
+) -> Callable[[], Awaitable[str]]:
+    """Where a caller sends Traffic Cop calls, which carry the service key and session tokens.
+
+    Pinned to ``TRAFFIC_COP_URL`` unless ``TRAFFIC_COP_FROM_CONSUL`` says Consul is trusted:
+    a Consul without ACLs (the compose stack's dev agent) lets any neighbour register a
+    ``traffic-cop`` of its own and receive both. Without a configured URL, Consul it is."""
+
+    async def resolve() -> str:
+        if configured_url and not trust_consul:
+            return configured_url
+        return await discovery.resolve(TRAFFIC_COP_SERVICE.name, configured_url or None)
+
+    return resolve

@@ -24,6 +24,8 @@ from typing import Any
 import orjson
 
 __all__ = [
+    "CLOSE_REASON_RATE_LIMITED",
+    "CLOSE_REASON_SESSION_LIMIT",
     "DEFAULT_CHANNELS",
     "INTENTS",
     "MAX_CLOSE_REASON_BYTES",
@@ -86,7 +88,13 @@ class CloseCode(enum.IntEnum):
     INTERNAL_ERROR = 1011
     TRY_AGAIN_LATER = 1013  # overloaded, or the client reads too slowly
     SESSION_INVALID = 4401  # invalid, expired or revoked session
-    RATE_LIMITED = 4429  # rate limit exceeded repeatedly
+    RATE_LIMITED = 4429  # rate limit exceeded repeatedly, or too many sockets for the session
+
+
+#: The two causes of a 4429, told apart by the close reason (the chat page reads it; a client
+#: should wait on the first, and close another socket of the session on the second).
+CLOSE_REASON_RATE_LIMITED = "rate limit exceeded"
+CLOSE_REASON_SESSION_LIMIT = "too many connections for this session"
 
 
 #: RFC 6455 5.5: a Close frame's body is at most 125 bytes, two of them the code.
@@ -139,6 +147,8 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "not_found"
     GONE = "gone"
     METHOD_NOT_ALLOWED = "method_not_allowed"
+    UNSUPPORTED_ENCODING = "unsupported_encoding"
+    TIMEOUT = "timeout"
     INTERNAL = "internal_error"
 
 
@@ -254,7 +264,15 @@ def decode_client_frame(
         raise ProtocolError(ErrorCode.INVALID_JSON, f"not valid JSON: {exc.msg}") from None
     if _is_pong(raw):
         return None
-    return validate_client_object(raw, allowed_channels)
+    # A frame with at most MAX_DEPTH brackets cannot nest deeper than MAX_DEPTH: counting them
+    # (in C) spares the walk over the decoded object for nearly every frame. Brackets inside
+    # strings only make the count larger, so a frame is never taken for shallower than it is.
+    opened = (
+        data.count("{") + data.count("[")
+        if isinstance(data, str)
+        else (data.count(b"{") + data.count(b"["))
+    )
+    return validate_client_object(raw, allowed_channels, nesting_checked=opened <= MAX_DEPTH)
 
 
 def peek_rate_limited_frame(data: str | bytes, max_bytes: int) -> tuple[bool, str | int | None]:
@@ -289,7 +307,7 @@ def parse_client_frame(
 
 
 def validate_client_object(
-    raw: Any, allowed_channels: Iterable[str] = DEFAULT_CHANNELS
+    raw: Any, allowed_channels: Iterable[str] = DEFAULT_CHANNELS, *, nesting_checked: bool = False
 ) -> ClientEnvelope:
     """:func:`parse_client_frame` for a frame already decoded (``orjson.loads``), so a caller
     that had to look inside it first (is it a pong?) does not parse it twice."""
@@ -298,7 +316,7 @@ def validate_client_object(
     client_id: Any = None
     try:
         client_id = _client_id(raw)
-        if not check_depth(raw):
+        if not nesting_checked and not check_depth(raw):
             raise ProtocolError(ErrorCode.INVALID_ENVELOPE, f"JSON nests deeper than {MAX_DEPTH}")
         channel = raw.get("channel", "guide")
         if not isinstance(channel, str):

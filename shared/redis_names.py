@@ -8,6 +8,7 @@ test there. Each builder's comment shows the shape it produces.
 from __future__ import annotations
 
 __all__ = [
+    "EPOCH",
     "EVENTS",
     "GATEWAYS",
     "LAST_SEEN",
@@ -31,6 +32,10 @@ __all__ = [
 ]
 
 _PREFIX = "websocket"
+
+# websocket:epoch — string, no TTL: a random value written with SET NX by the first process
+# that finds it missing (shared.epoch). It changing or vanishing means Redis lost its data.
+EPOCH = f"{_PREFIX}:epoch"
 
 # websocket:events — pub/sub: connected, disconnected, evicted (with reason)
 EVENTS = f"{_PREFIX}:events"

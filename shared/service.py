@@ -2,11 +2,13 @@
 
 * :func:`base_app` — an ``aiohttp`` application with JSON errors, ``/health`` (liveness),
   ``/ready`` (200 only when every dependency answers, else 503 naming the failing ones) and
-  ``/metrics`` (Prometheus text).
+  ``/metrics`` (Prometheus text, by prometheus_client's own aiohttp handler).
 * :func:`redis_context` and :func:`background` — cleanup contexts: every resource and every
   background task is created, yielded, cancelled and awaited by its owner (aiohttp's
   ``cleanup_ctx``), so nothing outlives the app and nothing leaks in tests.
-* :func:`run` — uvloop, then ``web.run_app``. SIGTERM (or SIGINT) first runs the service's own
+* :func:`run` — uvloop, then ``web.run_app``'s loop with the guarded server of
+  shared/http_server.py (header timeouts, a cap on pending connections, no inflated bodies,
+  JSON answers to malformed requests). SIGTERM (or SIGINT) first runs the service's own
   drain (:func:`on_drain`: the gateway leaves Consul, hands over what it accepted and closes its
   sockets with 1001 there) while the server still reads from every connection, then aiohttp's
   shutdown: stop accepting, ``on_shutdown``, wait up to ``shutdown_timeout`` for in-flight
@@ -19,6 +21,18 @@
   answers 503 naming why, and under :func:`run` the process drains as on SIGTERM and then
   exits non-zero, so that its orchestrator restarts it rather than leaving a half-working
   process in rotation.
+* :func:`spawn` — the one way a service starts a background task: named, supervised, and
+  subject to the ``FAIL_TASKS`` test hook (a task named there raises :class:`InjectedFault` as
+  it starts, so the tests can show that each task's death is noticed; production refuses the
+  setting).
+
+Every background task of every service is started by :func:`spawn` (directly, or through
+:func:`background`) from a cleanup context that cancels and awaits it.
+
+Exception tree::
+
+    RuntimeError
+     └── InjectedFault     a task named in FAIL_TASKS, failing on purpose
 """
 
 from __future__ import annotations
@@ -31,26 +45,38 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from dataclasses import dataclass, field
 from typing import Any
 
-import prometheus_client
 from aiohttp import web
 from aiohttp.web_runner import GracefulExit
 from redis.asyncio import Redis
 
-from shared.http import error_middleware, json_response
+from shared.http import (
+    body_timeout_middleware,
+    encoding_middleware,
+    error_middleware,
+    json_response,
+    server_header,
+)
+from shared.http_server import ServerLimits, serve
+from shared.metrics import metrics_handler
 from shared.redis_client import make_redis
+from shared.settings import HttpLimitSettings, ServiceSettings
 from shared.tracing import tracing_middleware
 
 __all__ = [
     "REDIS",
     "SERVICE",
+    "InjectedFault",
     "ReadinessCheck",
     "ServiceState",
     "background",
     "base_app",
+    "cancel_and_wait",
     "fail",
     "on_drain",
     "redis_context",
     "run",
+    "run_service",
+    "spawn",
     "supervise",
 ]
 
@@ -79,6 +105,8 @@ class ServiceState:
     stopping: bool = field(default=False, repr=False)
     #: The service's drain (:func:`on_drain`), run before aiohttp's shutdown under :func:`run`.
     drains: list[Callable[[], Awaitable[None]]] = field(default_factory=list, repr=False)
+    #: Test hook (the ``FAIL_TASKS`` setting): background tasks that fail as they start.
+    fail_tasks: frozenset[str] = frozenset()
 
     def add_check(self, name: str, check: ReadinessCheck) -> None:
         self.checks[name] = check
@@ -131,11 +159,6 @@ async def _ready(request: web.Request) -> web.Response:
     return json_response({"status": "ready", "checks": checks})
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
-    return web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
-
-
 async def _mark_draining(app: web.Application) -> None:
     app[SERVICE].draining = True
 
@@ -145,19 +168,34 @@ def base_app(
     instance: str,
     *,
     client_max_size: int = 1024 * 1024,
+    body_timeout: float = 30.0,
     middlewares: Iterable[Callable[..., Awaitable[web.StreamResponse]]] = (),
+    fail_tasks: Iterable[str] = (),
 ) -> web.Application:
-    """An application with JSON errors and the three operational routes already in place."""
+    """An application with JSON errors and the three operational routes already in place.
+
+    ``middlewares`` (the service's own: authentication, budgets) run after the compressed-body
+    refusal and before the body is read (within ``body_timeout``), so no body is read for a
+    request its credentials already refuse. ``name`` is the service's entry in
+    :mod:`shared.service_names`; ``fail_tasks`` is the ``FAIL_TASKS`` test hook (see
+    :func:`spawn`)."""
     # Tracing outermost, so a request's span sees the status the error middleware settles on;
     # it is a pass-through unless tracing_context turned tracing on.
     app = web.Application(
         client_max_size=client_max_size,
-        middlewares=[tracing_middleware, error_middleware, *middlewares],
+        middlewares=[
+            tracing_middleware,
+            error_middleware,
+            encoding_middleware,
+            *middlewares,
+            body_timeout_middleware(body_timeout),
+        ],
     )
-    app[SERVICE] = ServiceState(name=name, instance=instance)
+    app.on_response_prepare.append(server_header)
+    app[SERVICE] = ServiceState(name=name, instance=instance, fail_tasks=frozenset(fail_tasks))
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
-    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/metrics", metrics_handler)
     app.on_shutdown.append(_mark_draining)
     return app
 
@@ -261,8 +299,9 @@ async def _install_signal_handlers(app: web.Application) -> None:
 
 def supervise(app: web.Application, task: asyncio.Task[Any]) -> None:
     """Watch a task that must run for the process's whole life: if it ends in any way but
-    cancellation (an exception, or returning), it is logged and the process fails
-    (:func:`fail`)."""
+    cancellation (an exception, or returning before the process drains), it is logged and the
+    process fails (:func:`fail`). Returning once the drain has begun is how a loop honours a
+    stop request (the eviction worker's), so that is not a failure."""
 
     def done(t: asyncio.Task[Any]) -> None:
         if t.cancelled():
@@ -271,11 +310,68 @@ def supervise(app: web.Application, task: asyncio.Task[Any]) -> None:
         if exc is not None:
             log.error("background task %s died", t.get_name(), exc_info=exc)
             fail(app, f"background task {t.get_name()} died: {exc!r}"[:300])
-        else:
+        elif not app[SERVICE].draining:
             log.error("background task %s returned; it should run until shutdown", t.get_name())
             fail(app, f"background task {t.get_name()} ended")
 
     task.add_done_callback(done)
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a task named in the ``FAIL_TASKS`` test hook, as it starts."""
+
+
+async def _injected_fault(name: str, coro: Coroutine[Any, Any, Any]) -> None:
+    coro.close()  # never started: nothing of it to clean up
+    await asyncio.sleep(0)
+    raise InjectedFault(f"{name} failed on purpose (FAIL_TASKS test hook)")
+
+
+def spawn(
+    app: web.Application,
+    name: str,
+    coro: Coroutine[Any, Any, Any],
+    *,
+    critical: bool = True,
+) -> asyncio.Task[Any]:
+    """Start a background task named ``name`` for ``app``; the caller owns it (cancels and
+    awaits it at cleanup). ``critical`` (the default): its end fails the process
+    (:func:`supervise`); otherwise a death is only logged, never silently lost. A name listed
+    in the ``FAIL_TASKS`` test hook gets a task that raises :class:`InjectedFault` instead."""
+    if name in app[SERVICE].fail_tasks:
+        coro = _injected_fault(name, coro)
+    task: asyncio.Task[Any] = asyncio.create_task(coro, name=name)
+    if critical:
+        supervise(app, task)
+    else:
+
+        def report(t: asyncio.Task[Any]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                log.error("background task %s died", name, exc_info=t.exception())
+
+        task.add_done_callback(report)
+    return task
+
+
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Task[Any]], *, recancel_after: float = 1.0
+) -> None:
+    """Cancel ``tasks`` and wait until every one has ended; never raises what a task raised
+    (a task that died was reported by :func:`spawn` already).
+
+    A task that swallows its cancellation (redis-py can lose a cancel that lands while it
+    connects) is cancelled again every ``recancel_after`` seconds, with a warning, so that
+    a cleanup context never hangs the process's exit."""
+    pending = set(tasks)
+    for task in pending:
+        task.cancel()
+    while pending:
+        _, pending = await asyncio.wait(pending, timeout=recancel_after)
+        for task in pending:
+            log.warning(
+                "background task %s ignored its cancellation; cancelling again", task.get_name()
+            )
+            task.cancel()
 
 
 def background(
@@ -289,23 +385,11 @@ def background(
     ``critical`` its end also fails the process (:func:`supervise`)."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(factory(app), name=name)
-
-        def report(t: asyncio.Task[None]) -> None:
-            if not t.cancelled() and t.exception() is not None:
-                log.error("background task %s died", name, exc_info=t.exception())
-
-        if critical:
-            supervise(app, task)
-        else:
-            task.add_done_callback(report)
+        task = spawn(app, name, factory(app), critical=critical)
         try:
             yield
         finally:
-            task.cancel()
-            # wait() rather than awaiting the task: a task that already died must not raise
-            # again here (it was logged), and a cancellation of cleanup itself still propagates.
-            await asyncio.wait([task])
+            await cancel_and_wait([task])
 
     return ctx
 
@@ -315,25 +399,32 @@ def run(
     host: str,
     port: int,
     shutdown_timeout: float,
+    limits: ServerLimits | None = None,
 ) -> None:
     """Serve with uvloop until SIGTERM/SIGINT, then drain (see module docstring). After a
-    :func:`fail`, the drain runs the same way and the process then exits with its code."""
+    :func:`fail`, the drain runs the same way and the process then exits with its code.
+    ``limits`` bound connections before any handler (shared/http_server.py)."""
     import uvloop
 
     state = app[SERVICE] if isinstance(app, web.Application) else None
     if state is not None and isinstance(app, web.Application):
         state.stop_on_failure = True
+        # Our own SIGTERM/SIGINT handlers, installed at start-up over the runner's: the
+        # service's drain first, see above.
         app.on_startup.append(_install_signal_handlers)
-    web.run_app(
-        app,
-        loop=uvloop.new_event_loop(),
-        host=host,
-        port=port,
-        shutdown_timeout=shutdown_timeout,
-        access_log=None,
-        print=None,
-        # Our own handlers (installed at start-up): the service's drain first, see above.
-        handle_signals=state is None,
-    )
+    serve(app, host, port, shutdown_timeout, limits or ServerLimits(), uvloop.new_event_loop())
     if state is not None and state.exit_code:
         raise SystemExit(state.exit_code)
+
+
+def run_service(app: web.Application, settings: ServiceSettings) -> None:
+    """:func:`run` on the service's listen address, drain time and ``HTTP_*`` limits."""
+    if not isinstance(settings, HttpLimitSettings):
+        raise TypeError(f"{type(settings).__name__} lacks the HTTP_* limits (HttpLimitSettings)")
+    run(
+        app,
+        settings.host,
+        settings.port,
+        settings.shutdown_timeout,
+        ServerLimits.of(settings),
+    )

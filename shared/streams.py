@@ -32,12 +32,12 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from shared import redis_names as names
-from shared.settings import setting
 
 __all__ = [
     "DATA_FIELD",
     "DEFAULT_GROUP_START",
     "PUBLISH_SCRIPT",
+    "UNCONSUMED_SCRIPT",
     "ConsumerInfo",
     "DeadLetter",
     "Entry",
@@ -48,7 +48,6 @@ __all__ = [
     "is_valid_consumer_name",
     "is_valid_group_name",
     "is_valid_stream_id",
-    "stream_max_pending_setting",
 ]
 
 #: The one field of a stream entry: the agent message JSON (the same bytes the tap carries).
@@ -61,19 +60,6 @@ _CONSUMER_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 _ID_RE = re.compile(r"^\d{1,20}-\d{1,20}$")
 
 
-def stream_max_pending_setting() -> Any:
-    """The ``STREAM_MAX_PENDING`` field of every service that publishes (gateway, API)."""
-    return setting(
-        10000,
-        "unconsumed messages (not yet read, or read and not acked, by the slowest consumer "
-        "group; all of them while no group exists) a channel's stream may hold; past it "
-        "publishing is refused (clients: error 'unavailable'; the API: 503). Nothing accepted "
-        "is trimmed before every group acked it",
-        common=True,
-        minimum=1,
-    )
-
-
 def is_valid_group_name(name: object) -> bool:
     return isinstance(name, str) and bool(_GROUP_RE.match(name))
 
@@ -83,7 +69,11 @@ def is_valid_consumer_name(name: object) -> bool:
 
 
 def is_valid_stream_id(value: object) -> bool:
-    return isinstance(value, str) and bool(_ID_RE.match(value))
+    """``<ms>-<seq>``, both parts below 2**64 (what Redis accepts)."""
+    if not (isinstance(value, str) and _ID_RE.match(value)):
+        return False
+    ms, _, seq = value.partition("-")
+    return int(ms) < 1 << 64 and int(seq) < 1 << 64
 
 
 # Shared Lua: the unconsumed entries of the slowest group (its lag plus its pending count; a
@@ -129,6 +119,17 @@ redis.call('XADD', KEYS[1], '*', 'data', ARGV[1])
 if redis.call('PUBLISH', KEYS[2], ARGV[1]) > 0 then return 1 end
 if redis.call('EXISTS', KEYS[3]) == 1 then return 1 end
 return 2
+"""
+)
+
+#: KEYS: 1 stream. Returns its unconsumed entries (what the publish script compares with
+#: STREAM_MAX_PENDING): the slowest group's lag plus pending, or the length with no group.
+UNCONSUMED_SCRIPT = (
+    _UNCONSUMED
+    + """
+local len = redis.call('XLEN', KEYS[1])
+if len == 0 then return 0 end
+return unconsumed(redis.call('XINFO', 'GROUPS', KEYS[1]), len)
 """
 )
 

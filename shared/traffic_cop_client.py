@@ -236,7 +236,7 @@ class TrafficCopClient:
         if answer.status != 200:
             raise TrafficCopUnavailable(f"{route}: HTTP {answer.status}")
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()

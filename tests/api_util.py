@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestServer
 from redis.asyncio import Redis
 
 from services.post_office_api.settings import ApiSettings
-from tests.helpers import timeout
+from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, timeout
 
 KEYS = {
     "smart_city": "dev-smart_city",
@@ -48,8 +48,8 @@ def api_settings(redis_url: str, **overrides: Any) -> ApiSettings:
         traffic_cop_url="",  # no Traffic Cop unless a test starts one
         sse_keepalive_seconds=0.1,
         sse_subscribe_timeout_seconds=timeout(5),
-        pubsub_backoff_min_seconds=0.01,
-        pubsub_backoff_max_seconds=0.1,
+        pubsub_backoff_base_seconds=0.01,
+        pubsub_backoff_cap_seconds=0.1,
         shutdown_timeout=timeout(2),
     )
     settings = dataclasses.replace(base, **overrides)
@@ -131,6 +131,36 @@ async def listening(redis: Redis, *channels: str) -> AsyncIterator[Listener]:
         await listener.close()
 
 
+def api_process(redis_url: str, traffic_cop: ServiceProcess, **env: str) -> ServiceProcess:
+    """A real ``python -m services.post_office_api`` on a free port (not started yet)."""
+    service = ServiceProcess(
+        "services.post_office_api",
+        {
+            "REDIS_URL": redis_url,
+            "TRAFFIC_COP_URL": traffic_cop.url,
+            "TRAFFIC_COP_SERVICE_KEY": TRAFFIC_COP_KEY,
+            **env,
+        },
+    )
+    service.env["POST_OFFICE_PORT"] = str(service.port)
+    return service
+
+
 async def numsub(redis: Redis, channel: str) -> int:
     result = await redis.pubsub_numsub(channel)
     return int(result[0][1])
+
+
+def guide_process(api_url: str, **env: str) -> ServiceProcess:
+    """The real guide agent (not started) against ``api_url``, with short re-subscribe backoffs
+    and a short idle timeout so tests see it recover in seconds; ``env`` adds or overrides."""
+    return ServiceProcess(
+        "agents.guide",
+        {
+            "POST_OFFICE_URL": api_url,
+            "GUIDE_AGENT_BACKOFF_BASE_SECONDS": "0.05",
+            "GUIDE_AGENT_BACKOFF_CAP_SECONDS": "0.2",
+            "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": str(timeout(2)),
+            **env,
+        },
+    )

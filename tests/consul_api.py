@@ -22,6 +22,14 @@ Implemented, as the Consul docs describe them:
 * ``GET /v1/health/service/<name>`` with ``passing`` and ``tag`` filters; the node's
   ``serfHealth`` check is part of every entry, as in Consul.
 
+Post Office names (``plan_names=True``): the agent then also checks what the services send
+against the one table of service names (``shared/service_names.py``): a registration under
+another name, with other tags or with an HTTP check on another path is refused with 400, and
+so is a lookup (``/v1/health/service/<name>``) of a name outside the table. A real Consul
+takes any name; this check is how the tests see that every service registers, and every
+caller looks up, the names the plan gives (``websocket-gateway`` with its tags and its check
+on ``/health/websocket-gateway``, realms finding gateways by that name).
+
 Differences, on purpose: blocking queries (``index``/``wait``) answer at once; ``filter``
 expressions are refused with 400 rather than ignored; TTL, script, gRPC and alias checks are
 refused with 400. Consul's own floors (1s minimum check interval, 1 minute minimum
@@ -48,6 +56,9 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from yarl import URL
+
+from shared.service_names import SERVICES
 
 __all__ = ["ConsulAgent", "ConsulServer", "parse_duration"]
 
@@ -203,6 +214,7 @@ class ConsulAgent:
         min_deregister_after: float = 60.0,
         reap_interval: float = 30.0,
         stagger: bool = True,
+        plan_names: bool = False,
     ) -> None:
         self.node = node
         self.node_id = str(uuid.uuid4())
@@ -212,6 +224,7 @@ class ConsulAgent:
         self.min_deregister_after = min_deregister_after
         self.reap_interval = reap_interval
         self.stagger = stagger
+        self.plan_names = plan_names
         self.services: dict[str, Service] = {}
         self.checks: dict[str, Check] = {}
         self.index = 1
@@ -279,6 +292,8 @@ class ConsulAgent:
         replace_checks = _flag(request.query.get("replace-existing-checks"))
         try:
             service, checks = self._parse_service(body)
+            if self.plan_names:
+                self._check_plan_names(service, checks)
         except _BadRequest as exc:
             return self._text(str(exc), 400)
         existing = self.services.get(service.service_id)
@@ -305,6 +320,25 @@ class ConsulAgent:
             service.check_ids.append(check.check_id)
             check.task = asyncio.create_task(self._run_check(check), name=f"check {check.check_id}")
         return web.Response(status=200)
+
+    @staticmethod
+    def _check_plan_names(service: Service, checks: list[Check]) -> None:
+        """Refuse a registration that does not match ``shared/service_names.py``."""
+        entry = SERVICES.get(service.name)
+        if entry is None:
+            raise _BadRequest(
+                f"not a Post Office service name: {service.name!r} (expected one of "
+                f"{', '.join(sorted(SERVICES))})"
+            )
+        if sorted(service.tags) != sorted(entry.tags):
+            raise _BadRequest(
+                f"{service.name}: tags {service.tags!r}, the plan's are {list(entry.tags)!r}"
+            )
+        paths = [URL(c.target).path for c in checks if c.kind == "http"]
+        if paths != [entry.check_path]:
+            raise _BadRequest(
+                f"{service.name}: HTTP check path(s) {paths!r}, expected [{entry.check_path!r}]"
+            )
 
     def _parse_service(self, body: dict[str, Any]) -> tuple[Service, list[Check]]:
         name = _get(body, "Name")
@@ -584,6 +618,8 @@ class ConsulAgent:
         if "filter" in request.query:
             return self._text("this Consul stand-in does not implement filter expressions", 400)
         name = request.match_info["service"]
+        if self.plan_names and name not in SERVICES:
+            return self._text(f"lookup of a name outside the table of service names: {name!r}", 400)
         passing_only = "passing" in request.query and _flag(request.query.get("passing"))
         tags = request.query.getall("tag", [])
         entries = []

@@ -25,7 +25,7 @@ WORKER = "services.eviction_worker"
 #: Settings that make a worker process quick to act and quick to stop in tests.
 FAST = {
     "EVICTION_INTERVAL_SECONDS": "0.05",
-    "EVICTION_ERROR_BACKOFF_SECONDS": "0.2",
+    "EVICTION_ERROR_BACKOFF_CAP_SECONDS": "0.2",
     "EVICTION_SHUTDOWN_TIMEOUT": "0.5",
     "EVICTION_TRAFFIC_COP_RETRY_BASE_SECONDS": "0.05",
     "EVICTION_TRAFFIC_COP_RETRY_CAP_SECONDS": "0.2",

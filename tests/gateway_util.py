@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -14,7 +15,14 @@ import orjson
 from redis.asyncio import Redis
 
 from shared import redis_names as names
-from tests.helpers import TRAFFIC_COP_KEY, RedisServer, ServiceProcess, timeout, wait_for
+from tests.helpers import (
+    TRAFFIC_COP_KEY,
+    RedisServer,
+    ServiceProcess,
+    create_session,
+    timeout,
+    wait_for,
+)
 
 #: Settings every test gateway uses unless a test says otherwise: quick flushes, short waits.
 FAST = {
@@ -23,10 +31,13 @@ FAST = {
     "GATEWAY_STARTUP_WAIT_SECONDS": "10",
     "GATEWAY_SHUTDOWN_TIMEOUT": "5",
     "GATEWAY_CLOSE_TIMEOUT": "1",
-    "GATEWAY_BREAKER_BACKOFF_BASE": "0.02",
-    "GATEWAY_BREAKER_BACKOFF_CAP": "0.2",
-    "GATEWAY_PUBSUB_BACKOFF_BASE": "0.02",
-    "GATEWAY_PUBSUB_BACKOFF_CAP": "0.2",
+    "GATEWAY_BREAKER_BACKOFF_BASE_SECONDS": "0.02",
+    "GATEWAY_BREAKER_BACKOFF_CAP_SECONDS": "0.2",
+    "GATEWAY_PUBSUB_BACKOFF_BASE_SECONDS": "0.02",
+    "GATEWAY_PUBSUB_BACKOFF_CAP_SECONDS": "0.2",
+    # Tests open hundreds of sockets from 127.0.0.1 at once; tests/test_hostile.py sets the
+    # per-address upgrade budget it exercises.
+    "GATEWAY_UNAUTH_BURST": "100000",
 }
 
 
@@ -217,17 +228,51 @@ async def registry_traces(
     return found
 
 
+@dataclass
+class Base:
+    """A module's own redis-server and Traffic Cop, for tests that start gateways of their
+    own against them."""
+
+    redis_url: str
+    traffic_cop: ServiceProcess
+
+    def token(self, user_id: str) -> str:
+        return create_session(self.traffic_cop.url, user_id)
+
+
+def redis_and_traffic_cop() -> Iterator[Base]:
+    """The body of a module-scoped ``base`` fixture: ``base = pytest.fixture(scope="module")(
+    redis_and_traffic_cop)``."""
+    server = RedisServer().start()
+    traffic_cop = start_traffic_cop(server.url)
+    try:
+        yield Base(server.url, traffic_cop)
+    finally:
+        traffic_cop.stop()
+        server.cleanup()
+
+
+async def client_of(base: Base) -> AsyncIterator[Redis]:
+    """The body of a ``redis`` fixture on ``base``'s server."""
+    client = Redis.from_url(base.redis_url)
+    yield client
+    await client.aclose()
+
+
 __all__ = [
     "FAST",
     "AgentListener",
+    "Base",
     "RedisServer",
     "chat",
+    "client_of",
     "close_of",
     "create_sessions",
     "gateway_process",
     "health_detail",
     "instance_of",
     "recv",
+    "redis_and_traffic_cop",
     "redis_client",
     "registry_traces",
     "small_receive_buffer_connector",

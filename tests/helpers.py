@@ -87,9 +87,14 @@ def wait_for_sync(
 
 
 class RedisServer:
-    """A private redis-server on a free port in a temporary directory."""
+    """A private redis-server on a free port in a temporary directory; ``aof``: with an
+    append-only file (``appendfsync everysec``, or ``fsync`` as given) in that directory, so a
+    restart (``stop`` then ``start``) comes back with its data, else it comes back empty."""
 
-    def __init__(self) -> None:
+    def __init__(self, aof: bool = False, fsync: str = "everysec", *extra: str) -> None:
+        self.aof = aof
+        self.fsync = fsync
+        self.extra = list(extra)
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="po-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -112,11 +117,14 @@ class RedisServer:
                 "--save",
                 "",
                 "--appendonly",
-                "no",
+                "yes" if self.aof else "no",
+                "--appendfsync",
+                self.fsync,
                 "--dir",
                 self.dir,
                 "--loglevel",
                 "warning",
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -231,6 +239,13 @@ class ServiceProcess:
 
 
 TRAFFIC_COP_KEY = "dev-traffic_cop"
+#: The least a production configuration needs beyond its keys (ENVIRONMENT=production refuses
+#: a Redis URL without a password, and on the gateway ALLOWED_ORIGINS unset or "*").
+PRODUCTION_ENV = {
+    "ENVIRONMENT": "production",
+    "REDIS_URL": "redis://:test-password@127.0.0.1:6379/0",
+    "ALLOWED_ORIGINS": "https://app.example.com",
+}
 
 
 def create_session(traffic_cop_url: str, user_id: str, ttl_seconds: int | None = None) -> str:

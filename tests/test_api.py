@@ -34,7 +34,7 @@ from tests.api_util import (
     read_event,
     read_until_subscribed,
 )
-from tests.helpers import ServiceProcess, stream_data, timeout, wait_for
+from tests.helpers import PRODUCTION_ENV, ServiceProcess, stream_data, timeout, wait_for
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
@@ -271,20 +271,20 @@ def test_production_refuses_development_and_short_keys(redis_url: str) -> None:
 
     long_key = "k" * 40
     with pytest.raises(SettingsError, match="production"):
-        load(ApiSettings, "POST_OFFICE_", {"ENVIRONMENT": "production"})
+        load(ApiSettings, "POST_OFFICE_", dict(PRODUCTION_ENV))
     with pytest.raises(SettingsError, match="development keys"):  # any case
         load(
             ApiSettings,
             "POST_OFFICE_",
-            {"ENVIRONMENT": "production", "REALM_KEYS": f"DEV-{long_key}:smart_city"},
+            {**PRODUCTION_ENV, "REALM_KEYS": f"DEV-{long_key}:smart_city"},
         )
     with pytest.raises(SettingsError, match="at least 32 characters"):
         load(
             ApiSettings,
             "POST_OFFICE_",
-            {"ENVIRONMENT": "production", "REALM_KEYS": "k1:smart_city"},
+            {**PRODUCTION_ENV, "REALM_KEYS": "k1:smart_city"},
         )
-    production = {"ENVIRONMENT": "production", "REALM_KEYS": f"{long_key}:smart_city"}
+    production = {**PRODUCTION_ENV, "REALM_KEYS": f"{long_key}:smart_city"}
     with pytest.raises(SettingsError, match="TRAFFIC_COP_SERVICE_KEY"):
         load(ApiSettings, "POST_OFFICE_", production)
     settings = load(
@@ -358,12 +358,15 @@ async def test_send_to_connection_410_and_stale_record_removed(
     await error_of(resp, 410, "gone")
 
 
-async def test_send_to_connection_410_keeps_the_record_of_a_live_gateway(
+async def test_send_to_connection_not_received_by_a_live_gateway_is_503_and_kept(
     client: Client, redis: Redis
 ) -> None:
+    """Nobody received, but the gateway is alive (re-subscribing): nothing was delivered, so
+    the answer is a retryable 503 with Retry-After, and the record stays."""
     cid = await register(redis, gateway="gw-live", alive=True)
     resp = await client.post(f"/v1/connections/{cid}/messages", data=body(), headers=auth())
-    await error_of(resp, 410, "gone")
+    assert "not subscribed" in await error_of(resp, 503, "unavailable")
+    assert resp.headers["Retry-After"] == "1"
     assert await redis.exists(names.connection(cid))
 
 
@@ -457,6 +460,30 @@ async def test_send_to_user(client: Client, redis: Redis) -> None:
     assert await resp.json() == {"delivered": 0, "connections": 0, "stale_removed": 0}
     resp = await client.post("/v1/users/bad%20user/messages", data=body(), headers=auth())
     await error_of(resp, 400, "bad_request")
+
+
+def _histogram_count(text: str, name: str, labels: str) -> float:
+    line = next(x for x in text.splitlines() if x.startswith(f"{name}_count{{{labels}}}"))
+    return float(line.rsplit(" ", 1)[1])
+
+
+OP = 'operation="send_to_user"'
+
+
+async def test_request_durations_are_per_operation_in_seconds(client: Client) -> None:
+    """Latency by route name, never by raw path: two users, one series; buckets from 100 us."""
+    name = "postoffice_api_request_seconds"
+    resp = await client.post("/v1/users/carol/messages", data=body(), headers=auth())
+    assert resp.status == 202
+    # The registry is the process's: other tests' calls count too, so compare before/after.
+    before = _histogram_count(await (await client.get("/metrics")).text(), name, OP)
+    resp = await client.post("/v1/users/dave/messages", data=body(), headers=auth())
+    assert resp.status == 202
+    text = await (await client.get("/metrics")).text()
+    assert _histogram_count(text, name, OP) == before + 1
+    assert f'{name}_bucket{{le="0.0001",operation="send_to_user"}}' in text
+    assert f'{name}_bucket{{le="10.0",operation="send_to_user"}}' in text
+    assert "carol" not in text and "dave" not in text
 
 
 async def test_broadcast_is_one_publish_on_the_channel(client: Client, redis: Redis) -> None:
@@ -778,7 +805,7 @@ async def test_sse_client_gone_before_the_headers_is_not_an_error(
     assert server is not None
     # Hold the hub's command lock: the stream's SUBSCRIBE waits, so the client can leave
     # before the headers go out.
-    async with hub._send_lock:
+    async with hub.pubsub.lock:
         reader, writer = await asyncio.open_connection(client.host, client.port)
         writer.write(
             b"GET /v1/channels/guide/events HTTP/1.1\r\nHost: x\r\n"
@@ -984,7 +1011,9 @@ async def test_rate_limit_per_realm_is_429(make_client: MakeClient) -> None:
         assert resp.status == 404
     resp = await client.get(f"/v1/connections/{CID}", headers=auth())
     assert "smart_city" in await error_of(resp, 429, "rate_limited")
-    assert int(resp.headers["Retry-After"]) >= 1
+    # Rate 0.5/s: a token is 2 s away; the hint is that whole number, in the header and the text.
+    assert resp.headers["Retry-After"] == "2"
+    assert "retry in 2s" in (await resp.json())["error"]["message"]
     # Other realms have their own bucket; unauthenticated calls never spend tokens.
     other = await client.get(f"/v1/connections/{CID}", headers=auth("business_enablement"))
     assert other.status == 404
@@ -996,9 +1025,13 @@ def test_rate_limiter_refills() -> None:
     now = [0.0]
     limiter = RealmRateLimiter(rate=2.0, burst=2, clock=lambda: now[0])
     assert limiter.take("a") == 0 and limiter.take("a") == 0
-    assert limiter.take("a") == pytest.approx(0.5)
+    assert limiter.take("a") == 1  # 0.5 s short of a token: a whole second, never 0
     now[0] = 0.5
     assert limiter.take("a") == 0
+    now[0] = 0.501  # 0.002 s short: still 1 (the old hint printed "retry in 0.00s")
+    assert limiter.take("a") == 1
+    slow = RealmRateLimiter(rate=0.25, burst=1, clock=lambda: now[0])
+    assert slow.take("b") == 0 and slow.take("b") == 4
     assert RealmRateLimiter(rate=0, burst=1).take("a") == 0  # 0 disables
 
 
@@ -1025,4 +1058,4 @@ async def test_a_stale_connection_removed_by_the_api_is_unregistered_from_traffi
 
         await wait_for(forgotten, what="traffic cop told about the stale connection")
     finally:
-        await cop.close()
+        await cop.aclose()

@@ -10,7 +10,10 @@ import sys
 import aiohttp
 import orjson
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
+from shared.service_names import GATEWAY_SERVICE
 from tests.api_util import auth, read_until_subscribed
 from tests.helpers import ROOT, RedisServer, ServiceProcess, timeout, wait_for
 
@@ -24,7 +27,7 @@ def api_process(redis_url: str, **env: str) -> ServiceProcess:
             "REDIS_URL": redis_url,
             "POST_OFFICE_TRAFFIC_COP_URL": "",
             "POST_OFFICE_SSE_KEEPALIVE_SECONDS": "0.2",
-            "POST_OFFICE_PUBSUB_BACKOFF_MAX_SECONDS": "0.2",
+            "POST_OFFICE_PUBSUB_BACKOFF_CAP_SECONDS": "0.2",
             "POST_OFFICE_SHUTDOWN_TIMEOUT": str(timeout(3)),
             **env,
         },
@@ -131,7 +134,18 @@ async def test_sigterm_ends_sse_streams_and_exits_0(redis_url: str) -> None:
 async def test_consul_registration_and_gateway_discovery(redis_url: str) -> None:
     from tests.consul_api import ConsulServer
 
-    consul = ConsulServer(stagger=False, min_interval=0.05, reap_interval=0.1).start()
+    consul = ConsulServer(
+        stagger=False, min_interval=0.05, reap_interval=0.1, plan_names=True
+    ).start()
+
+    # What a gateway's health check answers, on the plan's check path.
+    async def healthy(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    health = web.Application()
+    health.router.add_get(GATEWAY_SERVICE.check_path, healthy)
+    health_server = TestServer(health, host="127.0.0.1")
+    await health_server.start_server()
     api = api_process(redis_url, CONSUL_URL=consul.url, POST_OFFICE_INSTANCE_ID="api-1")
     api.env["POST_OFFICE_GATEWAY_URLS"] = "http://192.0.2.1:9"  # must not be used
     api.start()
@@ -144,17 +158,22 @@ async def test_consul_registration_and_gateway_discovery(redis_url: str) -> None
                     return list(await resp.json())
 
             await wait_for(lambda: passing("post-office-api"), 10, what="API registered")
-            # A gateway instance whose health check is the API's own /health (it answers).
+            # A gateway instance as the plan registers one (the stand-in refuses other names,
+            # tags or check paths), whose health check the small server above answers.
             gateway = {
                 "ID": "gw-a",
-                "Name": "post-office-gateway",
+                "Name": "websocket-gateway",
+                "Tags": ["websocket", "real-time", "post-office"],
                 "Address": "127.0.0.1",
                 "Port": 18100,
-                "Check": {"HTTP": f"{api.url}/health", "Interval": "100ms"},
+                "Check": {
+                    "HTTP": str(health_server.make_url(GATEWAY_SERVICE.check_path)),
+                    "Interval": "100ms",
+                },
             }
             async with http.put(f"{consul.url}/v1/agent/service/register", json=gateway) as r:
                 assert r.status == 200
-            await wait_for(lambda: passing("post-office-gateway"), 10, what="gateway passing")
+            await wait_for(lambda: passing("websocket-gateway"), 10, what="gateway passing")
             async with http.get(
                 f"{api.url}/v1/websocket-endpoint?session_token=t", headers=auth()
             ) as resp:
@@ -168,6 +187,7 @@ async def test_consul_registration_and_gateway_discovery(redis_url: str) -> None
     finally:
         api.stop()
         consul.stop()
+        await health_server.close()
 
 
 async def _services(agent: object) -> list[str]:

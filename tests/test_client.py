@@ -214,14 +214,14 @@ async def test_a_callers_session_gets_the_realm_key_and_a_closed_client_refuses(
             await po.get_connection("ws_ghost_00000000")
         async with po.subscribe("guide") as sub:
             assert sub.connected.is_set()
-        await po.close()
+        await po.aclose()
         assert not http.closed  # the caller's session stays the caller's
         with pytest.raises(RuntimeError, match="closed"):
             await po.get_connection("ws_ghost_00000000")
     own = PostOfficeClient(api.url, "dev-smart_city")
     with pytest.raises(NotFound):
         await own.get_connection("ws_ghost_00000000")
-    await own.close()
+    await own.aclose()
     with pytest.raises(RuntimeError, match="closed"):  # no new, unclosed session
         await own.publish("guide", MESSAGE)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -20,45 +20,21 @@ from redis.asyncio import Redis
 
 from shared import redis_names as names
 from tests.gateway_util import (
-    RedisServer,
     chat,
+    client_of,
     close_of,
     instance_of,
     recv,
+    redis_and_traffic_cop,
     registry_traces,
     small_receive_buffer_connector,
     start_gateway,
-    start_traffic_cop,
     ws_url,
 )
-from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, create_session, timeout, wait_for
+from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, timeout, wait_for
 
-
-@dataclass
-class Base:
-    redis_url: str
-    traffic_cop: ServiceProcess
-
-    def token(self, user_id: str) -> str:
-        return create_session(self.traffic_cop.url, user_id)
-
-
-@pytest.fixture(scope="module")
-def base() -> Iterator[Base]:
-    server = RedisServer().start()
-    traffic_cop = start_traffic_cop(server.url)
-    try:
-        yield Base(server.url, traffic_cop)
-    finally:
-        traffic_cop.stop()
-        server.cleanup()
-
-
-@pytest.fixture
-async def redis(base: Base) -> AsyncIterator[Redis]:
-    client = Redis.from_url(base.redis_url)
-    yield client
-    await client.aclose()
+base = pytest.fixture(scope="module")(redis_and_traffic_cop)
+redis = pytest.fixture(client_of)
 
 
 @dataclass

@@ -71,7 +71,7 @@ def _message(client_id: int) -> str:
 def _drain(proto: ConnectionProtocol) -> list[tuple[FrameKind, Any]]:
     out = []
     while (frame := proto.next_frame()) is not None:
-        out.append(frame)
+        out.append(frame[:2])
     return out
 
 
@@ -232,7 +232,7 @@ class _Run:
             frame = self.proto.next_frame()
             if frame is None:
                 return
-            kind, data = frame
+            kind, data, _, _ = frame
             if kind is FrameKind.PONG:
                 self.pongs_written += 1
                 assert self.pings_at_decision_recv is None or (
@@ -415,3 +415,31 @@ def test_rate_limited_frames_in_a_row_close_4429(close_after: int) -> None:
     assert [f["id"] for f in limited if f.get("code") == "rate_limited"] == list(
         range(1, close_after)
     )
+
+
+def test_a_reply_is_matched_to_the_message_it_answers_for_the_answer_time():
+    proto = _proto()
+    proto.receive_text(_message(1), 100.0, 1000.0)
+    [publish] = proto.take_publishes()
+    proto.publish_done(publish, PublishResult.PUBLISHED)
+    reply = orjson.dumps({"type": "response", "in_reply_to": publish.message_id}).decode()
+    other = orjson.dumps({"type": "response", "in_reply_to": "msg_unknown"}).decode()
+    proto.deliver(other, len(other), (101.0, "connection"))
+    proto.deliver(reply, len(reply), (102.0, "connection"))
+    proto.deliver(reply, len(reply), (103.0, "connection"))  # a second answer: not timed again
+    frames = []
+    while (frame := proto.next_frame()) is not None:
+        frames.append(frame)
+    _ack, unknown, first, second = frames
+    assert unknown[2:] == ((101.0, "connection"), None)
+    assert first[2:] == ((102.0, "connection"), (100.0, "guide"))
+    assert second[3] is None
+
+
+def test_the_awaited_answers_stay_bounded():
+    from services.gateway.connection_protocol import MAX_AWAITED_ANSWERS
+
+    proto = _proto(rate_burst=10_000, queue_frames=10_000, queue_bytes=10**8)
+    for i in range(MAX_AWAITED_ANSWERS + 50):
+        proto.receive_text(_message(i), 100.0, 1000.0)
+    assert len(proto._awaited) == MAX_AWAITED_ANSWERS

@@ -4,6 +4,7 @@ checks that really run) and a real Traffic Cop process."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -12,13 +13,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from shared.discovery import (
-    TRAFFIC_COP_SERVICE,
-    Discovery,
-    DiscoveryError,
-    registration_context,
-)
+from shared.discovery import Discovery, DiscoveryError, registration_context
 from shared.service import base_app
+from shared.service_names import GATEWAY_SERVICE, TRAFFIC_COP_SERVICE
 from tests.consul_api import ConsulServer
 from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, free_port, timeout, wait_for
 
@@ -83,7 +80,7 @@ async def test_register_lookup_passing_and_deregister(consul):
     assert await discovery.resolve_all("demo-service", ["http://fallback:1/"]) == [
         "http://fallback:1"
     ]
-    await discovery.close()
+    await discovery.aclose()
 
 
 async def _resolved(discovery: Discovery, service: str) -> list[str]:
@@ -124,7 +121,7 @@ async def test_only_passing_instances_are_returned_round_robin(consul):
     finally:
         await down.close()
         await up.close()
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_fallback_to_environment_when_consul_is_unreachable():
@@ -139,7 +136,7 @@ async def test_fallback_to_environment_when_consul_is_unreachable():
         with pytest.raises(DiscoveryError, match="no healthy instance"):
             await discovery.resolve_all("traffic-cop")
     finally:
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_no_consul_uses_the_fallback_or_says_what_is_missing():
@@ -151,7 +148,7 @@ async def test_no_consul_uses_the_fallback_or_says_what_is_missing():
     assert await discovery.resolve("x", "http://a:1") == "http://a:1"
     with pytest.raises(DiscoveryError, match="no CONSUL_URL"):
         await discovery.resolve("x")
-    await discovery.close()
+    await discovery.aclose()
 
 
 async def test_last_answer_is_used_while_consul_is_down(consul):
@@ -170,7 +167,7 @@ async def test_last_answer_is_used_while_consul_is_down(consul):
         assert await discovery.resolve_all("demo-service") == [url]
     finally:
         await server.close()  # deregistration fails (Consul is down): logged, not raised
-        await discovery.close()
+        await discovery.aclose()
 
 
 async def test_no_consul_url_means_no_registration(aiohttp_client):
@@ -199,7 +196,59 @@ async def test_registration_retries_until_consul_answers():
         consul.stop()
 
 
-def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
+@pytest.fixture
+def plan_consul() -> Iterator[ConsulServer]:
+    """A stand-in that refuses names, tags and check paths outside shared/service_names.py."""
+    server = ConsulServer(
+        stagger=False, min_interval=0.05, reap_interval=0.1, plan_names=True
+    ).start()
+    yield server
+    server.stop()
+
+
+async def test_the_stand_in_holds_registrations_and_lookups_to_the_plan(plan_consul):
+    gateway = GATEWAY_SERVICE
+
+    def registration(**changes: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "ID": "gw-plan",
+            "Name": gateway.name,
+            "Tags": list(gateway.tags),
+            "Address": "127.0.0.1",
+            "Port": 18100,
+            "Check": {"HTTP": f"http://127.0.0.1:9{gateway.check_path}", "Interval": "1s"},
+        }
+        return {**body, **changes}
+
+    async with aiohttp.ClientSession() as http:
+
+        async def put(body: dict[str, Any]) -> tuple[int, str]:
+            url = f"{plan_consul.url}/v1/agent/service/register"
+            async with http.put(url, json=body) as resp:
+                return resp.status, await resp.text()
+
+        async def lookup(name: str) -> int:
+            async with http.get(f"{plan_consul.url}/v1/health/service/{name}") as resp:
+                return resp.status
+
+        assert await put(registration(Name="post-office-gateway")) == (
+            400,
+            "not a Post Office service name: 'post-office-gateway' (expected one of "
+            "eviction-worker, post-office-api, traffic-cop, websocket-gateway)",
+        )
+        status, text = await put(registration(Tags=["post-office"]))
+        assert status == 400 and "the plan's are ['websocket', 'real-time', 'post-office']" in text
+        wrong_check = {"HTTP": "http://127.0.0.1:9/health", "Interval": "1s"}
+        status, text = await put(registration(Check=wrong_check))
+        assert status == 400 and "expected ['/health/websocket-gateway']" in text
+        assert await lookup("post-office-gateway") == 400
+        assert await put(registration()) == (200, "")
+        assert await lookup(gateway.name) == 200
+    assert list(await _agent_services(plan_consul)) == ["gw-plan"]
+
+
+def test_traffic_cop_process_registers_and_deregisters(plan_consul, redis_url):
+    consul = plan_consul
     service = ServiceProcess(
         "services.traffic_cop_stub",
         {
@@ -211,7 +260,7 @@ def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
     )
     service.env["TRAFFIC_COP_PORT"] = str(service.port)
     service.start()
-    service_id = f"{TRAFFIC_COP_SERVICE}-tc-disc"
+    service_id = f"{TRAFFIC_COP_SERVICE.name}-tc-disc"
     try:
 
         def registered() -> Any:
@@ -220,9 +269,86 @@ def test_traffic_cop_process_registers_and_deregisters(consul, redis_url):
         from tests.helpers import wait_for_sync
 
         entry = wait_for_sync(registered, seconds=10, what="traffic cop registered")
-        assert entry["Service"] == TRAFFIC_COP_SERVICE and entry["Port"] == service.port
+        assert entry["Service"] == TRAFFIC_COP_SERVICE.name and entry["Port"] == service.port
     finally:
         code = service.stop()
     assert code == 0, service.log()[-2000:]
     assert service_id not in asyncio.run(_agent_services(consul))
     assert "deregistered" in service.log()
+
+
+async def test_traffic_cop_is_pinned_to_its_configured_url_unless_consul_is_trusted() -> None:
+    from shared.discovery import traffic_cop_resolver
+
+    # A Consul that would hand out a hijacker's address (nothing listens on port 1: asking it
+    # fails, which shows whether it was asked).
+    discovery = Discovery("http://127.0.0.1:1")
+    try:
+        pinned = traffic_cop_resolver(discovery, "http://traffic-cop:8300", trust_consul=False)
+        assert await pinned() == "http://traffic-cop:8300"
+        assert discovery._cache == {} and discovery._failed == {}  # Consul never asked
+        trusting = traffic_cop_resolver(discovery, "http://traffic-cop:8300", trust_consul=True)
+        assert await trusting() == "http://traffic-cop:8300"  # asked, failed, fell back
+        assert TRAFFIC_COP_SERVICE.name in discovery._failed
+    finally:
+        await discovery.aclose()
+
+
+async def test_registration_outlives_more_failed_attempts_than_the_exponent_can_hold(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Consul refused 1,100 attempts in a row (past attempt 1023, where ``2.0**attempt``
+    overflows a float): the registration loop still retries and registers once it answers."""
+    port, consul_port = free_port(), free_port()
+    server = TestServer(
+        _demo_app(f"http://127.0.0.1:{consul_port}", port, "long", retry_base=1e-5, retry_cap=1e-4),
+        port=port,
+    )
+
+    def attempts() -> int:
+        return sum("consul registration of" in r.getMessage() for r in caplog.records)
+
+    with caplog.at_level(logging.DEBUG, logger="shared.discovery"):
+        await server.start_server()
+        consul: ConsulServer | None = None
+        try:
+            await wait_for(lambda: attempts() >= 1100, seconds=60, what="1,100 failed attempts")
+            consul = ConsulServer(port=consul_port, stagger=False, min_interval=0.05).start()
+
+            async def registered() -> bool:
+                assert consul is not None
+                return "demo-service-long" in await _agent_services(consul)
+
+            await wait_for(registered, seconds=5, what="registration after 1,100 failures")
+            assert not any(r.exc_info for r in caplog.records)  # nothing died meanwhile
+        finally:
+            await server.close()
+            if consul is not None:
+                consul.stop()
+
+
+async def test_re_registration_logs_at_debug_only(consul, caplog):
+    """The first registration is news (INFO); registering again after Consul forgot the
+    service, which its refresh does every ``refresh_seconds``, is not (DEBUG)."""
+    caplog.set_level(logging.DEBUG, logger="shared.discovery")
+    port = free_port()
+    app = _demo_app(consul.url, port, "d3", refresh_seconds=0.05)
+    server = TestServer(app, port=port)
+    await server.start_server()
+    try:
+        await wait_for(lambda: _agent_services(consul), what="registration")
+        for _ in range(2):  # Consul forgets it twice; the refresh registers it again each time
+            async with (
+                aiohttp.ClientSession() as http,
+                http.put(consul.url + "/v1/agent/service/deregister/demo-service-d3") as resp,
+            ):
+                assert resp.status == 200
+            await wait_for(lambda: _has(consul, "demo-service-d3"), what="registered again")
+    finally:
+        await server.close()
+    lines = [r for r in caplog.records if r.getMessage().startswith("registered demo-service-d3")]
+    assert [r.levelno for r in lines][:3] == [logging.INFO, logging.DEBUG, logging.DEBUG]
+
+
+async def _has(consul: ConsulServer, service_id: str) -> bool:
+    return service_id in await _agent_services(consul)

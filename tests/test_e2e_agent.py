@@ -64,7 +64,7 @@ def stack(redis_url: str, traffic_cop: ServiceProcess) -> Iterator[dict[str, Ser
         started["api"] = api.start()
         started["agent"] = ServiceProcess(
             "agents.guide",
-            {"POST_OFFICE_URL": api.url, "GUIDE_AGENT_BACKOFF_MAX_SECONDS": "0.2"},
+            {"POST_OFFICE_URL": api.url, "GUIDE_AGENT_BACKOFF_CAP_SECONDS": "0.2"},
         ).start(wait_ready=False)
         started["traffic_cop"] = traffic_cop
         yield started

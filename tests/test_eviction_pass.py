@@ -63,7 +63,7 @@ async def registry(redis: Redis) -> Registry:
 async def traffic_cop_client(traffic_cop: ServiceProcess) -> AsyncIterator[TrafficCopClient]:
     client = TrafficCopClient(traffic_cop.url, TRAFFIC_COP_KEY, timeout=timeout(5))
     yield client
-    await client.close()
+    await client.aclose()
 
 
 async def test_stale_connections_are_evicted_and_fresh_ones_kept(
@@ -161,10 +161,11 @@ class TouchedMidPass(Evictor):
     were read stale and before the claim: the race the script's re-check exists for."""
 
     touch: dict[str, float]
+    gateway: Registry  # the gateway's registry (the worker's writes no records)
 
     async def _unregister(self, summary, ids, **kwargs):  # type: ignore[no-untyped-def]
         if self.touch:
-            await self.registry.touch(self.touch)
+            await self.gateway.touch(self.touch)
             self.touch = {}
         return await super()._unregister(summary, ids, **kwargs)
 
@@ -177,6 +178,7 @@ async def test_a_connection_seen_after_it_was_read_stale_is_not_evicted(
     evictor = TouchedMidPass.from_settings(redis, settings(redis_url))
     assert isinstance(evictor, TouchedMidPass)
     evictor.touch = {ids[1]: time.time()}
+    evictor.gateway = registry
     async with Subscriber(redis_url, names.EVENTS) as sub:
         summary = await evictor.run_pass()
         assert summary.stale_found == 3
@@ -385,7 +387,7 @@ async def test_dropped_reports_are_logged_at_most_once_a_second(
         assert 1 <= len(lines) <= 2, [r.getMessage() for r in lines]  # 2: a second boundary
         assert "(1 so far)" in lines[0].getMessage()
     finally:
-        await client.close()
+        await client.aclose()
 
 
 # -- streams: reclaim, dead letters, stale consumers, trimming ---------------------------------

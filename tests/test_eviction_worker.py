@@ -125,6 +125,8 @@ async def test_a_dead_gateways_records_are_removed(redis: Redis, redis_url: str)
         events = sub.json()
     assert sorted(e["connection_id"] for e in events) == sorted(dead)
     assert all(e["type"] == "evicted" and e["reason"] == "gateway_lost" for e in events)
+    started = [line for line in worker.log().splitlines() if "started: a pass every" in line]
+    assert len(started) == 1 and "connections idle after 300.0s" in started[0]
     for i, cid in enumerate(dead):
         assert gone(await traces(redis, cid, f"gina{i}", "gw-dead"))
     assert not await redis.exists(names.gateway_connections("gw-dead"))
@@ -231,7 +233,7 @@ async def _at_most(value: Awaitable[int], n: int) -> bool:
 
 
 async def test_sigterm_exits_0_and_deregisters_from_consul(redis_url: str) -> None:
-    consul = ConsulServer(min_interval=0.05).start()
+    consul = ConsulServer(min_interval=0.05, plan_names=True).start()
     try:
         worker = worker_process(
             redis_url, NOWHERE, CONSUL_URL=consul.url, EVICTION_INSTANCE_ID="w1"
@@ -312,7 +314,7 @@ async def test_traffic_cop_down_does_not_stop_evictions(redis: Redis, redis_url:
             assert await client.register_connection(cid, session["session_id"], f"jack{i}", "gw-a")
             ids.append(cid)
     finally:
-        await client.close()
+        await client.aclose()
     assert cop.stop() == 0
 
     worker = worker_process(

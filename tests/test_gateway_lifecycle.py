@@ -18,8 +18,8 @@ import pytest
 from aiohttp import web
 
 from shared import redis_names as names
-from shared.discovery import GATEWAY_SERVICE
 from shared.service import SERVICE, background, base_app
+from shared.service_names import GATEWAY_SERVICE
 from tests.consul_api import ConsulServer
 from tests.gateway_util import (
     AgentListener,
@@ -47,8 +47,13 @@ from tests.helpers import (
 
 
 @pytest.fixture
-def server(private_redis: RedisServer) -> RedisServer:
-    return private_redis
+def server() -> Iterator[RedisServer]:
+    # With its AOF (fsync always): stopped and started again it comes back with its data, as
+    # Redis does in make run and compose. An empty restart is Redis losing its data, which
+    # closes every socket 4401 "session lost" (tests/test_redis_data_loss.py).
+    server = RedisServer(aof=True, fsync="always").start()
+    yield server
+    server.cleanup()
 
 
 @pytest.fixture
@@ -222,15 +227,17 @@ async def test_messages_sent_just_before_sigterm_are_answered_and_published_exac
 
 
 async def test_consul_deregistration_comes_before_the_sockets_close(redis_url, traffic_cop):
-    consul = ConsulServer(stagger=False, min_interval=0.05, reap_interval=0.1).start()
+    consul = ConsulServer(
+        stagger=False, min_interval=0.05, reap_interval=0.1, plan_names=True
+    ).start()
     try:
         gw = start_gateway(redis_url, traffic_cop.url, CONSUL_URL=consul.url)
-        service_id = f"{GATEWAY_SERVICE}-{instance_of(gw)}"
+        service_id = f"{GATEWAY_SERVICE.name}-{instance_of(gw)}"
         try:
             async with aiohttp.ClientSession() as http:
 
                 async def passing() -> list[int]:
-                    url = f"{consul.url}/v1/health/service/{GATEWAY_SERVICE}?passing=true"
+                    url = f"{consul.url}/v1/health/service/{GATEWAY_SERVICE.name}?passing=true"
                     async with http.get(url) as r:
                         return [e["Service"]["Port"] for e in await r.json()]
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 
 import aiohttp
 import orjson
@@ -15,13 +14,15 @@ from redis.asyncio import Redis
 
 from shared import redis_names as names
 from tests.gateway_util import (
-    RedisServer,
+    Base,
     chat,
+    client_of,
     close_of,
     gateway_process,
     health_detail,
     instance_of,
     recv,
+    redis_and_traffic_cop,
     registry_traces,
     small_receive_buffer_connector,
     start_gateway,
@@ -30,25 +31,8 @@ from tests.gateway_util import (
 )
 from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, create_session, timeout, wait_for
 
-
-@dataclass
-class Base:
-    redis_url: str
-    traffic_cop: ServiceProcess
-
-    def token(self, user_id: str) -> str:
-        return create_session(self.traffic_cop.url, user_id)
-
-
-@pytest.fixture(scope="module")
-def base() -> Iterator[Base]:
-    server = RedisServer().start()
-    traffic_cop = start_traffic_cop(server.url)
-    try:
-        yield Base(server.url, traffic_cop)
-    finally:
-        traffic_cop.stop()
-        server.cleanup()
+base = pytest.fixture(scope="module")(redis_and_traffic_cop)
+redis = pytest.fixture(client_of)
 
 
 @pytest.fixture
@@ -57,13 +41,6 @@ def gateways(base: Base) -> Iterator[list[ServiceProcess]]:
     yield started
     for gateway in started:
         gateway.stop()
-
-
-@pytest.fixture
-async def redis(base: Base) -> AsyncIterator[Redis]:
-    client = Redis.from_url(base.redis_url)
-    yield client
-    await client.aclose()
 
 
 def gateway(base: Base, gateways: list[ServiceProcess], **env: str) -> ServiceProcess:
@@ -417,8 +394,8 @@ async def test_a_revocation_lost_while_pubsub_reconnects_still_closes(base, gate
     gw = gateway(
         base,
         gateways,
-        GATEWAY_PUBSUB_BACKOFF_BASE=str(timeout(1)),
-        GATEWAY_PUBSUB_BACKOFF_CAP=str(timeout(1)),
+        GATEWAY_PUBSUB_BACKOFF_BASE_SECONDS=str(timeout(1)),
+        GATEWAY_PUBSUB_BACKOFF_CAP_SECONDS=str(timeout(1)),
     )
     token = base.token("lost")
     async with aiohttp.ClientSession() as http, http.ws_connect(ws_url(gw, token)) as ws:

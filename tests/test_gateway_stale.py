@@ -2,8 +2,8 @@
 for dead: the eviction worker removes its records as ``gateway_lost``. When it resumes, its
 liveness flush finds those records gone and closes the sockets with 1008 "stale", so clients
 reconnect instead of hanging on a socket no delivery can reach (410). Nothing is announced
-twice. A record gone together with its session (Redis lost its data) is not "stale": that case
-is kept open (tests/test_gateway_resilience.py)."""
+twice. A record gone together with its session (Redis lost its data) is not "stale": the
+session check closes those 4401 "session lost" (tests/test_redis_data_loss.py)."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ acking it in the same call."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
@@ -16,7 +17,7 @@ from agents.guide.agent import answer
 from shared import redis_names as names
 from shared.protocol import DEFAULT_CHANNELS, agent_message, new_message_id, parse_client_frame
 from shared.registry import ConnectionRecord, PublishResult, Registry
-from tests.api_util import Listener, listening
+from tests.api_util import Listener, guide_process, listening
 from tests.helpers import (
     RedisServer,
     ServiceProcess,
@@ -59,16 +60,7 @@ def api_process(redis_url: str, port: int | None = None) -> ServiceProcess:
 def stack(redis_url: str) -> Iterator[tuple[ServiceProcess, ServiceProcess]]:
     port = free_port()
     api = api_process(redis_url, port).start()
-    agent = ServiceProcess(
-        "agents.guide",
-        {
-            "POST_OFFICE_URL": api.url,
-            "GUIDE_AGENT_BACKOFF_MIN_SECONDS": "0.05",
-            "GUIDE_AGENT_BACKOFF_MAX_SECONDS": "0.2",
-            "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": str(timeout(2)),
-            "GUIDE_AGENT_CONSUMER": CONSUMER,
-        },
-    ).start(wait_ready=False)
+    agent = guide_process(api.url, GUIDE_AGENT_CONSUMER=CONSUMER).start(wait_ready=False)
     yield api, agent
     agent.stop()
     api.stop()
@@ -243,3 +235,97 @@ async def test_answers_go_out_concurrently_and_a_slow_one_does_not_stall_the_res
 
 async def _is(value: Awaitable[int], n: int) -> bool:
     return await value == n
+
+
+async def test_a_busy_sender_in_the_same_realm_costs_the_guide_no_answer(
+    redis: Redis, redis_url: str
+) -> None:
+    """The realm's rate limit is shared by every caller with its key. A busy sender empties the
+    bucket in bursts; the guide's answers get 429 with a whole-second ``Retry-After`` and are
+    retried within the delivery deadline: every message is answered, none dropped."""
+    import asyncio
+
+    import aiohttp
+
+    from tests.api_util import auth
+
+    api = api_process(redis_url)
+    api.env.update(
+        {"POST_OFFICE_RATE_LIMIT_PER_SECOND": "10", "POST_OFFICE_RATE_LIMIT_BURST": "10"}
+    )
+    api.start()
+    agent = guide_process(
+        api.url,
+        GUIDE_AGENT_DELIVERY_DEADLINE_SECONDS=str(timeout(30)),
+        GUIDE_AGENT_RETRY_BASE_SECONDS="0.05",
+        GUIDE_AGENT_RETRY_CAP_SECONDS="0.5",
+    ).start(wait_ready=False)
+    cid = "ws_alice_0000beef"
+    sent = answered = refused_busy = 0
+    stop = asyncio.Event()
+
+    async def busy_sender() -> None:
+        # Thirty calls at once every half second: the bucket (10/s, burst 10) is empty after
+        # each burst and refills in between, as a bursty agent of the same realm would leave it.
+        nonlocal refused_busy
+        async with aiohttp.ClientSession() as http:
+            while not stop.is_set():
+                calls = [
+                    http.get(f"{api.url}/v1/connections/{cid}", headers=auth()) for _ in range(30)
+                ]
+                for resp in await asyncio.gather(*calls):
+                    if resp.status == 429:
+                        refused_busy += 1
+                    resp.release()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.5)
+
+    try:
+        await Registry(redis, 60).register(
+            ConnectionRecord(cid, "alice", "sess_0123456789abcdef", "gw-1", time.time(), ("guide",))
+        )
+        await redis.set(names.gateway_instance("gw-1"), "1", ex=120)
+        await wait_for(lambda: agent_listening(redis), 15, what="guide agent subscribed")
+        busy = asyncio.create_task(busy_sender())
+        try:
+            async with listening(redis, names.connection_messages(cid)) as gateway:
+                wanted: set[str] = set()
+                for n in range(20):
+                    msg = agent_message(
+                        parse_client_frame(
+                            orjson.dumps({"channel": "guide", "payload": {"message": f"m{n}"}})
+                        ),
+                        message_id=new_message_id(),
+                        connection_id=cid,
+                        user_id="alice",
+                        gateway_instance="gw-1",
+                    )
+                    assert (
+                        await Registry(redis, 60).publish_or_queue("guide", msg.to_bytes(), 1000)
+                        == PublishResult.PUBLISHED
+                    )
+                    wanted.add(msg.message_id)
+                    sent += 1
+                    await asyncio.sleep(0.05)  # a chatty user, spread over the bursts
+                while wanted:
+                    _, frame = await gateway.next(40)
+                    reply = orjson.loads(frame)
+                    if reply["in_reply_to"] in wanted:
+                        wanted.discard(reply["in_reply_to"])
+                        answered += 1
+        finally:
+            stop.set()
+            await busy
+        log = agent.log()
+        retried = log.count("429 rate_limited")
+        print(
+            f"sent={sent} answered={answered} lost={sent - answered} "
+            f"guide_retries_after_429={retried} busy_refused={refused_busy}"
+        )
+        assert (sent, answered) == (20, 20)
+        assert refused_busy > 0 and retried > 0, log[-3000:]  # the limit really bit
+        assert "dropped" not in log, log[-3000:]
+        assert "retry in 0.00s" not in log and "retry in 0s" not in log
+    finally:
+        agent.stop()
+        api.stop()

@@ -145,3 +145,67 @@ def test_secrets_inside_free_text_are_scrubbed(capture, text, secret):
     (line,) = lines(stream)
     assert "***" in line["msg"]
     assert "***" in line["exc"]
+
+
+TOKEN = "Zq3" + "x" * 40  # the shape of a Traffic Cop session token (43 characters)
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        (f"bad request DELETE /v1/sessions/{TOKEN} HTTP/1.1", TOKEN),
+        ("Invalid header X-Api-Key: k3y-value-1", "k3y-value-1"),
+        ("Invalid header X-Service-Token: s3rvice", "s3rvice"),
+        ("Cookie: session=abc123", "session=abc123"),
+        ('body {"session_token": "tok-123"}', "tok-123"),
+        ('body {"service_key": "svc-456"}', "svc-456"),
+        (f"unexpected value {TOKEN}", TOKEN),
+        (f"realm key {'ab12' * 16} refused", "ab12" * 16),  # openssl rand -hex 32
+        ("service_key=dev-traffic_cop", "dev-traffic_cop"),
+    ],
+)
+def test_tokens_and_keys_are_scrubbed_wherever_they_appear(capture, text, secret):
+    logger, stream = capture
+    logger.warning("%s", text)
+    assert secret not in stream.getvalue()
+    assert "***" in lines(stream)[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "POST /v1/sessions/validate 401",
+        "trace 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "message msg_0123456789abcdef01234567 to ws_alice_0000abcd",
+        "test_production_refuses_a_plain_ws_public_url_but_for_localhost",
+    ],
+)
+def test_ids_and_names_are_not_mistaken_for_secrets(capture, text):
+    logger, stream = capture
+    logger.warning("%s", text)
+    assert lines(stream)[0]["msg"] == text
+
+
+def test_trace_and_span_ids_of_the_current_span(capture):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    logger, stream = capture
+    tracer = TracerProvider().get_tracer("tests")
+    logger.info("outside")
+    with tracer.start_as_current_span("request") as span:
+        logger.info("inside")
+        context = span.get_span_context()
+    outside, inside = lines(stream)
+    assert "trace_id" not in outside and "span_id" not in outside
+    assert inside["trace_id"] == f"{context.trace_id:032x}"
+    assert inside["span_id"] == f"{context.span_id:016x}"
+
+
+def test_a_messages_traceparent_names_the_ids(capture):
+    logger, stream = capture
+    traceparent = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
+    logger.info("delivered", extra={"traceparent": traceparent})
+    logger.info("bad", extra={"traceparent": "not-a-traceparent"})
+    good, bad = lines(stream)
+    assert (good["trace_id"], good["span_id"]) == ("ab" * 16, "cd" * 8)
+    assert "trace_id" not in bad and bad["traceparent"] == "not-a-traceparent"

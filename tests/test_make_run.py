@@ -231,15 +231,151 @@ def test_terminal_ctrl_c_and_an_external_redis(
         run.close()
 
 
-def test_a_child_that_dies_stops_everything(tmp_path: Path) -> None:
-    run = Run(tmp_path, [sys.executable, "-m", "scripts.run_stack"], {})
+def _state(run: Run) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads((run.run_dir / "stack.json").read_text())
+    return state
+
+
+def _child(run: Run, name: str) -> dict[str, Any]:
+    return next(c for c in _state(run)["children"] if c["name"] == name)
+
+
+def _restarted(run: Run, name: str, old_pid: int) -> bool:
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        return int(_child(run, name)["pid"]) != old_pid
+    return False
+
+
+async def test_kill_9_of_a_gateway_leaves_the_others_serving_and_it_rejoins(
+    tmp_path: Path,
+) -> None:
+    """The supervisor is a process manager: a gateway killed with SIGKILL is restarted (logged)
+    and answers /ready again, while the clients of the other gateway stay open and served."""
+    import aiohttp
+
+    from tests.gateway_util import chat, create_sessions, recv
+
+    run = Run(
+        tmp_path,
+        [sys.executable, "-m", "scripts.run_stack"],
+        {"RUN_RESTART_BACKOFF_BASE_SECONDS": "0.2", "RUN_RESTART_BACKOFF_CAP_SECONDS": "1"},
+    )
+    clients: list[aiohttp.ClientWebSocketResponse] = []
     try:
         run.wait_ready()
-        victim = next(c for c in run.children() if c["name"] == "traffic_cop")
-        os.kill(victim["pid"], signal.SIGKILL)
+        first, second = run.ports["RUN_GATEWAY_PORTS"].split(",")
+        cop = f"http://127.0.0.1:{run.ports['RUN_TRAFFIC_COP_PORT']}"
+        tokens = await create_sessions(cop, [f"user{n}" for n in range(5)])
+        async with aiohttp.ClientSession() as http:
+            for token in tokens:
+                ws = await http.ws_connect(f"ws://127.0.0.1:{first}/ws?session_token={token}")
+                assert (await recv(ws))["type"] == "welcome"
+                clients.append(ws)
+            victim = _child(run, "gateway-2")
+            os.kill(victim["pid"], signal.SIGKILL)
+            wait_for_sync(
+                partial(_restarted, run, "gateway-2", victim["pid"]), 20, what="gateway-2 back"
+            )
+            wait_for_sync(
+                lambda: _status(f"http://127.0.0.1:{second}/ready") == 200,
+                30,
+                what="the restarted gateway-2 ready",
+            )
+            # Every client of the first gateway is still open and still served end to end
+            # (acked, and answered by the guide agent).
+            sent = acked = answered = 0
+            for n, ws in enumerate(clients):
+                await ws.send_str(chat(f"still here {n}", id=f"m{n}"))
+                sent += 1
+                kinds: set[str] = set()
+                while not {"ack", "response"} <= kinds:
+                    frame = await recv(ws, 15)
+                    kinds.add(frame["type"])
+                acked += "ack" in kinds
+                answered += "response" in kinds
+            still_open = sum(not ws.closed for ws in clients)
+            print(
+                f"clients=5 still_open={still_open} sent={sent} acked={acked} answered={answered}"
+            )
+            assert (still_open, sent, acked, answered) == (5, 5, 5, 5)
+            for ws in clients:
+                await ws.close()
+        out = run.output()
+        assert "gateway-2 (pid" in out and "died with code -9; restarting it in" in out, out
+        assert "restarted gateway-2" in out and "gateway-2 (pid" in out
+        assert _child(run, "gateway-2")["restarts"] == 1
+        assert "crash loop" not in out
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.wait_exit() == 0, run.output()
+    finally:
+        run.close()
+
+
+def test_a_crash_loop_stops_everything(tmp_path: Path) -> None:
+    """Only a child dying more than RUN_RESTART_LIMIT times in RUN_RESTART_WINDOW stops the
+    stack, naming it; each death before that is restarted."""
+    run = Run(
+        tmp_path,
+        [sys.executable, "-m", "scripts.run_stack"],
+        {
+            "RUN_RESTART_LIMIT": "2",
+            "RUN_RESTART_WINDOW": "120",
+            "RUN_RESTART_BACKOFF_BASE_SECONDS": "0.1",
+            "RUN_RESTART_BACKOFF_CAP_SECONDS": "0.2",
+        },
+        gateways=1,
+    )
+    try:
+        run.wait_ready()
+        kills = 0
+        for _ in range(2):
+            pid = int(_child(run, "traffic_cop")["pid"])
+            os.kill(pid, signal.SIGKILL)
+            kills += 1
+            wait_for_sync(partial(_restarted, run, "traffic_cop", pid), 20, what="restarted")
+        os.kill(int(_child(run, "traffic_cop")["pid"]), signal.SIGKILL)
+        kills += 1
         code = run.wait_exit()
+        out = run.output()
+        assert kills == 3 and out.count("restarted traffic_cop") == 2, out
         assert code != 0
-        assert "traffic_cop" in run.output() and "died unexpectedly" in run.output()
+        assert "crash loop: traffic_cop" in out and "RUN_RESTART_LIMIT=2" in out, out
+        run.state = {"children": [c for c in run.state["children"] if c["name"] != "traffic_cop"]}
+        run.assert_all_gone()
+    finally:
+        run.close()
+
+
+def test_a_second_make_run_is_refused_and_touches_nothing(tmp_path: Path) -> None:
+    """A second supervisor on the same RUN_DIR is refused before it touches the running
+    stack's files: stack.json, the logs and Redis's AOF stay as they are."""
+    run = Run(tmp_path, [sys.executable, "-m", "scripts.run_stack"], {}, gateways=1)
+    try:
+        run.wait_ready()
+        state_before = (run.run_dir / "stack.json").read_bytes()
+        logs = {p.name: p.stat().st_size for p in (run.run_dir / "logs").iterdir()}
+        assert list((run.run_dir / "redis").iterdir()), "the AOF directory is populated"
+        # The same RUN_DIR and ports, as a second `make run` in another terminal.
+        again = subprocess.run(
+            [sys.executable, "-m", "scripts.run_stack"],
+            cwd=ROOT,
+            env=run.env,
+            capture_output=True,
+            timeout=timeout(30),
+        )
+        message = again.stderr.decode()
+        assert again.returncode == 2, message
+        assert "another `make run`" in message and "Nothing of the running stack" in message
+        assert f"supervisor pid {run.state['supervisor_pid']}" in message, message
+        assert (run.run_dir / "stack.json").read_bytes() == state_before
+        for name, size in logs.items():
+            assert (run.run_dir / "logs" / name).stat().st_size >= size, name
+        # The first stack still serves.
+        for child in run.children():
+            if child["port"] and child["name"] != "redis":
+                assert _status(f"http://127.0.0.1:{child['port']}/ready") == 200, child
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.wait_exit() == 0, run.output()
         run.assert_all_gone()
     finally:
         run.close()
@@ -282,3 +418,46 @@ def test_a_child_that_cannot_start_is_named_with_its_log(tmp_path: Path) -> None
             wait_for_sync(partial(_pid_gone, pid), 10, what=f"pid {pid} exited")
     finally:
         run.close()
+
+
+def test_kill_9_of_the_private_redis_restarts_it_from_its_aof(tmp_path: Path) -> None:
+    """The private Redis writes an AOF under RUN_DIR/redis: killed, it is restarted on its port
+    and comes back with its data — the banner's session still validates."""
+    run = Run(
+        tmp_path,
+        [sys.executable, "-m", "scripts.run_stack"],
+        {"RUN_RESTART_BACKOFF_BASE_SECONDS": "0.2", "RUN_RESTART_BACKOFF_CAP_SECONDS": "0.5"},
+        gateways=1,
+    )
+    try:
+        run.wait_ready()
+        token = re.search(r"session token for user 'demo'.*\n\s+(\S+)", run.output())
+        assert token is not None
+        cop = f"http://127.0.0.1:{run.ports['RUN_TRAFFIC_COP_PORT']}"
+        assert _validate(cop, token[1]) == 200
+        victim = _child(run, "redis")
+        os.kill(victim["pid"], signal.SIGKILL)
+        wait_for_sync(partial(_restarted, run, "redis", victim["pid"]), 20, what="redis back")
+        wait_for_sync(lambda: "redis (pid" in run.output() and "is ready again" in run.output(), 20)
+        wait_for_sync(lambda: _validate(cop, token[1]) == 200, 20, what="the session again")
+        assert "crash loop" not in run.output()
+        os.kill(run.proc.pid, signal.SIGINT)
+        assert run.wait_exit() == 0, run.output()
+    finally:
+        run.close()
+
+
+def _validate(traffic_cop_url: str, token: str) -> int | None:
+    request = urllib.request.Request(
+        traffic_cop_url + "/v1/sessions/validate",
+        data=json.dumps({"session_token": token}).encode(),
+        method="POST",
+        headers={"Authorization": "Bearer dev-traffic_cop", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout(2)) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except (urllib.error.URLError, OSError):
+        return None

@@ -532,3 +532,14 @@ def test_message_ids_and_traceparents():
 
 def test_iso_now_is_utc_milliseconds():
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", iso_now())
+
+
+def test_the_nesting_bound_holds_on_the_gateway_s_fast_path():
+    # decode_client_frame skips the walk for frames with few brackets; deep ones still fail.
+    deep = '{"payload": {"message": "m", "metadata": ' + '{"a": ' * 40 + "1" + "}" * 40 + "}}"
+    with pytest.raises(ProtocolError) as info:
+        decode_client_frame(deep)
+    assert "deeper than" in info.value.message
+    brackets_in_strings = '{"payload": {"message": "' + "{[" * 50 + '"}}'
+    envelope = decode_client_frame(brackets_in_strings)
+    assert envelope is not None and envelope.payload["message"].startswith("{[")

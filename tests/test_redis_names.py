@@ -32,6 +32,7 @@ def test_spec_table_formats():
     assert names.stream("guide") == "websocket:stream:{guide}"
     assert names.dead_letters("pillar:content") == "websocket:dead:{pillar:content}"
     assert names.stream_consumers("guide") == "websocket:consumers:{guide}"
+    assert names.EPOCH == "websocket:epoch"
     digest = hashlib.sha256(b"token").hexdigest()
     assert names.session(digest) == f"session:{digest}"
 
@@ -58,7 +59,7 @@ def test_templates_used_by_lua_scripts():
 
 def test_internal_names_do_not_collide_with_spec_names():
     # An agent channel named "events" or "gateways" would share a name with internal keys.
-    internal = {names.EVENTS, names.LAST_SEEN, names.GATEWAYS}
+    internal = {names.EVENTS, names.EPOCH, names.LAST_SEEN, names.GATEWAYS}
     channels = (
         "guide",
         "pillar:content",

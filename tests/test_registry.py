@@ -107,12 +107,42 @@ async def test_register_writes_record_indexes_and_event(redis, registry, events)
 async def test_get_returns_the_public_view(registry):
     assert await registry.get(CID) is None
     await registry.register(record(), now=200.0)
-    view = await registry.get(CID)
-    assert view is not None
+    stored = await registry.get(CID)
+    assert stored is not None
+    view = stored.as_json()
     assert view["connection_id"] == CID
     assert view["channels"] == ["guide", "pillar:content"]
     assert view["metadata"] == {"ua": "test"}
     assert view["connected_at"] == 100.0 and view["last_heartbeat"] == 200.0
+
+
+async def test_get_reads_a_damaged_record_as_none_fields(redis, registry):
+    # A hash written by hand (or by an older version): what cannot be read is None, never an
+    # exception, and a field the hash lacks is left out of the public view.
+    await redis.hset(
+        names.connection(CID),
+        mapping={"user_id": "alice", "channels": "not json", "connected_at": "soon"},
+    )
+    stored = await registry.get(CID)
+    assert stored is not None
+    assert (stored.user_id, stored.gateway_instance, stored.channels) == ("alice", None, None)
+    assert stored.connected_at is None and stored.metadata is None
+    assert stored.as_json() == {
+        "connection_id": CID,
+        "user_id": "alice",
+        "channels": None,
+        "metadata": None,
+        "connected_at": None,
+        "last_heartbeat": None,
+    }
+    assert await registry.gateway_of(CID) is None
+
+
+async def test_a_reader_cannot_write_records(redis):
+    reader = Registry(redis)
+    with pytest.raises(RuntimeError, match="built without record_ttl: it cannot write records"):
+        await reader.register(record())
+    assert await redis.exists(names.connection(CID)) == 0
 
 
 async def _keys_left(redis: Redis) -> set[bytes]:

@@ -11,7 +11,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from services.traffic_cop_stub.app import create_app
-from services.traffic_cop_stub.settings import Settings
+from services.traffic_cop_stub.settings import TrafficCopSettings
 from shared.service import SERVICE, ServiceState, background, base_app
 from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, wait_for
 
@@ -23,7 +23,7 @@ async def _ready(client: Any) -> tuple[int, dict[str, Any]]:
 
 
 async def test_ready_names_redis_while_it_is_down_and_recovers(aiohttp_client, private_redis):
-    settings = Settings(redis_url=private_redis.url, service_key=TRAFFIC_COP_KEY)
+    settings = TrafficCopSettings(redis_url=private_redis.url, service_key=TRAFFIC_COP_KEY)
     client = await aiohttp_client(create_app(settings))
     assert (await _ready(client))[0] == 200
 
@@ -107,8 +107,16 @@ async def test_skeleton_json_errors_and_metrics(aiohttp_client):
 
     async with client.get("/metrics") as resp:
         assert resp.status == 200
-        assert resp.headers["Content-Type"] == prometheus_client.CONTENT_TYPE_LATEST
+        # prometheus_client's own aiohttp handler negotiates: a plain client gets the text
+        # format its body really is (0.0.4), Prometheus' scrape Accept gets OpenMetrics.
+        assert resp.headers["Content-Type"] == prometheus_client.CONTENT_TYPE_PLAIN_0_0_4
         text = await resp.text()
+    async with client.get(
+        "/metrics", headers={"Accept": "application/openmetrics-text;version=1.0.0"}
+    ) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await resp.text()).endswith("# EOF\n")
     assert "# HELP" in text and "# TYPE" in text
     assert "python_info" in text or "process_" in text or "postoffice_" in text
     async with client.get("/health") as resp:
@@ -174,7 +182,7 @@ async def test_real_process_operational_routes_and_sigterm(traffic_cop: ServiceP
 
 async def test_redis_that_refuses_writes_is_503_not_500(aiohttp_client, private_redis):
     # Redis answers but refuses (out of memory): a dependency failure, so 503 with Retry-After.
-    settings = Settings(redis_url=private_redis.url, service_key=TRAFFIC_COP_KEY)
+    settings = TrafficCopSettings(redis_url=private_redis.url, service_key=TRAFFIC_COP_KEY)
     client = await aiohttp_client(create_app(settings))
     admin = Redis.from_url(private_redis.url)
     try:

@@ -17,11 +17,11 @@ from agents.guide.settings import GuideSettings
 from services.eviction_worker.settings import PREFIX as EVICTION_PREFIX
 from services.eviction_worker.settings import EvictionSettings
 from services.gateway.settings import PREFIX as GATEWAY_PREFIX
-from services.gateway.settings import Settings as GatewaySettings
+from services.gateway.settings import GatewaySettings
 from services.post_office_api.settings import PREFIX as API_PREFIX
 from services.post_office_api.settings import ApiSettings
 from services.traffic_cop_stub.settings import PREFIX as TC_PREFIX
-from services.traffic_cop_stub.settings import Settings as TrafficCopSettings
+from services.traffic_cop_stub.settings import TrafficCopSettings
 from shared.settings import (
     COMMON_VARIABLES,
     LOG_LEVELS,
@@ -36,7 +36,7 @@ from shared.settings import (
     port_setting,
     setting,
 )
-from tests.helpers import ROOT, timeout
+from tests.helpers import PRODUCTION_ENV, ROOT, timeout
 
 P = "DEMO_"
 
@@ -199,14 +199,14 @@ def test_cross_field_validation_names_both_variables():
 
 
 def test_production_refuses_development_keys_without_showing_them():
-    env = {"ENVIRONMENT": "production", "TRAFFIC_COP_SERVICE_KEY": "dev-traffic_cop"}
+    env = {**PRODUCTION_ENV, "TRAFFIC_COP_SERVICE_KEY": "dev-traffic_cop"}
     with pytest.raises(SettingsError) as info:
         load(TrafficCopSettings, TC_PREFIX, env)
     assert "TRAFFIC_COP_SERVICE_KEY" in str(info.value)
     assert "dev-traffic_cop" not in str(info.value)
     # The default key is a development key too.
     with pytest.raises(SettingsError):
-        load(TrafficCopSettings, TC_PREFIX, {"ENVIRONMENT": "production"})
+        load(TrafficCopSettings, TC_PREFIX, dict(PRODUCTION_ENV))
     real_key = "r" * MIN_PRODUCTION_KEY_LENGTH
     ok = load(TrafficCopSettings, TC_PREFIX, {**env, "TRAFFIC_COP_SERVICE_KEY": real_key})
     assert ok.environment == "production"
@@ -269,7 +269,10 @@ def test_help_subprocess_lists_every_setting_with_default_and_meaning():
         assert line is not None, f"{var} missing from --help:\n{out}"
         assert "default" in line
         if not field.metadata.get("secret"):
-            assert repr(field.default) in line
+            # A list shows as its variable's form, comma-separated.
+            default = field.default
+            shown = ",".join(default) if isinstance(default, tuple) else default
+            assert repr(shown) in line
         assert field.metadata["help"] in out
     assert "(or REDIS_URL)" in out
     assert "dev-traffic_cop" not in out
@@ -282,7 +285,7 @@ def test_help_subprocess_lists_every_setting_with_default_and_meaning():
         ({"TRAFFIC_COP_PORT": "70000"}, "TRAFFIC_COP_PORT=70000: must be at most 65535"),
         ({"TRAFFIC_COP_MAX_TTL": "5"}, "unknown setting(s) TRAFFIC_COP_MAX_TTL"),
         (
-            {"ENVIRONMENT": "production", "TRAFFIC_COP_SERVICE_KEY": "dev-traffic_cop"},
+            {**PRODUCTION_ENV, "TRAFFIC_COP_SERVICE_KEY": "dev-traffic_cop"},
             "TRAFFIC_COP_SERVICE_KEY: a development key",
         ),
     ],
@@ -328,6 +331,10 @@ def test_the_shared_fields_are_declared_once_in_the_base():
         "advertise_host",
         "instance_id",
         "redis_url",
+        "redis_sentinels",
+        "redis_sentinel_master",
+        "redis_sentinel_password",
+        "redis_epoch_check_seconds",
         "consul_url",
         "shutdown_timeout",
         "log_level",
@@ -406,7 +413,7 @@ def test_the_environment_has_two_choices_everywhere():
     ],
 )
 def test_production_refuses_development_and_short_keys_without_showing_them(key, fragment):
-    env = {"ENVIRONMENT": "production", "DEMOSVC_API_KEY": key}
+    env = {**PRODUCTION_ENV, "DEMOSVC_API_KEY": key}
     with pytest.raises(SettingsError) as info:
         load(DemoService, "DEMOSVC_", env)
     message = str(info.value)
@@ -429,7 +436,7 @@ def test_production_refuses_development_and_short_keys_without_showing_them(key,
     ],
 )
 def test_every_service_refuses_a_development_traffic_cop_key_in_production(cls, prefix, env):
-    base = {"ENVIRONMENT": "production", **env}
+    base = {**PRODUCTION_ENV, **env}
     for key in ("dev-traffic_cop", "DEV-" + LONG_KEY, "short"):
         with pytest.raises(SettingsError, match="TRAFFIC_COP_SERVICE_KEY") as info:
             load(cls, prefix, {**base, "TRAFFIC_COP_SERVICE_KEY": key})
@@ -438,7 +445,7 @@ def test_every_service_refuses_a_development_traffic_cop_key_in_production(cls, 
 
 
 def test_the_guide_agent_refuses_development_and_short_realm_keys():
-    env = {"ENVIRONMENT": "production"}
+    env = dict(PRODUCTION_ENV)
     with pytest.raises(SettingsError, match="GUIDE_AGENT_REALM_KEY: a development key"):
         load(GuideSettings, GUIDE_PREFIX, env)
     with pytest.raises(SettingsError, match="at least 32 characters"):
@@ -502,7 +509,7 @@ def test_traffic_cop_registers_its_advertised_address():
 @pytest.mark.parametrize(
     ("cls", "prefix"),
     [
-        ("services.gateway.settings:Settings", "GATEWAY_"),
+        ("services.gateway.settings:GatewaySettings", "GATEWAY_"),
         ("services.post_office_api.settings:ApiSettings", "POST_OFFICE_"),
         ("services.eviction_worker.settings:EvictionSettings", "EVICTION_"),
     ],
@@ -523,7 +530,7 @@ def test_every_service_refuses_the_same_unsafe_channel_names(cls, prefix, channe
 @pytest.mark.parametrize(
     ("cls", "prefix"),
     [
-        ("services.gateway.settings:Settings", "GATEWAY_"),
+        ("services.gateway.settings:GatewaySettings", "GATEWAY_"),
         ("services.post_office_api.settings:ApiSettings", "POST_OFFICE_"),
         ("services.eviction_worker.settings:EvictionSettings", "EVICTION_"),
         ("agents.guide.settings:GuideSettings", "GUIDE_AGENT_"),
@@ -539,3 +546,87 @@ def test_one_channels_variable_sets_every_process(cls, prefix):
     assert load(settings_class, prefix, {"CHANNELS": "guide,extra"}).channels == ("guide", "extra")
     both = {"CHANNELS": "guide,extra", f"{prefix}CHANNELS": "guide"}
     assert load(settings_class, prefix, both).channels == ("guide",)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "dev\u2010" + LONG_KEY,  # U+2010 HYPHEN: looks like dev-
+        "dev\u2013" + LONG_KEY,  # EN DASH
+        "dev\uff0d" + LONG_KEY,  # FULLWIDTH HYPHEN-MINUS (NFKC folds it)
+        "\uff24\uff45\uff56-" + LONG_KEY,  # fullwidth "Dev"
+        " dev-" + LONG_KEY,  # a leading space
+        "dev-" + LONG_KEY + " ",
+    ],
+)
+def test_production_refuses_development_key_lookalikes(key):
+    with pytest.raises(SettingsError, match="a development key") as info:
+        load(DemoService, "DEMOSVC_", {**PRODUCTION_ENV, "DEMOSVC_API_KEY": key})
+    assert key.strip() not in str(info.value)
+
+
+@pytest.mark.parametrize("key", [" " + LONG_KEY, LONG_KEY + "\t", "k\u0435y" + LONG_KEY])
+def test_production_refuses_keys_with_spaces_or_non_ascii(key):
+    with pytest.raises(SettingsError, match="printable ASCII") as info:
+        load(DemoService, "DEMOSVC_", {**PRODUCTION_ENV, "DEMOSVC_API_KEY": key})
+    assert key.strip() not in str(info.value)
+    assert load(DemoService, "DEMOSVC_", {"DEMOSVC_API_KEY": key}).api_key == key  # dev: fine
+
+
+@pytest.mark.parametrize(
+    ("cls", "prefix", "env"),
+    [
+        (GatewaySettings, GATEWAY_PREFIX, {}),
+        (EvictionSettings, EVICTION_PREFIX, {}),
+        (ApiSettings, API_PREFIX, {"REALM_KEYS": f"{LONG_KEY}:smart_city"}),
+        (TrafficCopSettings, TC_PREFIX, {}),
+    ],
+)
+def test_production_refuses_a_redis_url_without_password(cls, prefix, env):
+    base = {**PRODUCTION_ENV, **env, "TRAFFIC_COP_SERVICE_KEY": LONG_KEY}
+    for url in ("redis://127.0.0.1:6379/0", "redis://user@redis:6379", "unix:///tmp/r.sock"):
+        with pytest.raises(SettingsError, match="needs a Redis password"):
+            load(cls, prefix, {**base, "REDIS_URL": url})
+    for url in ("rediss://:s3cret@redis:6380/0", "redis://po:s3cret@redis", "unix:///r?password=x"):
+        assert load(cls, prefix, {**base, "REDIS_URL": url}).production
+    assert not load(cls, prefix, {**env, "REDIS_URL": "redis://127.0.0.1"}).production
+
+
+@pytest.mark.parametrize(
+    ("cls", "prefix", "env"),
+    [
+        (GatewaySettings, GATEWAY_PREFIX, {}),
+        (ApiSettings, API_PREFIX, {"REALM_KEYS": f"{LONG_KEY}:smart_city"}),
+    ],
+)
+def test_production_refuses_a_plain_ws_public_url_but_for_localhost(cls, prefix, env):
+    base = {**PRODUCTION_ENV, **env, "TRAFFIC_COP_SERVICE_KEY": LONG_KEY}
+    with pytest.raises(SettingsError, match=r"PUBLIC_WS_URL=.*needs wss://"):
+        load(cls, prefix, {**base, "PUBLIC_WS_URL": "ws://edge.example.com/ws"})
+    for url in ("wss://edge.example.com/ws", "ws://localhost/ws", "ws://127.0.0.1:8100/ws", ""):
+        assert load(cls, prefix, {**base, "PUBLIC_WS_URL": url}).production
+
+
+def test_production_gateway_refuses_allowed_origins_unset_or_any():
+    base = {**PRODUCTION_ENV, "TRAFFIC_COP_SERVICE_KEY": LONG_KEY}
+    for origins in ("", "*", "https://app.example.com,*"):
+        with pytest.raises(SettingsError, match="ALLOWED_ORIGINS: ENVIRONMENT=production"):
+            load(GatewaySettings, GATEWAY_PREFIX, {**base, "ALLOWED_ORIGINS": origins})
+    assert load(GatewaySettings, GATEWAY_PREFIX, base).allowed_origins == (
+        "https://app.example.com",
+    )
+    assert load(GatewaySettings, GATEWAY_PREFIX, {"ALLOWED_ORIGINS": "*"}).allowed_origins
+
+
+@pytest.mark.parametrize(
+    ("settings_class", "prefix"),
+    [(GatewaySettings, GATEWAY_PREFIX), (ApiSettings, API_PREFIX)],
+)
+def test_one_stream_bound_for_every_process_that_appends_to_the_streams(settings_class, prefix):
+    # Gateways and the API append to the same agent streams: one STREAM_MAX_PENDING bounds both.
+    assert load(settings_class, prefix, {}).stream_max_pending == 10000
+    assert load(settings_class, prefix, {"STREAM_MAX_PENDING": "7"}).stream_max_pending == 7
+    both = {"STREAM_MAX_PENDING": "7", f"{prefix}STREAM_MAX_PENDING": "3"}
+    assert load(settings_class, prefix, both).stream_max_pending == 3
+    with pytest.raises(SettingsError, match=f"{prefix}QUEUE_MAX_LENGTH"):
+        load(settings_class, prefix, {f"{prefix}QUEUE_MAX_LENGTH": "5"})  # the old name: unknown

@@ -111,7 +111,7 @@ async def start_stack(
         await asyncio.gather(asyncio.to_thread(gateway.start), asyncio.to_thread(api.start))
         agent = ServiceProcess(
             "agents.guide",
-            {"POST_OFFICE_URL": api.url, "GUIDE_AGENT_BACKOFF_MAX_SECONDS": "0.2", **env},
+            {"POST_OFFICE_URL": api.url, "GUIDE_AGENT_BACKOFF_CAP_SECONDS": "0.2", **env},
         )
         started.append(agent)
         agent.start(wait_ready=False)
@@ -186,7 +186,7 @@ async def test_one_trace_from_socket_to_answer(
 
         # The gateway recorded the publish; its span id is the one the agent message carries.
         (publish,) = await spans_of(
-            receiver, "the gateway's publish span", trace_id=trace_id, service="gateway"
+            receiver, "the gateway's publish span", trace_id=trace_id, service="websocket-gateway"
         )
         assert publish.span_id == span_id
         assert publish.kind == "SPAN_KIND_PRODUCER" and publish.name == "message publish"
@@ -222,7 +222,7 @@ async def test_one_trace_from_socket_to_answer(
         trace_id, span_id, _flags = parse(message["traceparent"])
         assert trace_id == client_trace and span_id != client_span
         (publish,) = await spans_of(
-            receiver, "the publish span", trace_id=client_trace, service="gateway"
+            receiver, "the publish span", trace_id=client_trace, service="websocket-gateway"
         )
         assert publish.span_id == span_id and publish.parent_span_id == client_span
         (delivery,) = await spans_of(

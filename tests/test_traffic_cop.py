@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from services.traffic_cop_stub.app import create_app
-from services.traffic_cop_stub.settings import Settings
+from services.traffic_cop_stub.settings import TrafficCopSettings
 from shared import redis_names as names
 from tests.helpers import TRAFFIC_COP_KEY, ServiceProcess, create_session, timeout, wait_for
 
@@ -25,8 +25,8 @@ AUTH = {"Authorization": f"Bearer {TRAFFIC_COP_KEY}"}
 
 
 @pytest.fixture
-def settings(redis_url: str) -> Settings:
-    return Settings(
+def settings(redis_url: str) -> TrafficCopSettings:
+    return TrafficCopSettings(
         redis_url=redis_url,
         instance_id="traffic-cop-test",
         service_key=TRAFFIC_COP_KEY,
@@ -36,7 +36,7 @@ def settings(redis_url: str) -> Settings:
 
 
 @pytest.fixture
-async def client(aiohttp_client: Any, settings: Settings) -> Any:
+async def client(aiohttp_client: Any, settings: TrafficCopSettings) -> Any:
     return await aiohttp_client(create_app(settings))
 
 
@@ -331,7 +331,7 @@ async def test_operational_routes(client):
     async with client.get("/health") as resp:
         assert resp.status == 200
         body = await resp.json()
-        assert body["status"] == "ok" and body["service"] == "traffic_cop"
+        assert body["status"] == "ok" and body["service"] == "traffic-cop"
         assert body["instance"] == "traffic-cop-test"
     async with client.get("/ready") as resp:
         assert resp.status == 200
@@ -378,7 +378,7 @@ async def test_real_process_never_logs_tokens(traffic_cop: ServiceProcess):
     lines = [json.loads(line) for line in log.splitlines() if line.strip()]
     assert any("revoked" in line["msg"] for line in lines)
     for line in lines:
-        assert line["service"] == "traffic_cop"
+        assert line["service"] == "traffic-cop"
         assert line["level"] != "error", line
 
 

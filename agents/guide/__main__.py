@@ -23,7 +23,12 @@ async def serve(settings: GuideSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with PostOfficeClient(
-        settings.post_office_url, settings.realm_key, timeout=settings.request_timeout_seconds
+        settings.post_office_url,
+        settings.realm_key,
+        timeout=settings.request_timeout_seconds,
+        retry_deadline=settings.delivery_deadline_seconds,
+        retry_base=settings.retry_base_seconds,
+        retry_cap=settings.retry_cap_seconds,
     ) as client:
         agent = GuideAgent(
             client,
@@ -31,8 +36,8 @@ async def serve(settings: GuideSettings) -> int:
             settings.channels,
             group=settings.group,
             consumer=settings.consumer or f"guide-{socket.gethostname()}",
-            backoff_min=settings.backoff_min_seconds,
-            backoff_max=settings.backoff_max_seconds,
+            backoff_min=settings.backoff_base_seconds,
+            backoff_max=settings.backoff_cap_seconds,
             idle_timeout=settings.idle_timeout_seconds,
             max_in_flight=settings.max_in_flight,
             max_answer_chars=settings.max_answer_chars,
@@ -46,7 +51,7 @@ async def serve(settings: GuideSettings) -> int:
         if not work.cancelled() and work.exception() is not None:
             log.error("guide agent stopped", exc_info=work.exception())
             return 1
-    log.info("guide agent stopped after %d answer(s)", agent.answered)
+    log.info("guide agent stopped after %d answer(s), %d dropped", agent.answered, agent.dropped)
     return 0
 
 

@@ -15,6 +15,13 @@ last ``dedupe_size`` message ids are remembered).
 Messages are answered concurrently, at most ``max_in_flight`` at once, so one slow API call
 does not stall the stream; past that bound the loop waits for a free slot. Only a refused
 realm key (401/403) stops the agent.
+
+A delivery the API refused for now (429 with ``Retry-After``, 503) or that did not reach it is
+retried by the client until its ``retry_deadline`` (``GUIDE_AGENT_DELIVERY_DEADLINE_SECONDS``);
+past it, or on an answer no retry can fix, the answer is given up for now with an ERROR line
+naming the message id (``answer to <id> dropped: ...``), counted in ``dropped``. The message
+stays unacked, so it comes again after ACK_TIMEOUT_SECONDS (to the dead letters after
+MAX_DELIVERIES): nothing is lost silently.
 """
 
 from __future__ import annotations
@@ -116,6 +123,7 @@ class GuideAgent:
         self.answered = 0
         self.duplicates = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
+        self.dropped = 0
 
     async def run(self) -> None:
         """Answer until cancelled. Raises only what retrying cannot fix (a refused key)."""
@@ -170,17 +178,20 @@ class GuideAgent:
         except (Unauthorized, Forbidden):
             raise
         except PostOfficeError as exc:
-            # Not acked: the message comes again, here or to another replica.
-            log.warning(
-                "answer to %s failed: %s",
+            # The client retried what was safe until its deadline. Not acked: the message comes
+            # again (here or to another replica), and it is never lost silently.
+            self.dropped += 1
+            log.error(
+                "answer to %s dropped: %s",
                 msg.message_id,
                 exc,
                 extra={"connection_id": msg.connection_id},
             )
             return
         except Exception:
-            # A bug or an unexpected answer must not end the agent; the message comes again.
-            log.exception("answer to %s failed", msg.message_id)
+            # A bug or an unexpected answer must not end the agent; not acked: it comes again.
+            self.dropped += 1
+            log.exception("answer to %s dropped", msg.message_id)
             return
         self._remember(msg.message_id)
         if msg.connection_id:

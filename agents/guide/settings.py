@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agents.guide.agent import DEFAULT_MAX_ANSWER_CHARS
-from shared.protocol import DEFAULT_CHANNELS
-from shared.settings import MIN_PRODUCTION_KEY_LENGTH, ProcessSettings, SettingsError, setting
+from shared.settings import MIN_PRODUCTION_KEY_LENGTH, ChannelSettings, SettingsError, setting
 from shared.streams import is_valid_consumer_name, is_valid_group_name
 
 __all__ = ["DESCRIPTION", "MIN_PRODUCTION_KEY_LENGTH", "PREFIX", "GuideSettings"]
@@ -19,7 +18,7 @@ DESCRIPTION = (
 
 
 @dataclass(frozen=True, repr=False)
-class GuideSettings(ProcessSettings):
+class GuideSettings(ChannelSettings):
     """No host or port: the agent listens on nothing, it only calls the API."""
 
     PREFIX = PREFIX
@@ -42,11 +41,10 @@ class GuideSettings(ProcessSettings):
         "this replica's consumer name, the same across its restarts (what it held unacked "
         "comes back to it); empty: guide-<hostname>",
     )
-    channels: tuple[str, ...] = setting(DEFAULT_CHANNELS, "channels that 'help' lists", common=True)
-    backoff_min_seconds: float = setting(
+    backoff_base_seconds: float = setting(
         0.1, "first pause before re-subscribing after the stream broke", minimum=0.001
     )
-    backoff_max_seconds: float = setting(
+    backoff_cap_seconds: float = setting(
         5.0, "cap of the jittered exponential re-subscribe backoff", minimum=0.001
     )
     idle_timeout_seconds: float = setting(
@@ -56,6 +54,21 @@ class GuideSettings(ProcessSettings):
     )
     request_timeout_seconds: float = setting(
         10.0, "timeout of each delivery call to the API", minimum=0.1
+    )
+    delivery_deadline_seconds: float = setting(
+        30.0,
+        "how long an answer is retried when the API refuses it for now (429, honouring "
+        "Retry-After; 503) or cannot be reached; past it the answer is dropped with an ERROR "
+        "log line naming the message id. 0: no retry",
+        minimum=0.0,
+    )
+    retry_base_seconds: float = setting(
+        0.1,
+        "first pause before retrying an answer (shared backoff, doubled each try)",
+        minimum=0.001,
+    )
+    retry_cap_seconds: float = setting(
+        5.0, "cap of the pause between answer retries (a longer Retry-After wins)", minimum=0.001
     )
     max_in_flight: int = setting(
         32,
@@ -87,7 +100,7 @@ class GuideSettings(ProcessSettings):
         if not self.realm_key:
             raise SettingsError(f"{PREFIX}REALM_KEY is empty")
         self.refuse_development_keys(f"{PREFIX}REALM_KEY", (self.realm_key,))
-        if self.backoff_min_seconds > self.backoff_max_seconds:
+        if self.backoff_base_seconds > self.backoff_cap_seconds:
             raise SettingsError(
-                f"{PREFIX}BACKOFF_MIN_SECONDS is larger than {PREFIX}BACKOFF_MAX_SECONDS"
+                f"{PREFIX}BACKOFF_BASE_SECONDS is larger than {PREFIX}BACKOFF_CAP_SECONDS"
             )

@@ -1,2 +1,2 @@
-"""The eviction worker: evicts idle connections, cleans up after dead gateways, drains the
-agent-channel queues. ``python -m services.eviction_worker``; see docs/eviction.md."""
+"""The eviction worker: evicts idle connections, cleans up after dead gateways, reclaims unacked
+agent-stream messages. ``python -m services.eviction_worker``; see docs/eviction.md."""

@@ -7,16 +7,16 @@ import sys
 import orjson
 from redis.exceptions import RedisError
 
-from services.eviction_worker.app import create_app, run_once
+from services.eviction_worker.app import SERVICE_NAME, create_app, run_once
 from services.eviction_worker.settings import DESCRIPTION, PREFIX, EvictionSettings
 from shared.logs import setup_logging
-from shared.service import run
+from shared.service import run_service
 from shared.settings import load_or_exit
 
 
 def main() -> None:
     settings = load_or_exit(EvictionSettings, PREFIX, DESCRIPTION)
-    setup_logging("eviction-worker", settings.instance, settings.log_level)
+    setup_logging(SERVICE_NAME, settings.instance, settings.log_level)
     if settings.run_once:
         import uvloop
 
@@ -27,7 +27,7 @@ def main() -> None:
             raise SystemExit(1) from None
         sys.stdout.write(orjson.dumps(summary).decode() + "\n")
         return
-    run(create_app(settings), settings.host, settings.port, settings.shutdown_timeout)
+    run_service(create_app(settings), settings)
 
 
 if __name__ == "__main__":

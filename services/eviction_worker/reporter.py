@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Protocol
 
 from services.eviction_worker import metrics
+from shared.backoff import backoff
 from shared.traffic_cop_client import TrafficCopRejected, TrafficCopUnavailable
 
 __all__ = ["ConnectionUnregistrar", "TrafficCopReporter"]
@@ -58,6 +58,7 @@ class TrafficCopReporter:
         self.rejected = 0  # a 4xx it should not give (wrong service key ...): not retried
         self.failures = 0  # calls that found Traffic Cop unavailable (each retried)
         self.dropped = 0  # reports given up because the backlog passed ``limit``
+        self.streak = 0  # rounds in a row with a report to retry: the retry delay's exponent
         self._unlogged_drops = 0
         self._drop_logged_at = -DROP_LOG_INTERVAL
         self._pending: deque[str] = deque()
@@ -110,7 +111,6 @@ class TrafficCopReporter:
 
     async def run(self) -> None:
         """The reporting loop; runs until cancelled (its cleanup context owns it)."""
-        streak = 0
         while True:
             await self._wake.wait()
             while self._pending:
@@ -127,11 +127,12 @@ class TrafficCopReporter:
                         if len(self._pending) >= self.limit:
                             self._drop(self._pending.pop())
                         self._pending.appendleft(cid)
-                    streak += 1
-                    delay = min(self.backoff_cap, self.backoff_base * 2 ** min(streak - 1, 16))
-                    await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
+                    self.streak += 1
+                    await asyncio.sleep(
+                        backoff(self.streak - 1, self.backoff_base, self.backoff_cap)
+                    )
                 else:
-                    streak = 0
+                    self.streak = 0
                 metrics.TRAFFIC_COP_PENDING.set(len(self._pending))
             self._wake.clear()
             self._idle.set()

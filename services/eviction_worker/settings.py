@@ -6,11 +6,12 @@ import os
 import socket
 from dataclasses import dataclass
 
-from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
+    ChannelSettings,
+    HttpLimitSettings,
     SettingsError,
+    TaskHookSettings,
     TrafficCopCallerSettings,
-    check_channel_names,
     instance_id_setting,
     port_setting,
     setting,
@@ -26,7 +27,9 @@ DESCRIPTION = (
 
 
 @dataclass(frozen=True, repr=False)
-class EvictionSettings(TrafficCopCallerSettings):
+class EvictionSettings(
+    HttpLimitSettings, TrafficCopCallerSettings, ChannelSettings, TaskHookSettings
+):
     PREFIX = PREFIX
     INSTANCE_NAME = "eviction"
 
@@ -107,14 +110,7 @@ class EvictionSettings(TrafficCopCallerSettings):
         "at least twice the gateways' LIVENESS_FLUSH_SECONDS",
         minimum=0.0,
     )
-    channels: tuple[str, ...] = setting(
-        DEFAULT_CHANNELS,
-        "agent channels whose streams are reclaimed and trimmed (comma-separated); set CHANNELS "
-        "once for the whole stack: a channel the worker does not know is never trimmed and its "
-        "unacked messages are never handed to another consumer",
-        common=True,
-    )
-    error_backoff_seconds: float = setting(
+    error_backoff_cap_seconds: float = setting(
         5.0, "longest pause between two passes while passes fail (Redis down)", minimum=0.01
     )
     run_once: bool = setting(
@@ -124,9 +120,6 @@ class EvictionSettings(TrafficCopCallerSettings):
     def validate(self) -> None:
         super().validate()
         self.refuse_development_keys("TRAFFIC_COP_SERVICE_KEY", (self.traffic_cop_service_key,))
-        if not self.channels:
-            raise SettingsError(f"{PREFIX}CHANNELS: at least one channel is required")
-        check_channel_names(f"{PREFIX}CHANNELS", self.channels)
         if self.batch_size > self.pass_limit:
             raise SettingsError(
                 f"{PREFIX}BATCH_SIZE={self.batch_size!r} is larger than "

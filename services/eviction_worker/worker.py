@@ -22,7 +22,10 @@ A pass does three things, each in pages of pipelined Redis work, never a key sca
 
 After a failed pass (Redis unreachable) idle eviction waits ``recovery_grace_seconds`` from the
 moment Redis answers again: while Redis was away the gateways could not write last-seen times,
-so every connection would look idle until their next flush.
+so every connection would look idle until their next flush. The same grace starts when Redis
+lost its data (:meth:`Evictor.redis_lost_data`, called by the app's epoch watch): until the
+gateways have re-asserted their instance keys, records and last-seen times, every live
+connection would look idle or orphaned by a dead gateway.
 
 Evicted ids go to the :class:`~services.eviction_worker.reporter.TrafficCopReporter`, which
 tells Traffic Cop in the background so an unreachable Traffic Cop never holds a pass up.
@@ -36,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -49,9 +51,9 @@ from services.eviction_worker import metrics
 from services.eviction_worker.reclaim import Reclaimer
 from services.eviction_worker.reporter import TrafficCopReporter
 from services.eviction_worker.settings import EvictionSettings
-from shared import redis_names as names
+from shared.backoff import backoff
 from shared.protocol import CloseCode
-from shared.registry import Registry
+from shared.registry import Registry, UnregisterResult
 
 __all__ = ["Evictor", "PassSummary"]
 
@@ -62,11 +64,6 @@ GATEWAY_LOST = "gateway_lost"
 #: Below this many ids a page is not split over several connections: the split costs more
 #: round trips than it saves.
 _MIN_CHUNK = 64
-
-
-def _text(value: Any) -> str:
-    """A member as returned by the client (bytes: the clients never decode responses)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -131,8 +128,7 @@ class Evictor:
         stop: asyncio.Event | None = None,
     ) -> None:
         self.redis = redis
-        # The worker never writes a record, so the TTL Registry would give one is unused.
-        self.registry = Registry(redis, record_ttl=max_idle_seconds)
+        self.registry = Registry(redis)  # the worker removes records, never writes one
         self.max_idle_seconds = max_idle_seconds
         self.batch_size = batch_size
         self.pass_limit = pass_limit
@@ -153,6 +149,8 @@ class Evictor:
         self.stop = stop or asyncio.Event()
         self.last_summary: PassSummary | None = None
         self.last_error: str | None = None
+        #: Passes failed in a row (reset by a good one): the exponent of the retry delay.
+        self.failures = 0
         # Set by a pass that failed on Redis; the next pass that reaches Redis starts the grace.
         self._recovering = False
         self._idle_paused_until = 0.0
@@ -185,29 +183,36 @@ class Evictor:
 
     # -- the loop ------------------------------------------------------------------------
 
+    def redis_lost_data(self) -> None:
+        """Redis lost its data (:mod:`shared.epoch`): the next pass starts the recovery grace,
+        as after an outage, so nothing is evicted before the gateways re-assert."""
+        self._recovering = True
+        log.warning(
+            "Redis lost its data: idle and dead-gateway cleanup pause for %.1fs from the next "
+            "pass while the gateways re-assert their connections",
+            self.recovery_grace_seconds,
+        )
+
     async def run(self, interval: float, error_backoff_cap: float = 5.0) -> None:
         """A pass every ``interval`` seconds until :attr:`stop` is set. A failing pass (Redis
         down) is logged and retried with capped, jittered backoff; nothing here crashes the
         process, and cancellation propagates."""
-        failures = 0
+        cap = max(interval, error_backoff_cap)
         while not self.stop.is_set():
             try:
                 await self.run_pass()
             except RedisError as exc:
-                failures += 1
+                self.failures += 1
                 self._recovering = True
                 self._failed(exc)
-                log.warning("pass failed (%d in a row): %r", failures, exc)
+                log.warning("pass failed (%d in a row): %r", self.failures, exc)
             except Exception as exc:  # a bug must not end eviction for good: log, retry
-                failures += 1
+                self.failures += 1
                 self._failed(exc)
-                log.exception("pass failed unexpectedly (%d in a row)", failures)
+                log.exception("pass failed unexpectedly (%d in a row)", self.failures)
             else:
-                failures = 0
-            delay = interval
-            if failures:
-                ceiling = min(max(interval, error_backoff_cap), interval * 2**failures)
-                delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+                self.failures = 0
+            delay = backoff(self.failures, interval, cap) if self.failures else interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), delay)
 
@@ -274,11 +279,8 @@ class Evictor:
                 summary.complete = False
                 return
             want = min(self.batch_size, self.pass_limit - looked)
-            raw = await self.redis.zrangebyscore(
-                names.LAST_SEEN, "-inf", cutoff, start=skip, num=want
-            )
+            ids = await self.registry.stale(cutoff, want, offset=skip)
             summary.round_trips += 1
-            ids = [_text(i) for i in raw]
             looked += len(ids)
             summary.stale_found += len(ids)
             metrics.STALE_FOUND.inc(len(ids))
@@ -297,14 +299,11 @@ class Evictor:
     # -- step 2: dead gateways ------------------------------------------------------------
 
     async def _clean_dead_gateways(self, summary: PassSummary) -> None:
-        members = sorted(_text(m) for m in await self.redis.smembers(names.GATEWAYS))
+        members = await self.registry.gateways()
         summary.round_trips += 1
         if not members:
             return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for instance in members:
-                pipe.exists(names.gateway_instance(instance))
-            alive = await pipe.execute()
+        alive = await self.registry.alive(members)
         summary.round_trips += 1
         budget = self.pass_limit
         for instance, is_alive in zip(members, alive, strict=True):
@@ -315,11 +314,10 @@ class Evictor:
                 return
             cursor: int = 0
             while True:
-                cursor, raw = await self.redis.sscan(
-                    names.gateway_connections(instance), cursor, count=self.batch_size
+                cursor, ids = await self.registry.gateway_connections(
+                    instance, cursor, self.batch_size
                 )
                 summary.round_trips += 1
-                ids = [_text(i) for i in raw]
                 budget -= len(ids)
                 back = False
                 if ids:
@@ -331,7 +329,7 @@ class Evictor:
                         unless_gateway_alive=True,
                     )
                     self._tally(summary, ids, results, GATEWAY_LOST)
-                    back = -3 in results
+                    back = UnregisterResult.GATEWAY_BACK in results
                 if back:
                     log.info("gateway %s came back while its records were being removed", instance)
                     break
@@ -370,7 +368,7 @@ class Evictor:
         expected_gateway: str | None = None,
         close_code: int | None = None,
         unless_gateway_alive: bool = False,
-    ) -> list[int | Exception]:
+    ) -> list[UnregisterResult | Exception]:
         """The page's scripts, pipelined over up to ``concurrency`` connections at once."""
         parts = max(1, min(self.concurrency, len(ids) // _MIN_CHUNK))
         size = -(-len(ids) // parts)
@@ -393,25 +391,30 @@ class Evictor:
         return [result for answer in answers for result in answer]
 
     def _tally(
-        self, summary: PassSummary, ids: list[str], results: list[int | Exception], reason: str
+        self,
+        summary: PassSummary,
+        ids: list[str],
+        results: list[UnregisterResult | Exception],
+        reason: str,
     ) -> int:
         """Count the outcomes, hand the evicted ids to the reporter; return the failures."""
         evicted: list[str] = []
         failed = gone = 0
         for cid, result in zip(ids, results, strict=True):
-            if isinstance(result, Exception):
-                failed += 1
-                log.error("could not unregister: %r", result, extra={"connection_id": cid})
-            elif result == 1:
-                evicted.append(cid)
-            elif result == 0:
-                gone += 1
-            elif result == -1:
-                summary.still_alive += 1
-            elif result == -3:
-                summary.gateway_back += 1
-            else:
-                summary.held_elsewhere += 1
+            match result:
+                case Exception():
+                    failed += 1
+                    log.error("could not unregister: %r", result, extra={"connection_id": cid})
+                case UnregisterResult.REMOVED:
+                    evicted.append(cid)
+                case UnregisterResult.NOT_FOUND:
+                    gone += 1
+                case UnregisterResult.SEEN_SINCE:
+                    summary.still_alive += 1
+                case UnregisterResult.GATEWAY_BACK:
+                    summary.gateway_back += 1
+                case UnregisterResult.HELD_ELSEWHERE:
+                    summary.held_elsewhere += 1
         summary.errors += failed
         summary.already_gone += gone
         metrics.ALREADY_GONE.inc(gone)

@@ -7,16 +7,16 @@ A gateway whose dependencies never answer at start exits 1 through ``shared.serv
 from __future__ import annotations
 
 from services.gateway.app import SERVICE_NAME, create_app
-from services.gateway.settings import DESCRIPTION, PREFIX, Settings
+from services.gateway.settings import DESCRIPTION, PREFIX, GatewaySettings
 from shared.logs import setup_logging
-from shared.service import run
+from shared.service import run_service
 from shared.settings import load_or_exit
 
 
 def main() -> None:
-    settings = load_or_exit(Settings, PREFIX, DESCRIPTION)
+    settings = load_or_exit(GatewaySettings, PREFIX, DESCRIPTION)
     setup_logging(SERVICE_NAME, settings.instance, settings.log_level)
-    run(create_app(settings), settings.host, settings.port, settings.shutdown_timeout)
+    run_service(create_app(settings), settings)
 
 
 if __name__ == "__main__":

@@ -24,41 +24,89 @@ cleanup contexts stop the background tasks and delete the instance key.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
-from services.gateway.hub import Hub
 from services.gateway.keys import GATEWAY, ORIGINS, SETTINGS
 from services.gateway.origins import OriginPolicy
 from services.gateway.process import Gateway
 from services.gateway.routes import setup_routes
-from services.gateway.settings import Settings
-from services.gateway.upkeep import run_upkeep
-from shared.discovery import (
-    DEREGISTER,
-    GATEWAY_SERVICE,
-    TRAFFIC_COP_SERVICE,
-    Discovery,
-    registration_context,
-)
+from services.gateway.settings import GatewaySettings
+from services.gateway.upkeep import reassert_after_data_loss, run_upkeep
+from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
+from shared.discovery import DEREGISTER, Discovery, registration_context, traffic_cop_resolver
+from shared.epoch import DataLoss, epoch_context
+from shared.http import Handler
 from shared.protocol import CloseCode
-from shared.service import REDIS, SERVICE, base_app, fail, on_drain, redis_context, supervise
+from shared.pubsub import Hub
+from shared.service import (
+    REDIS,
+    SERVICE,
+    base_app,
+    cancel_and_wait,
+    fail,
+    on_drain,
+    redis_context,
+    spawn,
+)
+from shared.service_names import GATEWAY_SERVICE
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient
 
-__all__ = ["SERVICE_NAME", "StartupError", "create_app"]
+__all__ = [
+    "PAGE_HEADERS",
+    "SERVICE_NAME",
+    "TASKS",
+    "StartupError",
+    "create_app",
+    "page_headers_middleware",
+]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "gateway"
+SERVICE_NAME = GATEWAY_SERVICE.name
 TEMPLATES_DIR = Path(__file__).parent / "templates"
+#: The tasks the start-up starts, by name (the names the FAIL_TASKS test hook takes).
+TASKS = (
+    "gateway-pubsub-reader",
+    "gateway-publisher",
+    "gateway-upkeep",
+    "gateway-instance-heartbeat",
+)
+
+
+#: Headers of the chat page, whose URL carries a session token (``/?session_token=...``): no
+#: framing (clickjacking), no script, style or connection but its own, and no Referer, so the
+#: token never reaches another site; nor a cache.
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@web.middleware
+async def page_headers_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The chat page's :data:`PAGE_HEADERS`; ``nosniff`` and no Referer on every response."""
+    response = await handler(request)
+    if request.path == "/":
+        response.headers.update(PAGE_HEADERS)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    response.headers.setdefault("Referrer-Policy", "no-referrer")
+    return response
 
 
 class StartupError(RuntimeError):
@@ -100,15 +148,15 @@ class _Lifecycle:
 
 
 def _gateway_context(
-    settings: Settings, life: _Lifecycle
+    settings: GatewaySettings, life: _Lifecycle
 ) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         state = app[SERVICE]
         discovery = Discovery(settings.consul_url or None)
 
-        async def traffic_cop_url() -> str:
-            return await discovery.resolve(TRAFFIC_COP_SERVICE, settings.traffic_cop_url or None)
-
+        traffic_cop_url = traffic_cop_resolver(
+            discovery, settings.traffic_cop_url, settings.traffic_cop_from_consul
+        )
         traffic_cop = TrafficCopClient(
             traffic_cop_url,
             settings.traffic_cop_service_key,
@@ -116,10 +164,10 @@ def _gateway_context(
             pool_limit=settings.traffic_cop_max_connections,
         )
         hub = Hub(
-            settings.redis_url,
+            settings.redis_target,
             name=f"{SERVICE_NAME}-pubsub",
-            backoff_base=settings.pubsub_backoff_base,
-            backoff_cap=settings.pubsub_backoff_cap,
+            backoff_base=settings.pubsub_backoff_base_seconds,
+            backoff_cap=settings.pubsub_backoff_cap_seconds,
         )
         gw = Gateway(settings, app[REDIS], hub, traffic_cop)
         app[GATEWAY] = gw
@@ -132,17 +180,13 @@ def _gateway_context(
             yield
         finally:
             gw.ready = False
-            tasks = [t for t in (life.startup, *life.tasks) if t is not None]
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.wait(tasks)
+            await cancel_and_wait([t for t in (life.startup, *life.tasks) if t is not None])
             gw.publisher.abandon()
             if life.tasks:  # the instance key exists only once started
                 await gw.forget_instance()
-            await hub.close()
-            await traffic_cop.close()
-            await discovery.close()
+            await hub.aclose()
+            await traffic_cop.aclose()
+            await discovery.aclose()
 
     return ctx
 
@@ -157,16 +201,16 @@ async def _start(app: web.Application, gw: Gateway, life: _Lifecycle) -> None:
         life.waiting_for = "traffic_cop"
         await _wait_until("traffic_cop", gw.traffic_cop.ping, deadline)
         gw.watch_process_channels()
-        for name, factory in (
-            ("pubsub-reader", gw.hub.run),
-            ("publisher", gw.publisher.run),
-            ("upkeep", lambda: run_upkeep(gw)),
-            ("instance-heartbeat", gw.keep_instance_alive),
-        ):
-            task = asyncio.create_task(factory(), name=f"gateway-{name}")
+        factories: tuple[Callable[[], Coroutine[Any, Any, None]], ...] = (
+            gw.hub.run,
+            gw.publisher.run,
+            functools.partial(run_upkeep, gw),
+            gw.keep_instance_alive,
+        )
+        for name, factory in zip(TASKS, factories, strict=True):
+            task = spawn(app, name, factory())
             life.tasks.append(task)
             task.add_done_callback(lambda t: _stop_accepting(gw, t))
-            supervise(app, task)
         life.waiting_for = "pubsub"
         await _wait_until("pubsub", gw.hub.check, deadline)
     except StartupError as exc:
@@ -213,8 +257,16 @@ async def _drain(app: web.Application, life: _Lifecycle) -> None:
     await gw.close_all(CloseCode.GOING_AWAY, "server shutting down", settings.close_timeout)
 
 
-def create_app(settings: Settings) -> web.Application:
-    app = base_app(SERVICE_NAME, settings.instance)
+def create_app(settings: GatewaySettings) -> web.Application:
+    app = base_app(
+        SERVICE_NAME,
+        settings.instance,
+        body_timeout=settings.http_body_timeout_seconds,
+        middlewares=[page_headers_middleware, address_budget_middleware],
+        fail_tasks=settings.failing_tasks,
+    )
+    # /ws is charged before its token goes to Traffic Cop; nothing else here takes credentials.
+    app[BUDGET] = AddressBudget.of(settings, upgrade_paths=("/ws",))
     app[SETTINGS] = settings
     app[ORIGINS] = OriginPolicy(settings.allowed_origins, settings.public_ws_url)
     aiohttp_jinja2.setup(
@@ -224,10 +276,20 @@ def create_app(settings: Settings) -> web.Application:
         tracing_context(SERVICE_NAME, settings.instance, settings.otel_exporter_otlp_endpoint)
     )
     app.cleanup_ctx.append(
-        redis_context(settings.redis_url, max_connections=settings.redis_max_connections)
+        redis_context(settings.redis_target, max_connections=settings.redis_max_connections)
     )
     life = _Lifecycle()
     app.cleanup_ctx.append(_gateway_context(settings, life))
+
+    async def data_lost(loss: DataLoss) -> None:
+        gw = app.get(GATEWAY)
+        if gw is not None and gw.ready:
+            await reassert_after_data_loss(gw)
+
+    # After the gateway's context: the re-assert uses its connections and registry.
+    app.cleanup_ctx.append(
+        epoch_context(SERVICE_NAME, data_lost, settings.redis_epoch_check_seconds)
+    )
     # Registered last so its cleanup runs first; the drain leaves Consul even earlier
     # (app[DEREGISTER] in on_shutdown), so Consul stops routing here before anything closes.
     app.cleanup_ctx.append(

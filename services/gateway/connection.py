@@ -21,9 +21,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
+import time
 from collections import defaultdict
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -31,11 +33,13 @@ from services.gateway import metrics
 from services.gateway.connection_protocol import (
     ConnectionProtocol,
     FrameKind,
+    Outgoing,
     Publish,
     State,
+    Timing,
 )
 from shared.protocol import truncate_close_reason
-from shared.registry import PublishResult
+from shared.registry import ConnectionRecord, PublishResult
 
 __all__ = ["Connection", "ConnectionTable", "PublishSink"]
 
@@ -52,9 +56,6 @@ class PublishSink(Protocol):
 
 class Connection:
     """A registered socket: the protocol that decides, the writer and closer that act."""
-
-    #: Frames written by every connection of the process (the detailed health view).
-    frames_written = 0
 
     def __init__(
         self,
@@ -79,6 +80,8 @@ class Connection:
         self._closer: asyncio.Task[None] | None = None
         self._close_counted = False
         self.messages_out = 0
+        #: What the registry holds for it (written again if Redis loses its data).
+        self.record: ConnectionRecord | None = None
 
     def __repr__(self) -> str:
         return f"Connection({self.id!r})"
@@ -115,11 +118,15 @@ class Connection:
     def published(self, publish: Publish, result: PublishResult) -> None:
         """The publisher's outcome for one of this connection's messages."""
         self.protocol.publish_done(publish, result)
+        histogram = _FRAME_TO_REDIS.get(result)
+        if histogram is not None and publish.received_at:
+            histogram.observe(time.monotonic() - publish.received_at)
         self.apply()
 
-    def deliver(self, text: str, size: int) -> bool:
-        """A frame for the client; False when it was not queued (closing, or overflow)."""
-        queued = self.protocol.deliver(text, size)
+    def deliver(self, text: str, size: int, kind: str = "connection") -> bool:
+        """A frame for the client (``kind``: connection or broadcast, for the delivery-write
+        latency); False when it was not queued (closing, or overflow)."""
+        queued = self.protocol.deliver(text, size, (time.monotonic(), kind))
         self.apply()
         return queued
 
@@ -130,21 +137,29 @@ class Connection:
         self._writer.add_done_callback(lambda _task: self._progress.set())
 
     async def _write(self) -> None:
-        ws, proto = self.ws, self.protocol
+        ws, proto, stats = self.ws, self.protocol, self.protocol.stats
+        coalesce = _raw_text_writer(ws)
+        held: Outgoing | None = None  # a control frame taken while gathering text frames
         while True:
-            frame = proto.next_frame()
+            frame, held = (held, None) if held is not None else (proto.next_frame(), None)
             if frame is None:
                 self._progress.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            kind, data = frame
+            kind, data, timing, reply = frame
             try:
                 if kind is FrameKind.TEXT:
+                    if coalesce is not None and proto.queued_frames:
+                        # Several frames wait (acks released together, a burst of replies):
+                        # one write for all of them instead of a syscall each.
+                        held = await self._write_batch(coalesce, frame)
+                        continue
                     await ws.send_str(data)  # type: ignore[arg-type]
                     self.messages_out += 1
-                    Connection.frames_written += 1
-                    metrics.FRAMES_OUT.inc()
+                    stats.frames_out += 1
+                    if timing is not None or reply is not None:
+                        _observe_written(timing, reply)
                 elif kind is FrameKind.PING:
                     await ws.ping()
                 else:
@@ -154,6 +169,31 @@ class Connection:
                 log.debug("write failed: %r", exc, extra={"connection_id": self.id})
                 return
             self._progress.set()
+
+    async def _write_batch(self, raw: _RawTextWriter, first: Outgoing) -> Outgoing | None:
+        """Write ``first`` and the text frames queued behind it (up to ``_BATCH_BYTES``) in
+        one transport write; returns a control frame met on the way, to write next."""
+        proto, stats = self.protocol, self.protocol.stats
+        frames = [first]
+        size = len(first[1])
+        held: Outgoing | None = None
+        while size < _BATCH_BYTES:
+            frame = proto.next_frame()
+            if frame is None:
+                break
+            if frame[0] is not FrameKind.TEXT:
+                held = frame
+                break
+            frames.append(frame)
+            size += len(frame[1])
+        await raw.write([f[1] for f in frames])  # type: ignore[misc]
+        self.messages_out += len(frames)
+        stats.frames_out += len(frames)
+        for _, _, timing, reply in frames:
+            if timing is not None or reply is not None:
+                _observe_written(timing, reply)
+        self._progress.set()
+        return held
 
     async def _stop_writer(self) -> None:
         writer, self._writer = self._writer, None
@@ -225,6 +265,80 @@ class Connection:
         await self._stop_writer()
         if not self.ws.closed:
             _drop_transport(self.ws)
+
+
+#: Most bytes of text frames gathered into one transport write.
+_BATCH_BYTES = 64 * 1024
+
+
+class _RawTextWriter:
+    """Unmasked, uncompressed text frames written straight to the socket's transport, several
+    at once (RFC 6455 5.2: a server never masks). aiohttp writes each frame with its own
+    transport.write — a syscall each on uvloop. Flow control is aiohttp's: the protocol is
+    paused past the transport's high-water mark, and its drain helper waits for it."""
+
+    __slots__ = ("protocol", "transport")
+
+    def __init__(self, transport: asyncio.Transport, protocol: Any) -> None:
+        self.transport = transport
+        self.protocol = protocol
+
+    async def write(self, texts: list[str]) -> None:
+        parts: list[bytes] = []
+        for text in texts:
+            payload = text.encode()
+            n = len(payload)
+            if n < 126:
+                parts.append(_LEN1(0x81, n))
+            elif n < 65536:
+                parts.append(_LEN2(0x81, 126, n))
+            else:
+                parts.append(_LEN3(0x81, 127, n))
+            parts.append(payload)
+        if self.transport.is_closing():
+            raise ConnectionResetError("the transport is closing")
+        self.transport.write(b"".join(parts))
+        if self.protocol._paused:
+            await self.protocol._drain_helper()
+
+
+_LEN1 = struct.Struct("!BB").pack
+_LEN2 = struct.Struct("!BBH").pack
+_LEN3 = struct.Struct("!BBQ").pack
+
+
+def _raw_text_writer(ws: web.WebSocketResponse) -> _RawTextWriter | None:
+    """The batching writer for ``ws``, or None where frames must go through aiohttp (a
+    compressed socket, or an aiohttp whose writer does not look as expected)."""
+    writer = getattr(ws, "_writer", None)
+    if ws.compress or writer is None:
+        return None
+    transport, protocol = getattr(writer, "transport", None), getattr(writer, "protocol", None)
+    if transport is None or not hasattr(protocol, "_drain_helper"):
+        return None
+    return _RawTextWriter(transport, protocol)
+
+
+#: The frame-to-Redis latency, by outcome (children looked up once, not per message).
+_FRAME_TO_REDIS = {
+    PublishResult.PUBLISHED: metrics.FRAME_TO_REDIS_SECONDS.labels("published"),
+    PublishResult.QUEUED: metrics.FRAME_TO_REDIS_SECONDS.labels("queued"),
+}
+_DELIVERY_WRITE = {
+    kind: metrics.DELIVERY_WRITE_SECONDS.labels(kind) for kind in ("connection", "broadcast")
+}
+
+
+def _observe_written(timing: Timing | None, reply: Timing | None) -> None:
+    """A delivery was written: how long since it arrived from Redis and, when it answers a
+    message of this connection, since that message was read (the client's answer time)."""
+    now = time.monotonic()
+    if timing is not None:
+        arrived, kind = timing
+        _DELIVERY_WRITE[kind].observe(now - arrived)
+    if reply is not None:
+        read_at, channel = reply
+        metrics.AGENT_ANSWER_SECONDS.labels(channel).observe(now - read_at)
 
 
 def _drop_transport(ws: web.WebSocketResponse) -> None:

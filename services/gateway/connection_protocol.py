@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.protocol import (
+    CLOSE_REASON_RATE_LIMITED,
     CloseCode,
     ErrorCode,
     ProtocolError,
@@ -73,9 +74,11 @@ __all__ = [
     "ConnectionProtocol",
     "FrameKind",
     "Limits",
+    "Outgoing",
     "ProtocolStats",
     "Publish",
     "State",
+    "Timing",
     "TokenBucket",
 ]
 
@@ -141,20 +144,35 @@ class ProtocolStats:
     acks: dict[str, int] = field(default_factory=lambda: {"published": 0, "queued": 0})
     errors: dict[str, int] = field(default_factory=dict)
     pongs: int = 0
+    frames_in: int = 0  # every frame read from a client (counted by the reader)
+    frames_out: int = 0  # every text frame written to a client (counted by the writer)
 
     def error(self, code: ErrorCode) -> None:
         key = str(code)
         self.errors[key] = self.errors.get(key, 0) + 1
 
 
+#: (when it arrived, a label): a delivery's arrival and kind, or an answered message's
+#: arrival and channel. The I/O layer turns them into latencies once the frame is written.
+Timing = tuple[float, str]
+
+
 class Answer:
     """A place in the answer FIFO; ``text`` is None until the answer is known."""
 
-    __slots__ = ("size", "text")
+    __slots__ = ("reply", "size", "text", "timing")
 
-    def __init__(self, text: str | None = None, size: int = 0) -> None:
+    def __init__(
+        self,
+        text: str | None = None,
+        size: int = 0,
+        timing: Timing | None = None,
+        reply: Timing | None = None,
+    ) -> None:
         self.text = text
         self.size = size
+        self.timing = timing
+        self.reply = reply
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +184,7 @@ class Publish:
     message_id: str
     client_id: str | int | None
     place: Answer
+    received_at: float = 0.0  # monotonic: when its frame was read
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +199,17 @@ class CloseDecision:
 #: A rate-limited frame longer than this is not parsed to echo its ``id`` (the error has null).
 RATE_LIMITED_PARSE_BYTES = 1024
 
-_Frame = tuple[FrameKind, str | bytes, int]
-_PING: _Frame = (FrameKind.PING, b"", 0)
+#: Messages whose answer (a delivery ``in_reply_to`` them) is awaited, for the answer-time
+#: metric; past it the oldest is forgotten (its answer is then not timed).
+MAX_AWAITED_ANSWERS = 256
+
+_IN_REPLY_TO = '"in_reply_to":"'
+
+#: A queued frame: kind, data, size, delivery timing, answered message's timing.
+_Frame = tuple[FrameKind, str | bytes, int, Timing | None, Timing | None]
+_PING: _Frame = (FrameKind.PING, b"", 0, None, None)
+#: What :meth:`ConnectionProtocol.next_frame` hands the writer.
+Outgoing = tuple[FrameKind, str | bytes, Timing | None, Timing | None]
 
 
 class ConnectionProtocol:
@@ -225,6 +253,7 @@ class ConnectionProtocol:
         self.new_channels: list[str] = []  # used since the last liveness flush
         self.stats = stats if stats is not None else ProtocolStats()
         self.messages_in = 0
+        self._awaited: dict[str, Timing] = {}  # message id -> (read at, channel)
 
     def __repr__(self) -> str:
         return f"ConnectionProtocol({self.id!r}, {self.state.value})"
@@ -252,13 +281,14 @@ class ConnectionProtocol:
         """Nothing left to write: the queue is empty and no answer is owed."""
         return not self._out and not self._answers
 
-    def next_frame(self) -> tuple[FrameKind, str | bytes] | None:
-        """The next frame to write, taken off the queue; None when there is none."""
+    def next_frame(self) -> Outgoing | None:
+        """The next frame to write, taken off the queue; None when there is none. With it:
+        a delivery's (arrival, kind), and the (arrival, channel) of the message it answers."""
         if not self._out:
             return None
-        kind, data, size = self._out.popleft()
+        kind, data, size, timing, reply = self._out.popleft()
         self._out_bytes -= size
-        return kind, data
+        return kind, data, timing, reply
 
     def take_publishes(self) -> list[Publish]:
         """The client messages accepted since the last call, to hand to the publisher."""
@@ -303,7 +333,11 @@ class ConnectionProtocol:
         ).to_bytes()
         place = Answer()  # the answer goes out in the order the message came in
         self._answers.append(place)
-        self._publishes.append(Publish(frame.channel, body, message_id, frame.id, place))
+        self._publishes.append(Publish(frame.channel, body, message_id, frame.id, place, now))
+        awaited = self._awaited
+        awaited[message_id] = (now, frame.channel)
+        if len(awaited) > MAX_AWAITED_ANSWERS:
+            del awaited[next(iter(awaited))]
 
     def receive_binary(self, now: float, wall: float) -> None:
         if self.state is not State.OPEN:
@@ -322,7 +356,7 @@ class ConnectionProtocol:
         if not self._take(now):
             self._limited(None)
             return
-        self._push((FrameKind.PONG, data, len(data)))
+        self._push((FrameKind.PONG, data, len(data), None, None))
 
     def receive_pong(self, now: float, wall: float) -> None:
         """A protocol pong: liveness, free within the pong allowance like the app pong."""
@@ -367,12 +401,19 @@ class ConnectionProtocol:
         self.stats.error(ErrorCode.UNAVAILABLE)
         self._fill(publish.place, error_frame(publish.client_id, ErrorCode.UNAVAILABLE, why))
 
-    def deliver(self, text: str, size: int) -> bool:
-        """A frame for the client from an agent (its connection, its user or a broadcast).
-        Never waits: queued, or the connection closes 1013 on overflow. True when queued."""
+    def deliver(self, text: str, size: int, timing: Timing | None = None) -> bool:
+        """A frame for the client from an agent (its connection, its user or a broadcast);
+        ``timing`` is (when it arrived, its kind). Never waits: queued, or the connection
+        closes 1013 on overflow. True when queued."""
         if self.state is not State.OPEN:
             return False
-        return self._send(text, size)
+        reply = None
+        if self._awaited:
+            start = text.find(_IN_REPLY_TO)
+            if start >= 0:
+                start += len(_IN_REPLY_TO)
+                reply = self._awaited.pop(text[start : text.find('"', start)], None)
+        return self._send(text, size, timing, reply)
 
     def close_command(self, code: int, reason: str) -> None:
         """A close asked through the control channel (the API, the eviction worker)."""
@@ -385,6 +426,11 @@ class ConnectionProtocol:
 
     def session_expired(self) -> None:
         self.decide_close(CloseCode.SESSION_INVALID, "session expired")
+
+    def session_lost(self) -> None:
+        """The session and the connection's record are both gone: Redis lost its data. The
+        session cannot be trusted again (a revocation may have been lost with it): sign in."""
+        self.decide_close(CloseCode.SESSION_INVALID, "session lost")
 
     def stale(self) -> None:
         """The registry record is gone while the session lives (this gateway was taken for dead
@@ -454,7 +500,7 @@ class ConnectionProtocol:
         not make the gateway parse 64 KiB frames."""
         self.limited_in_a_row += 1
         if self.limited_in_a_row >= self.limits.rate_limit_close_after:
-            self.decide_close(CloseCode.RATE_LIMITED, "rate limit exceeded")
+            self.decide_close(CloseCode.RATE_LIMITED, CLOSE_REASON_RATE_LIMITED)
             return
         if data is None:
             return  # a protocol ping or pong: no error frame for a control frame
@@ -470,7 +516,7 @@ class ConnectionProtocol:
         if self._answers:
             self._hold(text, len(text))
         else:
-            self._push((FrameKind.TEXT, text, len(text)))
+            self._push((FrameKind.TEXT, text, len(text), None, None))
 
     def _fill(self, place: Answer, text: str) -> None:
         if self.state is State.CLOSED or (self.close is not None and not self.close.flush):
@@ -482,15 +528,21 @@ class ConnectionProtocol:
         while answers and answers[0].text is not None:
             done = answers.popleft()
             self._answers_bytes -= done.size
-            if done.text is not None and not self._push((FrameKind.TEXT, done.text, done.size)):
+            if done.text is not None and not self._push(
+                (FrameKind.TEXT, done.text, done.size, done.timing, done.reply)
+            ):
                 return
 
-    def _send(self, text: str, size: int) -> bool:
+    def _send(
+        self, text: str, size: int, timing: Timing | None = None, reply: Timing | None = None
+    ) -> bool:
         if self._answers:
-            return self._hold(text, size)
-        return self._push((FrameKind.TEXT, text, size))
+            return self._hold(text, size, timing, reply)
+        return self._push((FrameKind.TEXT, text, size, timing, reply))
 
-    def _hold(self, text: str, size: int) -> bool:
+    def _hold(
+        self, text: str, size: int, timing: Timing | None = None, reply: Timing | None = None
+    ) -> bool:
         """Queue ``text`` behind the pending answers, within the same budget as the queue."""
         if (
             len(self._answers) + len(self._out) >= self.limits.queue_frames
@@ -498,7 +550,7 @@ class ConnectionProtocol:
         ):
             self._overflow()
             return False
-        self._answers.append(Answer(text, size))
+        self._answers.append(Answer(text, size, timing, reply))
         self._answers_bytes += size
         return True
 

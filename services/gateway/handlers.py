@@ -22,9 +22,10 @@ from services.gateway.connection import Connection
 from services.gateway.keys import GATEWAY, ORIGINS
 from services.gateway.lifecycle import admit, leave, refuse
 from services.gateway.process import Gateway
-from shared.http import json_error, json_response
+from shared.http import bearer_token, json_error, json_response
 from shared.protocol import CloseCode, ErrorCode
 from shared.service import SERVICE
+from shared.service_names import GATEWAY_SERVICE
 
 __all__ = ["health_detailed", "health_summary", "index", "legacy", "websocket"]
 
@@ -32,14 +33,9 @@ log = logging.getLogger(__name__)
 
 
 def _token(request: web.Request) -> str | None:
-    token = request.query.get("session_token")
-    if token:
-        return token
-    auth = request.headers.get("Authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return None
+    """The session token: the ``session_token`` query parameter (what a browser can send),
+    else ``Authorization: Bearer``."""
+    return request.query.get("session_token") or bearer_token(request.headers.get("Authorization"))
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
@@ -65,7 +61,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     # with every app ping, through each connection's writer, and MAX_IDLE decides.
     ws = web.WebSocketResponse(
         autoping=False,  # protocol pongs are liveness: the loop sees them
-        max_msg_size=s.max_frame_bytes,
+        # aiohttp refuses a frame of exactly max_msg_size bytes (its check is >=): +1 lets a
+        # frame of GATEWAY_MAX_FRAME_BYTES through, as documented, and closes 1009 past it.
+        max_msg_size=s.max_frame_bytes + 1,
         compress=s.compress,
         timeout=s.close_timeout,
     )
@@ -78,7 +76,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             # not the status of a refused upgrade. Nothing is spent on Traffic Cop.
             metrics.CONNECTIONS_REFUSED.labels("overloaded").inc()
             return await refuse(ws, CloseCode.TRY_AGAIN_LATER, "overloaded")
-        return await _serve(gw, ws, _token(request))
+        return await _serve(gw, request, ws, _token(request))
     except Exception:
         # After the upgrade an HTTP error body is no answer (the error middleware would write
         # one onto the WebSocket stream and the client would see a protocol error): a bug
@@ -93,9 +91,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(
-    gw: Gateway, ws: web.WebSocketResponse, token: str | None
+    gw: Gateway, request: web.Request, ws: web.WebSocketResponse, token: str | None
 ) -> web.WebSocketResponse:
-    admitted = await admit(gw, ws, token)
+    admitted = await admit(gw, request, ws, token)
     if admitted is None:
         return ws
     conn = admitted.conn
@@ -116,10 +114,9 @@ async def _serve(
 async def _read(gw: Gateway, conn: Connection) -> None:
     """Read, feed, apply: until the socket ends or the protocol decided to close."""
     ws, proto, table = conn.ws, conn.protocol, gw.connections
-    clock, wall = time.monotonic, time.time
+    clock, wall, stats = time.monotonic, time.time, proto.stats
     async for msg in ws:
-        gw.frames_in += 1
-        metrics.FRAMES_IN.inc()
+        stats.frames_in += 1  # a plain counter: /metrics reads it when scraped
         kind = msg.type
         if kind is WSMsgType.TEXT:
             known = len(proto.channels)
@@ -163,7 +160,7 @@ async def health_summary(request: web.Request) -> web.Response:
     return json_response(
         {
             "status": "ok" if gw.ready else "starting_or_draining",
-            "service": "websocket-gateway",
+            "service": GATEWAY_SERVICE.name,
             "instance": gw.instance,
             "connections": len(gw.connections),
         }
@@ -179,7 +176,7 @@ async def health_detailed(request: web.Request) -> web.Response:
     return json_response(
         {
             "status": "healthy" if healthy else "degraded",
-            "service": "websocket-gateway",
+            "service": GATEWAY_SERVICE.name,
             "ready": gw.ready,
             "dependencies": dependencies,
             **gw.snapshot(),

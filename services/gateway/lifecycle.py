@@ -28,10 +28,16 @@ from redis.exceptions import RedisError
 from services.gateway import metrics
 from services.gateway.connection import Connection
 from services.gateway.connection_protocol import ConnectionProtocol
-from services.gateway.hub import PubSubUnavailable
 from services.gateway.process import Gateway
 from shared import redis_names as names
-from shared.protocol import CloseCode, new_connection_id, welcome_frame
+from shared.address_budget import refund
+from shared.protocol import (
+    CLOSE_REASON_SESSION_LIMIT,
+    CloseCode,
+    new_connection_id,
+    welcome_frame,
+)
+from shared.pubsub import PubSubUnavailable
 from shared.registry import ConnectionRecord
 from shared.traffic_cop_client import TrafficCopError, TrafficCopRejected
 
@@ -56,7 +62,9 @@ async def refuse(ws: web.WebSocketResponse, code: int, reason: str) -> web.WebSo
     return ws
 
 
-async def admit(gw: Gateway, ws: web.WebSocketResponse, token: str | None) -> Admitted | None:
+async def admit(
+    gw: Gateway, request: web.Request, ws: web.WebSocketResponse, token: str | None
+) -> Admitted | None:
     """Validate ``token`` and register the connection; None when the socket was refused (and
     closed). A returned connection may already be closing (registration failed): its leave
     undoes what was done."""
@@ -83,13 +91,16 @@ async def admit(gw: Gateway, ws: web.WebSocketResponse, token: str | None) -> Ad
         metrics.CONNECTIONS_REFUSED.labels("invalid_token").inc()
         await refuse(ws, CloseCode.SESSION_INVALID, "invalid or expired session")
         return None
+    # Only upgrades with a bad token spend the address's unauthenticated budget: a valid one
+    # gets its token back, so a crowd behind one NAT can reconnect at once after a crash.
+    refund(request)
     if not gw.ready or ws.closed:  # the drain began while Traffic Cop answered
         await refuse(ws, CloseCode.GOING_AWAY, "server shutting down")
         return None
     # No await between this count and the table insert below: the bound is exact.
     if gw.connections.count_of_session(session.session_id) >= s.max_connections_per_session:
         metrics.CONNECTIONS_REFUSED.labels("session_limit").inc()
-        await refuse(ws, CloseCode.RATE_LIMITED, "too many connections for this session")
+        await refuse(ws, CloseCode.RATE_LIMITED, CLOSE_REASON_SESSION_LIMIT)
         return None
 
     cid = new_connection_id(session.user_id)
@@ -119,17 +130,16 @@ async def admit(gw: Gateway, ws: web.WebSocketResponse, token: str | None) -> Ad
     try:
         admitted.registered = True
         await gw.hub.subscribe(names.connection_messages(cid), functools.partial(gw.deliver, conn))
+        conn.record = ConnectionRecord(
+            cid,
+            session.user_id,
+            session.session_id,
+            gw.instance,
+            time.time(),
+            metadata=_record_metadata(session.metadata, s.record_metadata_bytes),
+        )
         async with gw.redis_slots:
-            await gw.registry.register(
-                ConnectionRecord(
-                    cid,
-                    session.user_id,
-                    session.session_id,
-                    gw.instance,
-                    time.time(),
-                    metadata=_record_metadata(session.metadata, s.record_metadata_bytes),
-                )
-            )
+            await gw.registry.register(conn.record)
         admitted.maybe_tied = True
         tied = await gw.traffic_cop.register_connection(
             cid, session.session_id, session.user_id, gw.instance

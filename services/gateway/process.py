@@ -25,14 +25,15 @@ from aiohttp import web
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from services.gateway import metrics
 from services.gateway.connection import Connection, ConnectionTable
 from services.gateway.connection_protocol import Limits, Publish
-from services.gateway.hub import Hub
 from services.gateway.publisher import Item, Publisher
-from services.gateway.settings import Settings
+from services.gateway.settings import GatewaySettings
 from services.gateway.unregister_retries import UnregisterRetries
 from shared import redis_names as names
 from shared.protocol import CloseCode
+from shared.pubsub import Hub
 from shared.registry import Registry
 from shared.traffic_cop_client import TrafficCopClient
 
@@ -79,7 +80,7 @@ class RefusedTokens:
             self._until.popitem(last=False)
 
 
-def limits_of(settings: Settings) -> Limits:
+def limits_of(settings: GatewaySettings) -> Limits:
     """The per-connection limits, from the gateway's settings of the same names."""
     return Limits(
         queue_frames=settings.send_queue_frames,
@@ -100,7 +101,7 @@ async def _close_socket(ws: web.WebSocketResponse, code: int, reason: str) -> No
 class Gateway:
     def __init__(
         self,
-        settings: Settings,
+        settings: GatewaySettings,
         redis: Redis,
         hub: Hub,
         traffic_cop: TrafficCopClient,
@@ -118,8 +119,8 @@ class Gateway:
             queue_bound=settings.stream_max_pending,
             round_trip_timeout=settings.publish_timeout_seconds,
             buffer_size=settings.breaker_buffer,
-            backoff_base=settings.breaker_backoff_base,
-            backoff_cap=settings.breaker_backoff_cap,
+            backoff_base=settings.breaker_backoff_base_seconds,
+            backoff_cap=settings.breaker_backoff_cap_seconds,
         )
         self.limits = limits_of(settings)
         self.connections = ConnectionTable()
@@ -144,7 +145,6 @@ class Gateway:
         self.channels = frozenset(settings.channels)
         self.ready = False  # True once started; False again while draining
         self.started = time.monotonic()
-        self.frames_in = 0
         self.frames_out_pubsub = 0
         self.session_checks = 0
         self.check_sessions_now = asyncio.Event()
@@ -203,7 +203,7 @@ class Gateway:
             text = data.decode("utf-8", "replace")
             size = len(data)
             for conn in self.connections.using(channel):
-                if conn.deliver(text, size):
+                if conn.deliver(text, size, "broadcast"):
                     self.frames_out_pubsub += 1
 
         return fan_out
@@ -215,15 +215,19 @@ class Gateway:
 
     # -- the instance key -----------------------------------------------------------------------
 
+    async def refresh_instance(self) -> None:
+        """Write the instance key (with its TTL) and this instance's place in the gateway set."""
+        ttl = self.settings.instance_ttl_seconds
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.set(names.gateway_instance(self.instance), str(time.time()), px=int(ttl * 1000))
+            pipe.sadd(names.GATEWAYS, self.instance)
+            await pipe.execute()
+
     async def keep_instance_alive(self) -> None:
         ttl = self.settings.instance_ttl_seconds
-        key = names.gateway_instance(self.instance)
         while True:
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(key, str(time.time()), px=int(ttl * 1000))
-                    pipe.sadd(names.GATEWAYS, self.instance)
-                    await pipe.execute()
+                await self.refresh_instance()
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh the instance key: %r", exc)
                 # Retry soon: the key may have expired meanwhile, and the worker must see this
@@ -270,8 +274,8 @@ class Gateway:
             "sockets": self.open_sockets,
             "frames_queued": sum(c.protocol.queued_frames for c in conns),
             "uptime_seconds": round(time.monotonic() - self.started, 3),
-            "messages_in": self.frames_in,
-            "messages_out": Connection.frames_written,
+            "messages_in": metrics.PROTOCOL_STATS.frames_in,
+            "messages_out": metrics.PROTOCOL_STATS.frames_out,
             "pubsub_frames_forwarded": self.frames_out_pubsub,
             "published": self.publisher.published,
             "queued": self.publisher.queued,
@@ -284,5 +288,6 @@ class Gateway:
                 "connected": self.hub.connected,
                 "channels": self.hub.channel_count,
                 "reconnects": self.hub.reconnects,
+                "restarts": self.hub.restarts,
             },
         }

@@ -127,7 +127,6 @@ class Publisher:
         self.published = 0
         self.queued = 0
         self.refused = 0
-        self.lost = 0
 
     @property
     def buffered(self) -> int:
@@ -419,7 +418,6 @@ class Publisher:
         self._gauge()
         lost = len(promised) + len(unsure)
         if lost:
-            self.lost += lost
             log.error(
                 "%s: %d accepted messages (acked 'queued') could not be handed to redis and are "
                 "LOST%s; their message ids follow",

@@ -4,25 +4,32 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
+    AgentStreamSettings,
+    ChannelSettings,
+    HttpLimitSettings,
     SettingsError,
+    TaskHookSettings,
     TrafficCopCallerSettings,
-    check_channel_names,
     instance_id_setting,
     port_setting,
     setting,
 )
-from shared.streams import stream_max_pending_setting
 
-__all__ = ["DESCRIPTION", "PREFIX", "Settings"]
+__all__ = ["DESCRIPTION", "PREFIX", "GatewaySettings"]
 
 PREFIX = "GATEWAY_"
 DESCRIPTION = "Post Office gateway: the WebSocket ingress /ws (python -m services.gateway)."
 
 
 @dataclass(frozen=True, repr=False)
-class Settings(TrafficCopCallerSettings):
+class GatewaySettings(
+    HttpLimitSettings,
+    TrafficCopCallerSettings,
+    ChannelSettings,
+    AgentStreamSettings,
+    TaskHookSettings,
+):
     PREFIX = PREFIX
     INSTANCE_NAME = "gateway"
 
@@ -46,12 +53,6 @@ class Settings(TrafficCopCallerSettings):
         "gateway's own origin, PUBLIC_WS_URL's, and http(s)://localhost|127.0.0.1|[::1] on any "
         "port. "
         "A request without Origin (not a browser) is always let through to token validation",
-        common=True,
-    )
-    channels: tuple[str, ...] = setting(
-        DEFAULT_CHANNELS,
-        "comma-separated logical channels clients may use; set CHANNELS once for the whole "
-        "stack, so gateways, API and worker agree",
         common=True,
     )
     max_frame_bytes: int = setting(
@@ -168,7 +169,6 @@ class Settings(TrafficCopCallerSettings):
         "messages waiting for the publisher; past it clients get error 'unavailable'",
         minimum=1,
     )
-    stream_max_pending: int = stream_max_pending_setting()
     publish_timeout_seconds: float = setting(
         0.5,
         "longest a publish round trip may take before its messages are acked 'queued' and held "
@@ -181,14 +181,16 @@ class Settings(TrafficCopCallerSettings):
         "messages held in memory while Redis is down (acked 'queued'); past it 'unavailable'",
         minimum=0,
     )
-    breaker_backoff_base: float = setting(
+    breaker_backoff_base_seconds: float = setting(
         0.1, "first wait before probing Redis again", minimum=0.001
     )
-    breaker_backoff_cap: float = setting(5.0, "longest wait between Redis probes", minimum=0.001)
-    pubsub_backoff_base: float = setting(
+    breaker_backoff_cap_seconds: float = setting(
+        5.0, "longest wait between Redis probes", minimum=0.001
+    )
+    pubsub_backoff_base_seconds: float = setting(
         0.05, "first wait before reconnecting pub/sub", minimum=0.001
     )
-    pubsub_backoff_cap: float = setting(
+    pubsub_backoff_cap_seconds: float = setting(
         5.0, "longest wait between pub/sub reconnects", minimum=0.001
     )
     compress: bool = setting(False, "permessage-deflate on sockets (costs CPU per frame)")
@@ -204,16 +206,15 @@ class Settings(TrafficCopCallerSettings):
 
     def validate(self) -> None:
         super().validate()
-        if not self.channels:
-            raise SettingsError(f"{PREFIX}CHANNELS is empty: clients need at least one channel")
-        check_channel_names(f"{PREFIX}CHANNELS", self.channels)
-        if self.breaker_backoff_base > self.breaker_backoff_cap:
+        if self.breaker_backoff_base_seconds > self.breaker_backoff_cap_seconds:
             raise SettingsError(
-                f"{PREFIX}BREAKER_BACKOFF_BASE must not exceed {PREFIX}BREAKER_BACKOFF_CAP"
+                f"{PREFIX}BREAKER_BACKOFF_BASE_SECONDS must not exceed "
+                f"{PREFIX}BREAKER_BACKOFF_CAP_SECONDS"
             )
-        if self.pubsub_backoff_base > self.pubsub_backoff_cap:
+        if self.pubsub_backoff_base_seconds > self.pubsub_backoff_cap_seconds:
             raise SettingsError(
-                f"{PREFIX}PUBSUB_BACKOFF_BASE must not exceed {PREFIX}PUBSUB_BACKOFF_CAP"
+                f"{PREFIX}PUBSUB_BACKOFF_BASE_SECONDS must not exceed "
+                f"{PREFIX}PUBSUB_BACKOFF_CAP_SECONDS"
             )
         if 0 < self.record_ttl_seconds < 2 * self.liveness_flush_seconds:
             raise SettingsError(
@@ -221,6 +222,17 @@ class Settings(TrafficCopCallerSettings):
                 f"{PREFIX}LIVENESS_FLUSH_SECONDS, or records expire between two flushes"
             )
         self.refuse_development_keys("TRAFFIC_COP_SERVICE_KEY", (self.traffic_cop_service_key,))
+
+    def refuse_unsafe_production(self) -> None:
+        super().refuse_unsafe_production()
+        self.refuse_plain_public_url("PUBLIC_WS_URL", self.public_ws_url)
+        if self.production and (not self.allowed_origins or "*" in self.allowed_origins):
+            # Unset means localhost on any port, which any local process can claim; '*' means
+            # any page on the web may open sockets with its visitors' tokens.
+            raise SettingsError(
+                "ALLOWED_ORIGINS: ENVIRONMENT=production needs the browser origins allowed to "
+                "open /ws listed (not unset, not '*')"
+            )
 
     @property
     def record_ttl(self) -> float:

@@ -10,8 +10,9 @@ event; the protocol decides.
   instance was taken for dead while it stalled) is told it is stale (1008 "stale");
 * the session check: after every pub/sub (re)subscription (a revocation published while the
   pub/sub connection was down is lost) and every ``SESSION_CHECK_SECONDS``, one pipeline of
-  ``EXISTS session:id:<session_id>`` for every session held; a missing session is revoked
-  (4401);
+  ``EXISTS session:id:<session_id>`` for every session held; a missing session closes its
+  sockets (4401 "session revoked", "session expired", or "session lost" when Redis lost its
+  data);
 * Traffic Cop unregisters that failed, retried (:mod:`services.gateway.unregister_retries`).
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -30,7 +32,7 @@ from services.gateway.process import Gateway
 from shared import redis_names as names
 from shared.protocol import ping_frame
 
-__all__ = ["check_sessions", "flush_liveness", "run_upkeep"]
+__all__ = ["check_sessions", "flush_liveness", "reassert_after_data_loss", "run_upkeep"]
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +86,58 @@ async def _session_check_loop(gw: Gateway) -> None:
         await _guarded("session check", lambda: check_sessions(gw))
 
 
+async def reassert_after_data_loss(gw: Gateway) -> tuple[int, int]:
+    """Redis lost its data (``shared.epoch`` saw the epoch key vanish or change): make every
+    socket reachable again or close it, never leave it open and unreachable.
+
+    The instance key comes back first (the worker must see this gateway alive). Then the session
+    check closes the sockets whose session vanished (4401 "session lost"), and the records and
+    indexes of the others are written again from memory, in batches bounded by the gateway's
+    Redis slots. Returns (closed, re-registered)."""
+    await gw.refresh_instance()
+    closed = await check_sessions(gw)
+    missing = await _missing_records(gw)
+    registered = 0
+    for conn in missing:
+        if conn.closing or conn.record is None:
+            continue
+        # The channels used so far go back with it, so broadcasts' counts stay right.
+        record = dataclasses.replace(conn.record, channels=tuple(conn.protocol.channels))
+        async with gw.redis_slots:
+            await gw.registry.register(record)
+        registered += 1
+    log.warning(
+        "redis lost its data: %d sockets closed (session lost), %d connections re-registered",
+        closed,
+        registered,
+    )
+    return closed, registered
+
+
+async def _missing_records(gw: Gateway) -> list[Connection]:
+    conns = [c for c in gw.connections if not c.closing]
+    if not conns:
+        return []
+    async with gw.redis.pipeline(transaction=False) as pipe:
+        for conn in conns:
+            pipe.exists(names.connection(conn.id))
+        found = await pipe.execute()
+    return [conn for conn, exists in zip(conns, found, strict=True) if not exists]
+
+
 async def check_sessions(gw: Gateway) -> int:
     """Close the sockets of sessions Traffic Cop no longer holds; how many were closed.
 
     One pipeline: ``EXISTS session:id:<sid>`` per session held (Traffic Cop keeps that key for
     exactly the life of a session, and deletes it on revocation) and ``EXISTS`` of each of those
-    connections' records. A session missing while its connection's record exists was revoked or
-    expired: close 4401. When the record is missing too, Redis lost its data (a restart without
-    persistence) or the connection is still registering; closing every socket for that would
-    turn a Redis restart into a mass logout, so those are left to the local expiry check and to
-    Traffic Cop at their next connect.
+    connections' records. A missing session closes its sockets with 4401: "session revoked" or
+    "session expired" while the connection's record exists, "session lost" when the record is
+    gone too — Redis lost its data (a restart without persistence, a failover to a replica that
+    missed the writes). Such a socket would otherwise stay open and unreachable (deliveries
+    answer 410), and the session cannot be trusted again: a revocation written since the last
+    persistence point is lost with it, so keeping the session would undo it. The client signs in
+    again (4401) and reconnects. This runs after every pub/sub resubscription — a restarted Redis
+    drops the pub/sub connection — so the loss is noticed within seconds.
     """
     held = {sid: gw.connections.of_session(sid) for sid in gw.connections.session_ids()}
     held = {sid: conns for sid, conns in held.items() if conns}
@@ -106,7 +150,7 @@ async def check_sessions(gw: Gateway) -> int:
             for conn in conns:
                 pipe.exists(names.connection(conn.id))
         results = iter(await pipe.execute())
-    closed = unknown = 0
+    closed = lost = 0
     wall = time.time()
     for conns in held.values():
         alive = next(results)
@@ -115,9 +159,12 @@ async def check_sessions(gw: Gateway) -> int:
             continue
         for conn, has_record in zip(conns, recorded, strict=True):
             proto = conn.protocol
+            if proto.closing:
+                continue
             if not has_record:
-                unknown += 1
-            elif not proto.closing:
+                lost += 1
+                proto.session_lost()
+            else:
                 expired = proto.expires_at <= wall
                 log.info(
                     "session check: session %s, closing",
@@ -128,13 +175,13 @@ async def check_sessions(gw: Gateway) -> int:
                     proto.session_expired()
                 else:
                     proto.session_revoked()
-                conn.apply()
-                closed += 1
-    if unknown:
+            conn.apply()
+            closed += 1
+    if lost:
         log.warning(
             "session check: %d connections have neither a session nor a record in Redis "
-            "(Redis lost its data?); left open",
-            unknown,
+            "(Redis lost its data?); closed 4401 'session lost' so their clients sign in again",
+            lost,
         )
     return closed
 
@@ -151,8 +198,8 @@ async def flush_liveness(gw: Gateway) -> int:
     socket has no registry record, so deliveries to it would answer 410 and the agent's replies
     would be lost: close it, so the client reconnects. The worker already announced the removal
     and told Traffic Cop; leaving unregisters a missing record, which announces nothing. A record
-    gone together with its session means Redis lost its data: those sockets stay open (as in the
-    session check).
+    gone together with its session means Redis lost its data: the session check closes those
+    (4401 "session lost").
 
     The touch script writes only records that exist, so a flush racing a connection's leave
     cannot bring its record back: no lock is needed between the two.

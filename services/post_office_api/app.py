@@ -5,10 +5,14 @@ Cleanup contexts, in start order (torn down in reverse):
 1. tracing (a no-op without an OTLP endpoint);
 2. the pooled Redis client (the skeleton's, which also makes ``/ready`` check Redis);
 3. the registry, deliveries and discovery built on it, and the task that tells Traffic Cop
-   about stale connections the API removes (stale.py);
+   about stale connections the API removes (stale.py; only when Traffic Cop is configured);
 4. the SSE hub: one dedicated pub/sub connection for the whole process, its listener task
    (``/ready`` also checks that it is connected) and the task that notices departed clients;
 5. Consul registration, deregistered first on shutdown.
+
+Every background task (:data:`TASKS`, and Consul's ``consul-registration``) is started with
+:func:`shared.service.spawn` and supervised: one that dies turns ``/ready`` 503 and ends the
+process with exit code 1 after the drain, so that its orchestrator restarts it.
 
 SIGTERM: ``on_shutdown`` ends every SSE stream (buffered events are still sent), so
 in-flight requests finish within ``SHUTDOWN_TIMEOUT`` and the process exits 0.
@@ -16,7 +20,6 @@ in-flight requests finish within ``SHUTDOWN_TIMEOUT`` and the process exits 0.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -44,35 +47,39 @@ from services.post_office_api.ratelimit import RealmRateLimiter
 from services.post_office_api.routes import setup_routes
 from services.post_office_api.settings import ApiSettings, parse_realm_keys
 from services.post_office_api.stale import StaleReporter
-from shared.discovery import API_SERVICE, TRAFFIC_COP_SERVICE, Discovery, registration_context
-from shared.redis_client import make_redis
+from shared.address_budget import BUDGET, AddressBudget, address_budget_middleware
+from shared.discovery import Discovery, registration_context, traffic_cop_resolver
+from shared.pubsub import Hub
 from shared.registry import Registry
-from shared.service import REDIS, SERVICE, base_app, redis_context
+from shared.service import REDIS, SERVICE, base_app, cancel_and_wait, redis_context, spawn
+from shared.service_names import API_SERVICE
 from shared.tracing import tracing_context
 from shared.traffic_cop_client import TrafficCopClient
 
-__all__ = ["PUBSUB_CLIENT_NAME", "SERVICE_NAME", "create_app"]
+__all__ = ["PUBSUB_CLIENT_NAME", "SERVICE_NAME", "TASKS", "create_app"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = "post-office-api"
+SERVICE_NAME = API_SERVICE.name
 #: CLIENT SETNAME of the hub's pub/sub connection (visible in CLIENT LIST).
 PUBSUB_CLIENT_NAME = f"{SERVICE_NAME}-pubsub"
-#: Registry records are written by gateways; the API never sets their TTL, but the registry
-#: object needs one.
-_RECORD_TTL = 3600
+#: The API's own background tasks, by name (the names the FAIL_TASKS test hook takes).
+STALE_REPORTS_TASK = "traffic-cop-stale-reports"
+PUBSUB_TASK = "sse-pubsub-listener"
+WATCH_TASK = "sse-disconnect-watch"
+TASKS = (STALE_REPORTS_TASK, PUBSUB_TASK, WATCH_TASK)
 
 
 async def _components(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     redis = app[REDIS]
-    registry = Registry(redis, _RECORD_TTL)
+    registry = Registry(redis)
     app[REGISTRY] = registry
     discovery = Discovery(settings.consul_url or None)
 
-    async def traffic_cop_url() -> str:
-        return await discovery.resolve(TRAFFIC_COP_SERVICE, settings.traffic_cop_url)
-
+    traffic_cop_url = traffic_cop_resolver(
+        discovery, settings.traffic_cop_url, settings.traffic_cop_from_consul
+    )
     traffic_cop = (
         TrafficCopClient(
             traffic_cop_url,
@@ -88,61 +95,42 @@ async def _components(app: web.Application) -> AsyncIterator[None]:
         redis, registry, stream_max_pending=settings.stream_max_pending, on_stale=stale.report
     )
     app[ENDPOINTS] = WebSocketEndpoints(discovery, settings.public_ws_url, settings.gateway_urls)
-    task = asyncio.create_task(stale.run(), name="traffic-cop-stale-reports")
+    tasks = [spawn(app, STALE_REPORTS_TASK, stale.run())] if traffic_cop is not None else []
     try:
         yield
     finally:
-        task.cancel()
-        await asyncio.wait([task])
+        await cancel_and_wait(tasks)
         if stale.pending:
             log.info("%d stale-connection report(s) not sent at exit", stale.pending)
         if traffic_cop is not None:
-            await traffic_cop.close()
-        await discovery.close()
+            await traffic_cop.aclose()
+        await discovery.aclose()
 
 
 async def _hub(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    # A connection of its own: no socket timeout on its blocking reads, no health-check PING
-    # racing the reader, and no silent reconnect inside redis-py (retries=0), which would
-    # come back without the hub's subscriptions; the listener reconnects and resubscribes.
-    client = make_redis(
-        settings.redis_url,
-        max_connections=2,
-        retries=0,
-        health_check_interval=0,
+    pubsub = Hub(
+        settings.redis_target,
         name=PUBSUB_CLIENT_NAME,
+        backoff_base=settings.pubsub_backoff_base_seconds,
+        backoff_cap=settings.pubsub_backoff_cap_seconds,
+        confirm_timeout=settings.sse_subscribe_timeout_seconds,
     )
     hub = ChannelHub(
-        client,
+        pubsub,
         queue_size=settings.sse_queue_size,
         max_subscribers=settings.sse_max_subscribers,
-        subscribe_timeout=settings.sse_subscribe_timeout_seconds,
-        backoff_min=settings.pubsub_backoff_min_seconds,
-        backoff_max=settings.pubsub_backoff_max_seconds,
         max_event_bytes=settings.sse_max_event_bytes,
         disconnect_check=settings.sse_disconnect_check_seconds,
     )
     app[HUB] = hub
-
-    async def connected() -> None:
-        if not hub.connected:
-            raise ConnectionError("the SSE pub/sub listener is not connected to redis")
-
-    app[SERVICE].add_check("pubsub", connected)
-    tasks = [
-        asyncio.create_task(hub.run(), name="sse-pubsub-listener"),
-        asyncio.create_task(hub.watch(), name="sse-disconnect-watch"),
-    ]
+    app[SERVICE].add_check("pubsub", pubsub.check)
+    tasks = [spawn(app, PUBSUB_TASK, pubsub.run()), spawn(app, WATCH_TASK, hub.watch())]
     try:
         yield
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
-        # Events collected for streams that left, whose UNSUBSCRIBE was never confirmed.
-        await hub.flush_leaving()
-        await client.aclose()
+        await cancel_and_wait(tasks)
+        await pubsub.aclose()
 
 
 async def _end_streams(app: web.Application) -> None:
@@ -157,8 +145,11 @@ def create_app(settings: ApiSettings) -> web.Application:
         SERVICE_NAME,
         settings.instance,
         client_max_size=settings.max_body_bytes,
-        middlewares=[metrics_middleware, realm_middleware],
+        body_timeout=settings.http_body_timeout_seconds,
+        middlewares=[metrics_middleware, address_budget_middleware, realm_middleware],
+        fail_tasks=settings.failing_tasks,
     )
+    app[BUDGET] = AddressBudget.of(settings)
     app[SETTINGS] = settings
     app[REALM_KEYS] = RealmKeys(parse_realm_keys(settings.realm_keys))
     app[RATE_LIMITER] = RealmRateLimiter(settings.rate_limit_per_second, settings.rate_limit_burst)
@@ -167,7 +158,7 @@ def create_app(settings: ApiSettings) -> web.Application:
         tracing_context(SERVICE_NAME, settings.instance, settings.otel_exporter_otlp_endpoint)
     )
     app.cleanup_ctx.append(
-        redis_context(settings.redis_url, max_connections=settings.redis_max_connections)
+        redis_context(settings.redis_target, max_connections=settings.redis_max_connections)
     )
     app.cleanup_ctx.append(_components)
     app.cleanup_ctx.append(_hub)

@@ -97,14 +97,3 @@ class RealmKeys:
             if hmac.compare_digest(given, digest):
                 found = realm
         return found
-
-    @staticmethod
-    def bearer(header: str | None) -> str | None:
-        """The token of an ``Authorization: Bearer <token>`` header, or None."""
-        if not header:
-            return None
-        scheme, _, token = header.strip().partition(" ")
-        if scheme.lower() != "bearer":
-            return None
-        token = token.strip()
-        return token or None

@@ -15,8 +15,9 @@ from typing import Any
 
 from yarl import URL
 
-from shared.discovery import GATEWAY_SERVICE, Discovery
+from shared.discovery import Discovery
 from shared.protocol import DEFAULT_CHANNELS, INTENTS, MAX_CLIENT_ID_LENGTH
+from shared.service_names import GATEWAY_SERVICE
 
 __all__ = ["WebSocketEndpoints", "message_format"]
 
@@ -35,7 +36,7 @@ class WebSocketEndpoints:
         if self.public_ws_url:
             base = URL(self.public_ws_url)
         else:
-            urls = await self.discovery.resolve_all(GATEWAY_SERVICE, self.gateway_urls)
+            urls = await self.discovery.resolve_all(GATEWAY_SERVICE.name, self.gateway_urls)
             base = _ws_url(URL(urls[next(self._next) % len(urls)]))
         return str(base.update_query(session_token=session_token))
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -31,11 +30,11 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from services.post_office_api import metrics
-from services.post_office_api.auth import PUBLIC_ROUTES, RealmKeys, missing_capability
+from services.post_office_api.auth import PUBLIC_ROUTES, missing_capability
 from services.post_office_api.consumers import ack_in_reply, check_reply_ack
-from services.post_office_api.delivery import CloseOutcome, SendOutcome
+from services.post_office_api.delivery import CloseOutcome
 from services.post_office_api.endpoint import message_format
-from services.post_office_api.hub import HubFull, HubUnavailable, Subscriber
+from services.post_office_api.hub import HubFull, Subscriber
 from services.post_office_api.keys import (
     DELIVERIES,
     ENDPOINTS,
@@ -50,19 +49,23 @@ from services.post_office_api.keys import (
 from services.post_office_api.params import UNKNOWN_CHANNEL_STATUS, channel_param, fail
 from shared import redis_names as names
 from shared.discovery import DiscoveryError
-from shared.http import error_middleware, json_response
+from shared.http import bearer_token, error_middleware, json_response
 from shared.protocol import (
+    MAX_CLOSE_REASON_BYTES,
     ErrorCode,
     ProtocolError,
+    close_reason_fits,
+    is_agent_close_code,
     is_valid_connection_id,
     is_valid_user_id,
     parse_delivery_body,
     parse_reply_body,
 )
+from shared.pubsub import PubSubUnavailable
+from shared.registry import SendResult
 from shared.tracing import message_traceparent
 
 __all__ = [
-    "MAX_CLOSE_REASON_BYTES",
     "MAX_SESSION_TOKEN_LENGTH",
     "UNKNOWN_CHANNEL_STATUS",
     "broadcast_to_channel",
@@ -84,8 +87,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: A session token longer than this is not one Traffic Cop issued (43 characters).
 MAX_SESSION_TOKEN_LENGTH = 512
-#: WebSocket close reasons are at most 123 bytes of UTF-8 (RFC 6455 5.5).
-MAX_CLOSE_REASON_BYTES = 123
 #: Status recorded (never sent) for a request whose client left before the answer (nginx's).
 CLIENT_GONE_STATUS = 499
 
@@ -136,7 +137,7 @@ async def realm_middleware(request: web.Request, handler: Handler) -> web.Stream
     if route is None or route in PUBLIC_ROUTES or not request.path.startswith("/v1/"):
         # Unmatched paths and methods fall through to aiohttp's 404/405 (as JSON).
         return await handler(request)
-    token = RealmKeys.bearer(request.headers.get("Authorization"))
+    token = bearer_token(request.headers.get("Authorization"))
     if token is None:
         fail(
             401,
@@ -164,8 +165,8 @@ async def realm_middleware(request: web.Request, handler: Handler) -> web.Stream
         fail(
             429,
             ErrorCode.RATE_LIMITED,
-            f"realm {realm!r} is over its rate limit; retry in {wait:.2f}s",
-            {"Retry-After": str(max(1, math.ceil(wait)))},
+            f"realm {realm!r} is over its rate limit; retry in {wait}s",
+            {"Retry-After": str(wait)},
         )
     request[REALM] = realm
     return await handler(request)
@@ -252,20 +253,34 @@ async def send_to_connection(request: web.Request) -> web.Response:
     # A reply may ack the stream entry it answers: checked first, acked once the reply went
     # out (or the client is gone: redelivering would not bring it back). One call, not two.
     ack = None if raw_ack is None else check_reply_ack(request, request[REALM], raw_ack)
-    result = await request.app[DELIVERIES].to_connection(connection_id, orjson.dumps(message))
-    acked = None if ack is None else await ack_in_reply(request, ack)
-    if result > 0:
+    sent = await request.app[DELIVERIES].to_connection(connection_id, orjson.dumps(message))
+    acked = None
+    if ack is not None and sent.result is not SendResult.NOT_RECEIVED:
+        acked = await ack_in_reply(request, ack)
+    if sent.result is SendResult.DELIVERED:
         metrics.DELIVERIES.labels(kind="connection", outcome="delivered").inc()
-        body: dict[str, int] = {"delivered": result}
+        body: dict[str, int] = {"delivered": sent.receivers}
         if acked is not None:
             body["acked"] = acked
         return json_response(body, 202)
+    if sent.result is SendResult.NOT_RECEIVED:
+        # The holding gateway is alive but was not subscribed: most likely re-subscribing after
+        # a Redis restart. Nothing was delivered, so the caller may safely send again (the
+        # message it answers stays unacked); a 410 here made agents give the answer up for a
+        # socket that is reachable a moment later.
+        metrics.DELIVERIES.labels(kind="connection", outcome="not_received").inc()
+        fail(
+            503,
+            ErrorCode.UNAVAILABLE,
+            f"connection {connection_id!r} was not received: its gateway is alive but not "
+            "subscribed (re-subscribing after a Redis restart?); retry",
+            {"Retry-After": "1"},
+        )
     metrics.DELIVERIES.labels(kind="connection", outcome="gone").inc()
     why = {
-        SendOutcome.NO_RECORD: "is unknown or has disconnected",
-        SendOutcome.STALE: "has no live gateway; its record was removed",
-        SendOutcome.GATEWAY_ALIVE_NOT_RECEIVED: "was not received by any gateway",
-    }.get(SendOutcome(result), "is gone")
+        SendResult.NO_RECORD: "is unknown or has disconnected",
+        SendResult.STALE: "has no live gateway; its record was removed",
+    }[sent.result]
     fail(410, ErrorCode.GONE, f"connection {connection_id!r} {why}")
 
 
@@ -274,7 +289,7 @@ async def get_connection(request: web.Request) -> web.Response:
     record = await request.app[REGISTRY].get(connection_id)
     if record is None:
         fail(404, ErrorCode.NOT_FOUND, f"connection {connection_id!r} is unknown")
-    return json_response(record)
+    return json_response(record.as_json())
 
 
 def _close_code(request: web.Request) -> int:
@@ -283,7 +298,7 @@ def _close_code(request: web.Request) -> int:
     if not (raw.isascii() and raw.isdigit() and len(raw) <= 5):
         fail(400, ErrorCode.BAD_REQUEST, f"code={raw[:20]!r}: expected an integer")
     code = int(raw)
-    if code != 1000 and not 3000 <= code <= 4999:
+    if not is_agent_close_code(code):
         fail(400, ErrorCode.BAD_REQUEST, f"code={code}: use 1000 or an application code 3000-4999")
     return code
 
@@ -292,7 +307,7 @@ async def close_connection(request: web.Request) -> web.Response:
     connection_id = _connection_id(request)
     code = _close_code(request)
     reason = request.query.get("reason", "closed by the Post Office API")
-    if len(reason.encode("utf-8", "surrogatepass")) > MAX_CLOSE_REASON_BYTES:
+    if not close_reason_fits(reason):
         fail(400, ErrorCode.BAD_REQUEST, f"reason is longer than {MAX_CLOSE_REASON_BYTES} bytes")
     outcome, instance = await request.app[DELIVERIES].close(connection_id, code, reason)
     metrics.DELIVERIES.labels(kind="close", outcome=outcome.value).inc()
@@ -369,7 +384,7 @@ async def subscribe_to_channel(request: web.Request) -> web.StreamResponse:
         sub = await hub.join(names.agent_channel(channel), alive=alive)
     except HubFull as exc:
         fail(503, ErrorCode.UNAVAILABLE, str(exc), {"Retry-After": "5"})
-    except HubUnavailable as exc:
+    except PubSubUnavailable as exc:
         fail(503, ErrorCode.UNAVAILABLE, str(exc), {"Retry-After": "1"})
     watcher: asyncio.Task[None] | None = None
     stream = EventSourceResponse(

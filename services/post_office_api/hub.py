@@ -1,7 +1,8 @@
 """One Redis pub/sub connection per process, shared by every SSE subscriber.
 
-:class:`ChannelHub` owns a single pub/sub connection. The first subscriber of a Redis channel
-makes it ``SUBSCRIBE``; the last one leaving makes it ``UNSUBSCRIBE``. :meth:`ChannelHub.join`
+:class:`ChannelHub` fans the process's one pub/sub connection out to SSE streams. The first
+subscriber of a Redis channel makes it ``SUBSCRIBE``; the last one leaving makes it
+``UNSUBSCRIBE``. :meth:`ChannelHub.join`
 returns only once Redis has confirmed the subscription, so a stream whose headers reached the
 client receives every message published from then on.
 
@@ -9,48 +10,38 @@ Each subscriber has a bounded buffer (:class:`Subscriber`). Fan-out never waits 
 reader: when a subscriber's buffer is full it is dropped (closed with reason ``too_slow``) and
 its stream ends with a final ``event: error``; the others are unaffected.
 
-Nothing that Redis counted as received is silently dropped: ``PUBLISH`` counts this process as
-a receiver for as long as it is subscribed, so events buffered for a subscriber that leaves
-(its client went away, or it was dropped ``too_slow``) and events that arrive between the last
-subscriber leaving and Redis confirming the ``UNSUBSCRIBE`` are pushed back, in order, to the
-front of the channel's agent queue (``websocket:queue:<channel>``), from which the eviction
-worker delivers them once an agent listens again (at-least-once: an event a client had already
-read before vanishing may come again). Only the last local subscriber of a channel requeues:
-the others received the same events. A client that goes away is noticed by a sweep of every
-stream's transport every ``disconnect_check`` seconds, and before every write.
+This is the channel's tap, at most once: events buffered for a subscriber that leaves (its
+client went away, or it was dropped ``too_slow``) are dropped. Every message is in the
+channel's stream since its publish (:mod:`shared.streams`); agents that must see each one
+consume a group. A client that goes away is noticed by a sweep of every stream's transport
+every ``disconnect_check`` seconds, and before every write.
 
 Events larger than ``max_event_bytes`` are not forwarded (no SSE client could read such a
 line); they are counted and logged.
 
-The listener task reconnects with capped, jittered exponential backoff and resubscribes every
-channel that still has subscribers. Messages published while Redis was unreachable are lost for
-SSE subscribers (pub/sub keeps no history); agents that need every message rely on the gateway's
-queue, which holds client messages while no agent listens.
-
-Confirmations: Redis answers each SUBSCRIBE/UNSUBSCRIBE with one reply per channel, in order.
-The hub counts commands in flight per channel; when the count falls to zero on a ``subscribe``
-reply the channel is live, so a leave-then-join race never reports a subscription that an
-in-flight UNSUBSCRIBE is about to undo.
+The pub/sub connection itself is ``shared.pubsub.Hub``, the one multiplexer the gateway uses
+too: it confirms subscriptions, keeps routing a channel's messages here until Redis confirmed
+its UNSUBSCRIBE, reconnects with capped, jittered backoff, resubscribes every channel that
+still has subscribers and restarts a reader that died. Messages published while Redis was
+unreachable are not replayed to tap subscribers (pub/sub keeps no history); the stream keeps
+them for consumer groups.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
+import functools
 import logging
-import random
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Callable
 
 import orjson
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from services.post_office_api import metrics
+from shared.pubsub import Hub, PubSubUnavailable
 
-__all__ = ["ChannelHub", "HubFull", "HubUnavailable", "Subscriber"]
+__all__ = ["ChannelHub", "HubFull", "Subscriber"]
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +49,11 @@ log = logging.getLogger(__name__)
 _SAFE_ID = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
-class HubUnavailable(Exception):
-    """Redis did not confirm a subscription in time."""
-
-
 class HubFull(Exception):
     """The process already serves its maximum number of subscribers."""
 
 
 Event = tuple[str | None, str]  # (SSE id, data)
-#: Pushes agent messages back to the front of an agent queue: (queue key, messages in order).
-Requeue = Callable[[str, list[bytes]], Awaitable[None]]
 
 
 class Subscriber:
@@ -76,8 +61,8 @@ class Subscriber:
 
     ``closed`` is None while open, else the reason: ``too_slow`` (overflow), ``shutdown`` (the
     process drains: buffered events are still sent) or ``client_gone``. After ``too_slow`` or
-    ``client_gone`` nothing more is handed out: what is still buffered goes back to the agent
-    queue when the subscriber leaves the hub (see the module docstring).
+    ``client_gone`` nothing more is handed out: what is still buffered is dropped when the
+    subscriber leaves the hub (the tap is at most once).
     """
 
     __slots__ = (
@@ -88,32 +73,28 @@ class Subscriber:
         "alive",
         "channel",
         "closed",
-        "queue_key",
     )
 
     def __init__(
         self,
         channel: bytes,
         limit: int,
-        queue_key: str | None = None,
         alive: Callable[[], bool] | None = None,
     ) -> None:
         self.channel = channel
-        self.queue_key = queue_key
         self.alive = alive
         self._items: collections.deque[Event] = collections.deque()
         self._limit = limit
         self._wakeup = asyncio.Event()
         self.closed: str | None = None
-        # On shutdown, how many buffered events are still sent: those pushed later are kept
-        # for the agent queue, so a busy channel cannot hold a draining stream open.
+        # On shutdown, how many buffered events are still sent: those pushed later are
+        # dropped, so a busy channel cannot hold a draining stream open.
         self._drain_left = 0
 
     def push(self, event: Event) -> bool:
         """Buffer ``event``; False (and closed ``too_slow``) when the buffer was full.
 
-        A closed subscriber still keeps what it is given until it leaves the hub (a short
-        window), so that nothing Redis counted as received is lost."""
+        A closed subscriber keeps what it is given until it leaves the hub (a short window)."""
         if self.closed is None and len(self._items) >= self._limit:
             self.close("too_slow")
             self._items.append(event)
@@ -159,35 +140,19 @@ class Subscriber:
 class ChannelHub:
     def __init__(
         self,
-        redis: Redis,
+        pubsub: Hub,
         *,
         queue_size: int,
         max_subscribers: int,
-        subscribe_timeout: float,
-        backoff_min: float,
-        backoff_max: float,
         max_event_bytes: int = 2 * 1024 * 1024,
         disconnect_check: float = 0.1,
-        requeue: Requeue | None = None,
     ) -> None:
-        self._redis = redis
+        self.pubsub = pubsub
         self._max_event_bytes = max_event_bytes
         self._disconnect_check = disconnect_check
-        self._requeue = requeue
-        # Channels whose last subscriber left while the UNSUBSCRIBE is unconfirmed: the queue
-        # key and the events to push back there (see the module docstring).
-        self._leaving: dict[bytes, tuple[str, list[bytes]]] = {}
         self._queue_size = queue_size
         self._max_subscribers = max_subscribers
-        self._subscribe_timeout = subscribe_timeout
-        self._backoff_min = backoff_min
-        self._backoff_max = backoff_max
         self._subs: dict[bytes, set[Subscriber]] = {}
-        self._ready: dict[bytes, asyncio.Event] = {}
-        self._in_flight: dict[bytes, int] = {}
-        self._pubsub: PubSub | None = None
-        self._send_lock = asyncio.Lock()
-        self._connected = asyncio.Event()
         self._count = 0
         # Events whose message carries no usable message_id still get an SSE id: hub-NNN.
         self._seq = 0
@@ -196,14 +161,11 @@ class ChannelHub:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self.pubsub.connected
 
     @property
     def subscriber_count(self) -> int:
         return self._count
-
-    def channels(self) -> list[bytes]:
-        return list(self._subs)
 
     def subscribers(self, channel: str) -> list[Subscriber]:
         """The subscribers of Redis channel ``channel`` (for diagnostics and tests)."""
@@ -226,46 +188,29 @@ class ChannelHub:
         self,
         channel: str,
         *,
-        queue_key: str | None = None,
         alive: Callable[[], bool] | None = None,
     ) -> Subscriber:
         """A subscriber of Redis channel ``channel``, once Redis confirmed the subscription.
 
-        ``queue_key``: the agent queue its undelivered events go back to; ``alive``: False
-        once its client has gone (checked by :meth:`watch` and before each write).
+        ``alive``: False once its client has gone (checked by :meth:`watch` and before each write).
 
-        Raises :class:`HubFull` past ``max_subscribers`` and :class:`HubUnavailable` when the
-        pub/sub connection is down or Redis does not confirm within ``subscribe_timeout``.
+        Raises :class:`HubFull` past ``max_subscribers`` and :class:`PubSubUnavailable` when
+        the pub/sub connection is down or Redis does not confirm in time.
         """
         if self._count >= self._max_subscribers:
             raise HubFull(f"this process already serves {self._max_subscribers} streams")
         if not self.connected:
             # Fail fast while Redis is unreachable: the client retries with its backoff, rather
             # than every new stream hanging for the whole subscribe timeout.
-            raise HubUnavailable("redis pub/sub is not connected; retry later")
+            raise PubSubUnavailable("redis pub/sub is not connected; retry later")
         key = channel.encode()
-        sub = Subscriber(key, self._queue_size, queue_key, alive)
-        leaving = self._leaving.pop(key, None)
-        if leaving is not None:
-            # The previous subscribers' undelivered events are older than anything to come:
-            # this subscriber gets them first.
-            for data in leaving[1]:
-                event = _event(data, self._max_event_bytes)
-                if event is not None:
-                    sub.push(self._with_id(event))
-        subs = self._subs.setdefault(key, set())
-        subs.add(sub)
+        sub = Subscriber(key, self._queue_size, alive)
+        self._subs.setdefault(key, set()).add(sub)
         self._count += 1
         metrics.SSE_SUBSCRIBERS.set(self._count)
         try:
-            if len(subs) == 1:
-                self._ready[key] = asyncio.Event()
-                await self._send("SUBSCRIBE", [key])
-            async with asyncio.timeout(self._subscribe_timeout):
-                await self._ready[key].wait()
-        except TimeoutError:
-            await self.leave(sub)
-            raise HubUnavailable("redis did not confirm the subscription in time") from None
+            # Every subscriber waits for the confirmation; the first one sends the SUBSCRIBE.
+            await self.pubsub.subscribe(channel, functools.partial(self._dispatch, key))
         except BaseException:
             await self.leave(sub)
             raise
@@ -273,25 +218,21 @@ class ChannelHub:
 
     async def leave(self, sub: Subscriber) -> None:
         """Forget ``sub``; the channel's last subscriber leaving unsubscribes it. Idempotent."""
+        if not self._detach(sub) or sub.channel in self._subs:
+            return
+        sub.take_pending()  # the tap is at most once: what it did not write is dropped
+        await self.pubsub.unsubscribe(sub.channel.decode())
+
+    def _detach(self, sub: Subscriber) -> bool:
         subs = self._subs.get(sub.channel)
         if subs is None or sub not in subs:
-            return
+            return False
         subs.discard(sub)
         self._count -= 1
         metrics.SSE_SUBSCRIBERS.set(self._count)
-        pending = sub.take_pending()
         if not subs:
             del self._subs[sub.channel]
-            self._ready.pop(sub.channel, None)
-            if sub.queue_key is not None and self._requeue is not None:
-                data = [d.encode() for _, d in pending]
-                if self.connected:
-                    # Until Redis confirms the UNSUBSCRIBE, events keep coming: collect them
-                    # and push everything back at once, in order (see _confirm).
-                    self._leaving[sub.channel] = (sub.queue_key, data)
-                elif data:
-                    await self._push_back(sub.queue_key, data)
-            await self._send("UNSUBSCRIBE", [sub.channel])
+        return True
 
     async def watch(self) -> None:
         """Close the subscribers whose client has gone, every ``disconnect_check`` seconds:
@@ -304,125 +245,13 @@ class ChannelHub:
                     if sub.closed is None and sub.alive is not None and not sub.alive():
                         sub.close("client_gone")
 
-    async def flush_leaving(self) -> None:
-        """Push back every collected event now (the pub/sub connection is gone or closing)."""
-        leaving, self._leaving = self._leaving, {}
-        for queue_key, data in leaving.values():
-            if data:
-                await self._push_back(queue_key, data)
-
-    async def _push_back(self, queue_key: str, data: list[bytes]) -> None:
-        if self._requeue is None:
-            return
-        try:
-            await self._requeue(queue_key, data)
-        except (RedisError, OSError) as exc:
-            metrics.SSE_REQUEUED.labels(outcome="lost").inc(len(data))
-            log.error("could not push %d event(s) back to %s: %r", len(data), queue_key, exc)
-            return
-        metrics.SSE_REQUEUED.labels(outcome="requeued").inc(len(data))
-        log.info("pushed %d undelivered event(s) back to %s", len(data), queue_key)
-
     def close_all(self, reason: str) -> None:
         """End every stream (process shutdown): buffered events are still sent."""
         for subs in self._subs.values():
             for sub in subs:
                 sub.close(reason)
 
-    # -- Redis -------------------------------------------------------------------------------
-
-    async def _send(self, command: str, channels: list[bytes]) -> None:
-        """Send SUBSCRIBE/UNSUBSCRIBE on the live connection. Without one, nothing: the
-        listener subscribes every wanted channel when it (re)connects. A failed write is left to
-        the listener too, which sees the broken connection and reconnects."""
-        async with self._send_lock:
-            pubsub = self._pubsub
-            if pubsub is None or not self._connected.is_set():
-                return
-            for ch in channels:
-                self._in_flight[ch] = self._in_flight.get(ch, 0) + 1
-            try:
-                await pubsub.execute_command(command, *channels)
-            except (RedisError, OSError) as exc:
-                log.info("pub/sub %s failed (the listener reconnects): %r", command, exc)
-
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(self._backoff_max, self._backoff_min * (2.0 ** min(attempt, 32)))
-        # "Equal jitter": at least half the step, so retries spread without collapsing to 0.
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
-
-    async def run(self) -> None:
-        """The listener: connect, subscribe, dispatch; on failure back off and start over."""
-        attempt = 0
-        while True:
-            pubsub = self._redis.pubsub()
-            try:
-                await self._connect(pubsub)
-                attempt = 0
-                await self._read(pubsub)
-            except asyncio.CancelledError:
-                raise
-            except (RedisError, OSError) as exc:
-                log.warning("pub/sub connection lost: %r", exc)
-            except Exception:
-                # A reply this code did not expect must not end SSE for the whole process.
-                log.exception("pub/sub listener failed")
-            finally:
-                await self._disconnect(pubsub)
-            # No UNSUBSCRIBE confirmation will come on a dead connection.
-            await self.flush_leaving()
-            metrics.PUBSUB_RECONNECTS.inc()
-            delay = self._backoff(attempt)
-            attempt += 1
-            log.info("pub/sub reconnecting in %.3fs (attempt %d)", delay, attempt)
-            await asyncio.sleep(delay)
-
-    async def _connect(self, pubsub: PubSub) -> None:
-        async with self._send_lock:
-            await pubsub.connect()  # type: ignore[no-untyped-call]
-            self._pubsub = pubsub
-            self._in_flight.clear()
-            wanted = list(self._subs)
-            if wanted:
-                for ch in wanted:
-                    self._in_flight[ch] = 1
-                await pubsub.execute_command("SUBSCRIBE", *wanted)
-            self._connected.set()
-        log.info("pub/sub connected; %d channel(s) subscribed", len(wanted))
-
-    async def _disconnect(self, pubsub: PubSub) -> None:
-        self._connected.clear()
-        self._pubsub = None
-        self._in_flight.clear()
-        for event in self._ready.values():
-            event.clear()
-        with contextlib.suppress(RedisError, OSError):
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def _read(self, pubsub: PubSub) -> None:
-        while True:
-            reply = await pubsub.get_message(timeout=None)
-            if reply is None:
-                continue
-            kind = reply["type"]
-            channel: bytes = reply["channel"]
-            if kind == "message":
-                await self._dispatch(channel, reply["data"])
-            elif kind in ("subscribe", "unsubscribe"):
-                await self._confirm(channel, kind)
-
-    async def _confirm(self, channel: bytes, kind: str) -> None:
-        left = self._in_flight.get(channel, 0) - 1
-        if left > 0:
-            self._in_flight[channel] = left
-            return
-        self._in_flight.pop(channel, None)
-        if kind == "subscribe" and channel in self._ready:
-            self._ready[channel].set()
-        elif kind == "unsubscribe":
-            leaving = self._leaving.pop(channel, None)
-            if leaving is not None and leaving[1]:
-                await self._push_back(*leaving)
+    # -- fan-out (a handler of the shared pub/sub hub: it never waits) -----------------------
 
     def _with_id(self, event: Event) -> Event:
         if event[0] is not None:
@@ -430,12 +259,9 @@ class ChannelHub:
         self._seq += 1
         return (f"hub-{self._seq}", event[1])
 
-    async def _dispatch(self, channel: bytes, data: bytes) -> None:
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
         subs = self._subs.get(channel)
         if not subs:
-            leaving = self._leaving.get(channel)
-            if leaving is not None and len(data) <= self._max_event_bytes:
-                leaving[1].append(data)
             return
         if len(data) > self._max_event_bytes:
             metrics.SSE_INVALID.labels(reason="too_large").inc()
@@ -463,7 +289,11 @@ class ChannelHub:
                 channel.decode(errors="replace"),
                 self._queue_size,
             )
-            await self.leave(sub)
+            if len(subs) > 1:
+                # The others received the same events: its buffer is discarded now. The last
+                # one stays until its stream leaves, which pushes its buffer back.
+                self._detach(sub)
+                sub.take_pending()
 
 
 def _event(data: bytes, max_bytes: int) -> Event | None:
@@ -479,7 +309,3 @@ def _event(data: bytes, max_bytes: int) -> Event | None:
     message_id = raw.get("message_id")
     sse_id = message_id if isinstance(message_id, str) and _SAFE_ID.match(message_id) else None
     return sse_id, data.decode("utf-8", "replace")
-
-
-def channel_names(channels: Iterable[bytes]) -> list[str]:
-    return [c.decode(errors="replace") for c in channels]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from shared.metrics import LATENCY_BUCKETS
+
 __all__ = [
     "DEAD_LETTERS_REQUEUED",
     "DELIVERIES",
@@ -11,13 +13,11 @@ __all__ = [
     "GROUP_CONSUMERS",
     "GROUP_EVENTS",
     "PUBLISHED",
-    "PUBSUB_RECONNECTS",
     "REQUESTS",
     "REQUEST_SECONDS",
     "SSE_DROPPED",
     "SSE_EVENTS",
     "SSE_INVALID",
-    "SSE_REQUEUED",
     "SSE_SUBSCRIBERS",
     "STALE_REMOVED",
     "TRAFFIC_COP_REPORTS",
@@ -30,9 +30,10 @@ REQUESTS = Counter(
 )
 REQUEST_SECONDS = Histogram(
     "postoffice_api_request_seconds",
-    "API request latency by operation (SSE streams excluded)",
+    "API request duration in seconds by operation (the route name, the OpenAPI operationId), "
+    "from the request reaching the API's middleware to its response; SSE streams excluded",
     ["operation"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+    buckets=LATENCY_BUCKETS,
 )
 PUBLISHED = Counter(
     "postoffice_api_channel_messages_total",
@@ -60,15 +61,6 @@ SSE_INVALID = Counter(
     "messages on agent channels not forwarded to SSE streams, by reason (not_json_object, "
     "too_large)",
     ["reason"],
-)
-SSE_REQUEUED = Counter(
-    "postoffice_api_sse_requeued_events_total",
-    "events buffered for SSE streams that left, pushed back to the agent queue (requeued) or "
-    "not (lost: Redis refused)",
-    ["outcome"],
-)
-PUBSUB_RECONNECTS = Counter(
-    "postoffice_api_pubsub_reconnects_total", "reconnections of the pub/sub listener to Redis"
 )
 TRAFFIC_COP_REPORTS = Counter(
     "postoffice_api_traffic_cop_reports_total",

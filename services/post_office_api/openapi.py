@@ -12,7 +12,8 @@ from typing import Any
 
 from services.post_office_api.auth import ROUTE_CAPABILITIES
 from services.post_office_api.endpoint import message_format
-from services.post_office_api.handlers import MAX_CLOSE_REASON_BYTES, UNKNOWN_CHANNEL_STATUS
+from services.post_office_api.handlers import MAX_SESSION_TOKEN_LENGTH, UNKNOWN_CHANNEL_STATUS
+from shared.protocol import MAX_CLOSE_REASON_BYTES, MAX_DEPTH
 
 __all__ = ["build_openapi"]
 
@@ -86,6 +87,32 @@ def _error_response(status: int, text: str) -> dict[str, Any]:
     return response
 
 
+#: Operation -> its tag (the groups of the document's ``tags``).
+_TAGS = {
+    "get_websocket_endpoint": "clients",
+    "publish_to_channel": "channels",
+    "subscribe_to_channel": "channels",
+    "broadcast_to_channel": "channels",
+    "consume_group": "groups",
+    "ack_group": "groups",
+    "list_dead_letters": "groups",
+    "requeue_dead_letters": "groups",
+    "send_to_connection": "connections",
+    "get_connection": "connections",
+    "close_connection": "connections",
+    "send_to_user": "users",
+    "get_openapi": "meta",
+}
+_TAG_TEXT = {
+    "clients": "where a WebSocket client connects",
+    "channels": "agent channels: publish, the tap (Server-Sent Events), broadcast",
+    "groups": "consumer groups: consume a channel's stream (Server-Sent Events), ack, dead letters",
+    "connections": "one WebSocket connection: deliver, read its record, close it",
+    "users": "every connection of one user",
+    "meta": "this document",
+}
+
+
 def _operation(
     name: str,
     summary: str,
@@ -100,6 +127,7 @@ def _operation(
     caps = sorted(ROUTE_CAPABILITIES.get(name, ()))
     op: dict[str, Any] = {
         "operationId": name,
+        "tags": [_TAGS[name]],
         "summary": summary,
         "description": description + (f"\n\nCapability: {' or '.join(caps)}." if caps else ""),
         "x-capabilities": caps,
@@ -158,6 +186,7 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         "/v1/openapi.json": {
             "get": {
                 "operationId": "get_openapi",
+                "tags": [_TAGS["get_openapi"]],
                 "summary": "This document",
                 "security": [],
                 "responses": {
@@ -178,7 +207,12 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
                         "name": "session_token",
                         "in": "query",
                         "required": True,
-                        "schema": {"type": "string", "maxLength": 512},
+                        "description": "a session token from Traffic Cop; empty is refused",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_SESSION_TOKEN_LENGTH,
+                        },
                     }
                 ],
                 errors=(400, 503),
@@ -368,7 +402,15 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
                         "name": "reason",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "string", "maxLength": MAX_CLOSE_REASON_BYTES},
+                        "description": f"at most {MAX_CLOSE_REASON_BYTES} bytes of UTF-8 (the "
+                        "close frame's limit), counted in bytes, not characters: a non-ASCII "
+                        "reason is refused with fewer characters than maxLength says; empty "
+                        "is allowed. Default: `closed by the Post Office API`.",
+                        "schema": {
+                            "type": "string",
+                            "maxLength": MAX_CLOSE_REASON_BYTES,
+                            "x-maxBytes": MAX_CLOSE_REASON_BYTES,
+                        },
                     },
                 ],
                 errors=(400, 404, 410, 503),
@@ -388,6 +430,15 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         },
     }
     integer = {"type": "integer", "minimum": 0}
+    agent_message: dict[str, Any] = {
+        "message_id": {"type": "string"},
+        "connection_id": {"type": "string"},
+        "user_id": {"type": "string"},
+        "gateway_instance": {"type": "string"},
+        "message": {"type": "object"},
+        "timestamp": {"type": "string", "format": "date-time"},
+        "traceparent": {"type": "string"},
+    }
     schemas: dict[str, Any] = {
         "Error": {
             "type": "object",
@@ -404,9 +455,19 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
             "type": "object",
             "required": ["message"],
             "additionalProperties": False,
+            "description": "At most MAX_BODY_BYTES (1 MiB by default; 413 past it). Unknown "
+            "fields are refused (400).",
             "properties": {
-                "message": {"type": "object", "description": "sent as is, one text frame"},
-                "traceparent": {"type": "string", "description": "W3C trace context"},
+                "message": {
+                    "type": "object",
+                    "description": f"sent as is, one text frame; nesting deeper than {MAX_DEPTH} "
+                    "levels is refused (400)",
+                },
+                "traceparent": {
+                    "type": "string",
+                    "description": "W3C trace context; one that does not parse is ignored "
+                    "(the trace restarts), never refused",
+                },
             },
         },
         "ReplyBody": {
@@ -419,6 +480,7 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
                 "ack": {
                     "type": "object",
                     "required": ["channel", "group"],
+                    "additionalProperties": False,
                     "properties": {
                         "channel": {"type": "string", "enum": list(channels)},
                         "group": {"type": "string"},
@@ -434,14 +496,28 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
             "additionalProperties": False,
             "properties": {"ids": {"type": "array", "items": stream_id, "minItems": 1}},
         },
-        "Acked": {"type": "object", "properties": {"acked": integer, "ids": integer}},
+        "Acked": {
+            "type": "object",
+            "required": ["acked", "ids"],
+            "properties": {"acked": integer, "ids": integer},
+        },
         "DeadLetters": {
             "type": "object",
+            "required": ["dead_letters", "next"],
             "properties": {
                 "dead_letters": {
                     "type": "array",
                     "items": {
                         "type": "object",
+                        "required": [
+                            "id",
+                            "stream_id",
+                            "group",
+                            "deliveries",
+                            "reason",
+                            "dead_at",
+                            "message",
+                        ],
                         "properties": {
                             "id": stream_id,
                             "stream_id": stream_id,
@@ -458,11 +534,13 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         },
         "Requeued": {
             "type": "object",
+            "required": ["requeued", "unknown"],
             "properties": {
                 "requeued": {
                     "type": "array",
                     "items": {
                         "type": "object",
+                        "required": ["id", "stream_id"],
                         "properties": {"id": stream_id, "stream_id": stream_id},
                     },
                 },
@@ -471,6 +549,7 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         },
         "PublishResult": {
             "type": "object",
+            "required": ["message_id", "status"],
             "properties": {
                 "message_id": {"type": "string"},
                 "status": {
@@ -484,6 +563,7 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         },
         "Delivered": {
             "type": "object",
+            "required": ["delivered"],
             "properties": {
                 "delivered": {"type": "integer", "minimum": 1},
                 "acked": {"type": "integer", "description": "with `ack`: entries acked"},
@@ -491,14 +571,25 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         },
         "UserDelivered": {
             "type": "object",
+            "required": ["delivered", "connections", "stale_removed"],
             "properties": {"delivered": integer, "connections": integer, "stale_removed": integer},
         },
         "BroadcastResult": {
             "type": "object",
-            "properties": {"gateways": integer, "connections": integer},
+            "required": ["gateways", "connections"],
+            "properties": {
+                "gateways": integer,
+                "connections": {
+                    **integer,
+                    "description": "connections that have used the channel, as the gateways "
+                    "last wrote it: a channel first used in the last liveness tick (5 s) may "
+                    "not be counted yet, though the broadcast reaches it",
+                },
+            },
         },
         "Closing": {
             "type": "object",
+            "required": ["status", "connection_id", "gateway_instance", "code"],
             "properties": {
                 "status": {"const": "closing"},
                 "connection_id": {"type": "string"},
@@ -508,19 +599,24 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         },
         "Connection": {
             "type": "object",
+            "description": "`channels` and `last_heartbeat` are written by the holding gateway's "
+            "liveness flush and trail the client by up to GATEWAY_LIVENESS_FLUSH_SECONDS (5 s). "
+            "A field a corrupt record lacks or cannot parse is null.",
+            "required": ["connection_id", "channels", "connected_at", "last_heartbeat", "metadata"],
             "properties": {
                 "connection_id": {"type": "string"},
                 "user_id": {"type": "string"},
                 "session_id": {"type": "string"},
                 "gateway_instance": {"type": "string"},
-                "channels": {"type": "array", "items": {"type": "string"}},
-                "connected_at": {"type": "number"},
-                "last_heartbeat": {"type": "number"},
-                "metadata": {"type": "object"},
+                "channels": {"type": ["array", "null"], "items": {"type": "string"}},
+                "connected_at": {"type": ["number", "null"]},
+                "last_heartbeat": {"type": ["number", "null"]},
+                "metadata": {"type": ["object", "null"]},
             },
         },
         "WebSocketEndpoint": {
             "type": "object",
+            "required": ["websocket_url", "channels", "message_format"],
             "properties": {
                 "websocket_url": {"type": "string"},
                 "channels": {"type": "array", "items": {"type": "string"}},
@@ -530,15 +626,8 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
         "AgentMessage": {
             "type": "object",
             "description": "what SSE events carry (data) and agents receive on websocket:<channel>",
-            "properties": {
-                "message_id": {"type": "string"},
-                "connection_id": {"type": "string"},
-                "user_id": {"type": "string"},
-                "gateway_instance": {"type": "string"},
-                "message": {"type": "object"},
-                "timestamp": {"type": "string", "format": "date-time"},
-                "traceparent": {"type": "string"},
-            },
+            "required": list(agent_message),
+            "properties": agent_message,
         },
     }
     return {
@@ -551,6 +640,9 @@ def build_openapi(channels: Sequence[str]) -> dict[str, Any]:
             "connections, users and channels. Errors: "
             '`{"error": {"code": "...", "message": "..."}}`.',
         },
+        # Relative: the API that served this document (behind Traefik, the edge's /v1).
+        "servers": [{"url": "/", "description": "the Post Office API serving this document"}],
+        "tags": [{"name": name, "description": text} for name, text in _TAG_TEXT.items()],
         "security": [{"realmKey": []}],
         "paths": paths,
         "components": {

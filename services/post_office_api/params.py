@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import NoReturn
 
-import orjson
 from aiohttp import web
 
 from services.post_office_api.keys import SETTINGS
+from shared.http import json_error_exception
 from shared.protocol import ErrorCode
 
 __all__ = ["UNKNOWN_CHANNEL_STATUS", "channel_param", "fail"]
@@ -15,26 +15,12 @@ __all__ = ["UNKNOWN_CHANNEL_STATUS", "channel_param", "fail"]
 #: Unknown channels are 404 (the channel is part of the resource path).
 UNKNOWN_CHANNEL_STATUS = 404
 
-_ERRORS: dict[int, type[web.HTTPException]] = {
-    400: web.HTTPBadRequest,
-    401: web.HTTPUnauthorized,
-    403: web.HTTPForbidden,
-    404: web.HTTPNotFound,
-    410: web.HTTPGone,
-    429: web.HTTPTooManyRequests,
-    503: web.HTTPServiceUnavailable,
-}
-
 
 def fail(
     status: int, code: ErrorCode | str, message: str, headers: dict[str, str] | None = None
 ) -> NoReturn:
     """Raise the JSON error; the skeleton's error middleware lets JSON errors through as is."""
-    raise _ERRORS[status](
-        text=orjson.dumps({"error": {"code": str(code), "message": message}}).decode(),
-        content_type="application/json",
-        headers=headers,
-    )
+    raise json_error_exception(status, code, message, headers)
 
 
 def channel_param(request: web.Request) -> str:

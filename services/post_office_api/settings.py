@@ -4,30 +4,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.protocol import DEFAULT_CHANNELS
 from shared.settings import (
-    DEV_KEY_PREFIX,
-    MIN_PRODUCTION_KEY_LENGTH,
-    RESERVED_CHANNEL_NAMES,
+    AgentStreamSettings,
+    ChannelSettings,
+    HttpLimitSettings,
     SettingsError,
+    TaskHookSettings,
     TrafficCopCallerSettings,
-    check_channel_names,
     instance_id_setting,
     port_setting,
     setting,
 )
-from shared.streams import stream_max_pending_setting
 
 __all__ = [
     "DESCRIPTION",
-    "DEV_KEY_PREFIX",
     "MAX_BODY_LIMIT",
-    "MIN_PRODUCTION_KEY_LENGTH",
     "PREFIX",
     "REALMS",
-    "RESERVED_CHANNEL_NAMES",
     "ApiSettings",
-    "check_channel_names",
     "parse_realm_keys",
 ]
 
@@ -71,7 +65,13 @@ def parse_realm_keys(entries: tuple[str, ...]) -> dict[str, str]:
 
 
 @dataclass(frozen=True, repr=False)
-class ApiSettings(TrafficCopCallerSettings):
+class ApiSettings(
+    HttpLimitSettings,
+    TrafficCopCallerSettings,
+    ChannelSettings,
+    AgentStreamSettings,
+    TaskHookSettings,
+):
     PREFIX = PREFIX
     INSTANCE_NAME = "post-office-api"
 
@@ -115,15 +115,9 @@ class ApiSettings(TrafficCopCallerSettings):
     otel_exporter_otlp_endpoint: str = setting(
         "", "OpenTelemetry collector (OTLP/HTTP) base URL; empty: no span export", common=True
     )
-    channels: tuple[str, ...] = setting(
-        DEFAULT_CHANNELS,
-        "agent channels (comma-separated); set CHANNELS once for the whole stack",
-        common=True,
-    )
     max_body_bytes: int = setting(
         65536, "largest request body; larger ones get 413", minimum=64, maximum=MAX_BODY_LIMIT
     )
-    stream_max_pending: int = stream_max_pending_setting()
     group_max_in_flight: int = setting(
         16,
         "unacked messages one group consumer (an SSE stream of .../groups/{group}/events) holds "
@@ -201,18 +195,15 @@ class ApiSettings(TrafficCopCallerSettings):
         "how long opening a stream waits for Redis to confirm the subscription (else 503)",
         minimum=0.01,
     )
-    pubsub_backoff_min_seconds: float = setting(
+    pubsub_backoff_base_seconds: float = setting(
         0.05, "first pause before re-connecting the pub/sub listener to Redis", minimum=0.001
     )
-    pubsub_backoff_max_seconds: float = setting(
+    pubsub_backoff_cap_seconds: float = setting(
         5.0, "cap of the pub/sub listener's jittered exponential backoff", minimum=0.001
     )
 
     def validate(self) -> None:
         super().validate()
-        if not self.channels:
-            raise SettingsError(f"{PREFIX}CHANNELS: at least one channel is required")
-        check_channel_names(f"{PREFIX}CHANNELS", self.channels)
         keys = parse_realm_keys(self.realm_keys)
         if not keys:
             raise SettingsError(f"{PREFIX}REALM_KEYS: at least one KEY:REALM pair is required")
@@ -238,8 +229,12 @@ class ApiSettings(TrafficCopCallerSettings):
                 raise SettingsError(
                     f"{PREFIX}GATEWAY_URLS: {url!r} must start with http:// or https://"
                 )
-        if self.pubsub_backoff_min_seconds > self.pubsub_backoff_max_seconds:
+        if self.pubsub_backoff_base_seconds > self.pubsub_backoff_cap_seconds:
             raise SettingsError(
-                f"{PREFIX}PUBSUB_BACKOFF_MIN_SECONDS is larger than "
-                f"{PREFIX}PUBSUB_BACKOFF_MAX_SECONDS"
+                f"{PREFIX}PUBSUB_BACKOFF_BASE_SECONDS is larger than "
+                f"{PREFIX}PUBSUB_BACKOFF_CAP_SECONDS"
             )
+
+    def refuse_unsafe_production(self) -> None:
+        super().refuse_unsafe_production()
+        self.refuse_plain_public_url("PUBLIC_WS_URL", self.public_ws_url)

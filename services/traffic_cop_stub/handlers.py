@@ -17,13 +17,18 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from aiohttp import web
 
 from services.traffic_cop_stub import metrics
 from services.traffic_cop_stub.keys import SETTINGS, STORE
 from services.traffic_cop_stub.sessions import Registration, Session
-from shared.http import json_error, json_response, read_json_body
+from shared.http import (
+    bearer_token,
+    json_error,
+    json_error_exception,
+    json_response,
+    read_json_body,
+)
 from shared.protocol import (
     MAX_DEPTH,
     ErrorCode,
@@ -53,14 +58,8 @@ _MAX_TOKEN_LENGTH = 512
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _bad_request(message: str) -> web.HTTPBadRequest:
-    return web.HTTPBadRequest(
-        # text=, not body=: aiohttp deprecates body on HTTP exceptions.
-        text=orjson.dumps(
-            {"error": {"code": str(ErrorCode.BAD_REQUEST), "message": message}}
-        ).decode(),
-        content_type="application/json",
-    )
+def _bad_request(message: str) -> web.HTTPException:
+    return json_error_exception(400, ErrorCode.BAD_REQUEST, message)
 
 
 def _session_invalid(message: str) -> web.Response:
@@ -100,8 +99,8 @@ async def service_key_middleware(request: web.Request, handler: Handler) -> web.
     (Consul and Prometheus call them without one)."""
     if request.path.startswith("/v1/") or request.path == "/v1":
         expected = hashlib.sha256(request.app[SETTINGS].service_key.encode()).digest()
-        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not presented.strip():
+        presented = bearer_token(request.headers.get("Authorization"))
+        if presented is None:
             return json_error(
                 401,
                 ErrorCode.UNAUTHORIZED,
@@ -110,7 +109,7 @@ async def service_key_middleware(request: web.Request, handler: Handler) -> web.
             )
         # Constant time over fixed-length digests, so response timing reveals neither how much
         # of a guess was right nor the key's length.
-        digest = hashlib.sha256(presented.strip().encode("utf-8", "surrogatepass")).digest()
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).digest()
         if not hmac.compare_digest(digest, expected):
             return json_error(
                 401, ErrorCode.UNAUTHORIZED, "wrong service key", {"WWW-Authenticate": "Bearer"}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from services.traffic_cop_stub.sessions import SessionStore
-from services.traffic_cop_stub.settings import Settings
+from services.traffic_cop_stub.settings import TrafficCopSettings
 
 __all__ = ["SETTINGS", "STORE"]
 
-SETTINGS = web.AppKey("settings", Settings)
+SETTINGS = web.AppKey("settings", TrafficCopSettings)
 STORE = web.AppKey("session_store", SessionStore)

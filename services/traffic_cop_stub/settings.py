@@ -5,21 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shared.settings import (
+    HttpLimitSettings,
     ServiceSettings,
     SettingsError,
+    TaskHookSettings,
     instance_id_setting,
     port_setting,
     setting,
 )
 
-__all__ = ["DESCRIPTION", "PREFIX", "Settings"]
+__all__ = ["DESCRIPTION", "PREFIX", "TrafficCopSettings"]
 
 PREFIX = "TRAFFIC_COP_"
 DESCRIPTION = "Traffic Cop: Post Office's session service (python -m services.traffic_cop_stub)."
 
 
 @dataclass(frozen=True, repr=False)
-class Settings(ServiceSettings):
+class TrafficCopSettings(HttpLimitSettings, ServiceSettings, TaskHookSettings):
     PREFIX = PREFIX
     INSTANCE_NAME = "traffic-cop"
 

@@ -22,6 +22,15 @@
     4429: { text: "Too many messages: the rate limit was exceeded repeatedly.", reconnect: false,
             why: "reconnecting at once would hit the limit again; wait a moment, then press Connect." },
   };
+  // One close code, two causes: the gateway tells them apart by the close reason
+  // (shared/protocol.py CLOSE_REASON_*). Keyed "code:reason"; the code's entry is the fallback.
+  const CLOSE_REASONS = {
+    "4429:too many connections for this session": {
+      text: "Too many connections: this session already holds the most sockets one gateway " +
+            "allows (other tabs or windows with the same token).", reconnect: false,
+      why: "close another tab or window that uses this session, or get a new session token, " +
+           "then press Connect." },
+  };
   const BACKOFF_BASE_MS = 500;
   const BACKOFF_CAP_MS = 30000;
   // A connection that stayed up this long resets the backoff: the next failure is a new incident.
@@ -299,7 +308,7 @@
     }
     const known = state.localReason
       ? { text: `The page closed the connection: ${state.localReason}.`, reconnect: true }
-      : CLOSE_CODES[code] ||
+      : CLOSE_REASONS[`${code}:${event.reason}`] || CLOSE_CODES[code] ||
         { text: "The connection closed for a reason this page does not know.", reconnect: code < 4000,
           why: "an application close code it does not know is treated as final; press Connect to retry." };
     const summary = `Closed with code ${code}${reason}. ${known.text}`;
