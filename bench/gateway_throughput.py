@@ -218,6 +218,10 @@ GATEWAY_BENCH_SETTINGS = {
     # A connect burst queues Traffic Cop calls behind each other on a shared core.
     "GATEWAY_TRAFFIC_COP_TIMEOUT_SECONDS": "10",
     "GATEWAY_SHUTDOWN_TIMEOUT": "10",
+    # Every load client connects from 127.0.0.1: the per-address budget of unauthenticated
+    # upgrades (50 at once by default, docs/operations.md "Security") would refuse its bursts.
+    "GATEWAY_UNAUTH_BURST": "1000000",
+    "GATEWAY_UNAUTH_RATE_PER_SECOND": "1000000",
 }
 
 
