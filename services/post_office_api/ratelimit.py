@@ -12,6 +12,8 @@ made callers retry at once, into the same empty bucket.
 
 from __future__ import annotations
 
+import math
+
 from shared.ratelimit import KeyedBuckets
 
 __all__ = ["RealmRateLimiter"]
@@ -19,3 +21,9 @@ __all__ = ["RealmRateLimiter"]
 
 class RealmRateLimiter(KeyedBuckets):
     """One bucket per realm (a handful: no capacity bound needed)."""
+
+    def take(self, key: str) -> int:  # type: ignore[override]
+        """0 when the call may go ahead (a token is spent), else the whole seconds (at least 1)
+        until a token is there."""
+        wait = super().take(key)
+        return 0 if wait <= 0 else max(1, math.ceil(wait))
