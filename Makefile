@@ -17,7 +17,11 @@ $(STAMP): requirements.lock requirements-dev.lock pyproject.toml
 		{ echo "Python 3.11+ is required (found $$($(PYTHON) --version))"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.lock
+	@# The exact pins of the lock, installed without hash checking: a machine's wheel cache or
+	@# package mirror may hold a rebuilt wheel of a pinned release (same version, other hash).
+	@# The image build (compose/Dockerfile) installs the lock with --require-hashes.
+	sed -e '/--hash=/d' -e 's/ \\$$//' requirements-dev.lock > $(VENV)/pins.txt
+	$(PY) -m pip install -q -r $(VENV)/pins.txt
 	@touch $(STAMP)
 
 install: $(STAMP) os-deps  ## venv with the pinned deps, plus redis-server from the OS packages

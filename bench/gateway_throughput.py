@@ -221,6 +221,10 @@ GATEWAY_BENCH_SETTINGS = {
     # The raw responders read the tap and no consumer group reads the stream, so nothing is
     # acked and nothing trimmed: a bound this high keeps a long run from being refused.
     "GATEWAY_STREAM_MAX_PENDING": "100000000",
+    # Every load client connects from 127.0.0.1: the per-address budget of unauthenticated
+    # upgrades (50 at once by default, docs/operations.md "Security") would refuse its bursts.
+    "GATEWAY_UNAUTH_BURST": "1000000",
+    "GATEWAY_UNAUTH_RATE_PER_SECOND": "1000000",
 }
 
 

@@ -21,14 +21,13 @@ than ``max_event_bytes``, is skipped (and logged), and the stream goes on.
 Deliveries (:meth:`~PostOfficeClient.publish`, ``send_to_connection``, ``send_to_user``,
 ``broadcast``) are retried for up to ``retry_deadline`` seconds when retrying is safe: a 429 or
 a 503 (the API refused before delivering anything) and a connection that failed (status 0
-``connection_failed``: the API was not reached or went away). Each retry waits
-:func:`shared.backoff.backoff`, or the answer's ``Retry-After`` when longer; a wait that would
-pass the deadline is not started and the last error is raised. A timeout (status 0
-``timeout``) is not retried: the API may have delivered, and a second copy would be a
+``connection_failed``: the API was not reached or went away). Each retry waits the same backoff
+as the server (``post_office_client._backoff``), or the answer's ``Retry-After`` when longer; a
+wait that would pass the deadline is not started and the last error is raised. A timeout
+(status 0 ``timeout``) is not retried: the API may have delivered, and a second copy would be a
 duplicate. A retry after a dropped connection can still duplicate (the API may have delivered
 before it went away); every copy carries the same message, so a receiver that keys on
-``message_id`` / ``in_reply_to`` drops it.
-"""
+``message_id`` / ``in_reply_to`` drops it."""
 
 from __future__ import annotations
 
@@ -46,6 +45,7 @@ import orjson
 from aiohttp.http_exceptions import HttpProcessingError
 from yarl import URL
 
+from post_office_client._backoff import backoff
 from post_office_client.errors import PostOfficeError, StreamError, Unavailable, error_for
 from post_office_client.models import (
     AgentMessage,
@@ -54,7 +54,6 @@ from post_office_client.models import (
     UserDelivery,
     WebSocketEndpoint,
 )
-from shared.backoff import backoff
 
 __all__ = ["PostOfficeClient", "Subscription"]
 

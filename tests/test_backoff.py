@@ -85,3 +85,18 @@ def test_backoff_never_raises_and_never_exceeds_its_ceiling(
     ceiling = min(cap, base * 2.0 ** min(attempt, MAX_EXPONENT))
     delay = backoff(attempt, base, cap)
     assert ceiling / 2 <= delay <= ceiling <= cap
+
+
+def test_the_client_s_copy_agrees_with_shared_backoff() -> None:
+    # post_office_client is installed on its own and cannot import shared/: its copy must
+    # compute the same delays.
+    import random
+
+    from post_office_client._backoff import backoff as client_backoff
+
+    for attempt in (0, 1, 5, 29, 30, 31, 1023, 10_000):
+        for base, cap in ((0.05, 5.0), (0.5, 30.0), (1e-3, 1e9)):
+            random.seed(attempt)
+            server = backoff(attempt, base, cap)
+            random.seed(attempt)
+            assert client_backoff(attempt, base, cap) == server

@@ -164,10 +164,10 @@ async def test_traffic_cop_sessions_vanished_with_redis_are_invalid(
         revoked_session = await client.validate(revoked)
         assert revoked_session is not None
         assert await client.revoke(revoked)
-        wait_for_sync(lambda: _metric(cop.url, "traffic_cop") == 0.0, 5)
+        wait_for_sync(lambda: _metric(cop.url, "traffic-cop") == 0.0, 5)
 
         restart(private_redis)
-        wait_for_sync(lambda: _metric(cop.url, "traffic_cop") == 1.0, 10, what="loss counted")
+        wait_for_sync(lambda: _metric(cop.url, "traffic-cop") == 1.0, 10, what="loss counted")
         assert "Redis lost its data: every session issued before is gone" in cop.log()
 
         valid_after = [await client.validate(token) for token in live]
@@ -188,7 +188,7 @@ async def test_traffic_cop_sessions_vanished_with_redis_are_invalid(
         fresh = create_session(cop.url, "user0")
         assert await client.validate(fresh) is not None
     finally:
-        await client.close()
+        await client.aclose()
         cop.stop()
 
 

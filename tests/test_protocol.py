@@ -543,3 +543,12 @@ def test_the_nesting_bound_holds_on_the_gateway_s_fast_path():
     brackets_in_strings = '{"payload": {"message": "' + "{[" * 50 + '"}}'
     envelope = decode_client_frame(brackets_in_strings)
     assert envelope is not None and envelope.payload["message"].startswith("{[")
+
+
+def test_message_ids_are_unique_and_keep_their_shape():
+    ids = [new_message_id() for _ in range(100_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 28 and i.startswith("msg_") for i in ids[:100])
+    assert all(int(i[4:], 16) >= 0 for i in ids[:100])  # 24 hex digits
+    parents = {new_traceparent() for _ in range(10_000)}
+    assert len(parents) == 10_000 and all(is_valid_traceparent(p) for p in parents)

@@ -33,7 +33,8 @@ def sentinel_set() -> Iterator[SentinelSet]:
 
 
 def test_sentinel_settings_and_target() -> None:
-    from services.traffic_cop_stub.settings import PREFIX, Settings
+    from services.traffic_cop_stub.settings import PREFIX
+    from services.traffic_cop_stub.settings import TrafficCopSettings as Settings
 
     settings = load(
         Settings,
@@ -148,5 +149,5 @@ async def test_a_service_on_sentinels_serves_again_after_the_failover(
         # The replica had the data (and the epoch): a failover is not a data loss.
         assert "Redis lost its data" not in cop.log()
     finally:
-        await client.close()
+        await client.aclose()
         cop.stop()
