@@ -305,9 +305,10 @@ async def _wait_subscribed(redis_url: str, channel: str) -> None:
 
 async def queue_drained(redis_url: str, seconds: float = 30.0) -> None:
     """Wait until the ``guide`` stream has nothing unconsumed (every group read and acked
-    everything): after an overloaded run the agents still work off the backlog, which would
-    make the next run measure it. Without a group (the raw responders read the tap) nothing
-    consumes the stream: it is emptied instead, so runs do not grow it without end."""
+    everything, its backlog skipped): after an overloaded run the agents would still work off
+    the backlog, which would make the next run measure it. Without a group (the raw responders
+    read the tap) nothing consumes the stream: it is emptied instead, so runs do not grow it
+    without end."""
     from bench.resp import Resp, encode
     from shared.streams import UNCONSUMED_SCRIPT
 
@@ -324,6 +325,13 @@ async def queue_drained(redis_url: str, seconds: float = 30.0) -> None:
             conn.writer.write(encode("DEL", stream))
             await conn.replies(1)
             return
+        # An overloaded run leaves a backlog the agents would work off for minutes (it is
+        # durable now): the next run skips it (XGROUP SETID $) and waits only for the messages
+        # in flight to be answered and acked.
+        for group in groups:
+            fields = dict(zip(group[::2], group[1::2], strict=True))
+            conn.writer.write(encode("XGROUP", "SETID", stream, fields[b"name"], "$"))
+            await conn.replies(1)
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             conn.writer.write(encode("EVAL", UNCONSUMED_SCRIPT, "1", stream))
