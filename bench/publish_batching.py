@@ -8,8 +8,8 @@ appends the message to the channel's stream too (XADD), so these figures include
 stream is emptied between variants (in production the eviction worker trims what the groups
 acked, which keeps the stream short and the script on its XLEN fast path), and the bound is
 set high enough that no variant reaches it. ``redis_usec_per_call`` is Redis' own CPU time
-per script run (``INFO commandstats``, evalsha), ``redis_usec_per_message`` the same for
-every command of the variant divided by the messages.
+per script run (``INFO commandstats``, evalsha, the commands it runs included),
+``redis_usec_per_message`` Redis' CPU time of the whole variant divided by the messages.
 
 * ``publish_await_each``: ``await redis.publish(...)`` one after another;
 * ``script_await_each``: ``await registry.publish_or_queue(...)`` one after another;
@@ -143,10 +143,16 @@ async def _measure(
         finally:
             observed = subscriber.stop()
         script = stats.get("cmdstat_evalsha", {})
-        usec = sum(
-            float(v.get("usec", 0))
-            for k, v in stats.items()
-            if k.startswith("cmdstat_") and k not in ("cmdstat_config", "cmdstat_info")
+        # A script's time includes the commands it runs, which commandstats also counts on
+        # their own: with scripts, their time alone; without, every command's.
+        usec = (
+            float(script["usec"])
+            if script
+            else sum(
+                float(v.get("usec", 0))
+                for k, v in stats.items()
+                if k.startswith("cmdstat_") and k not in ("cmdstat_config", "cmdstat_info")
+            )
         )
         return {
             "variant": name,
