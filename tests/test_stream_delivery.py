@@ -21,6 +21,7 @@ from redis.asyncio import Redis
 
 from post_office_client import GroupConsumer, GroupMessage, PostOfficeClient
 from shared import redis_names as names
+from tests.api_util import guide_process
 from tests.gateway_util import chat, create_sessions, recv, start_gateway, ws_url
 from tests.helpers import ServiceProcess, live_consumers, timeout, wait_for
 
@@ -40,16 +41,12 @@ class Stack:
     agents: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def agent(self, name: str, **env: str) -> ServiceProcess:
-        proc = ServiceProcess(
-            "agents.guide",
-            {
-                "POST_OFFICE_URL": self.api.url,
-                "GUIDE_AGENT_CONSUMER": name,
-                "GUIDE_AGENT_BACKOFF_MIN_SECONDS": "0.05",
-                "GUIDE_AGENT_BACKOFF_MAX_SECONDS": "0.3",
-                "GUIDE_AGENT_IDLE_TIMEOUT_SECONDS": str(timeout(3)),
-                **env,
-            },
+        proc = guide_process(
+            self.api.url,
+            GUIDE_AGENT_CONSUMER=name,
+            GUIDE_AGENT_IDLE_TIMEOUT_SECONDS=str(timeout(3)),
+            GUIDE_AGENT_DELIVERY_DEADLINE_SECONDS=str(timeout(10)),
+            **env,
         ).start(wait_ready=False)
         self.agents[name] = proc
         return proc
@@ -154,21 +151,26 @@ async def run_clients(
                     tally.order[n].append(frame["in_reply_to"])
 
     tasks = [asyncio.create_task(client(n, t)) for n, t in enumerate(tokens)]
-
-    async def close_session() -> None:
-        await done.wait()
-        await asyncio.wait(tasks)
-        await session.close()
-
-    tasks.append(asyncio.create_task(close_session()))
+    sessions.append(session)
     return tasks
+
+
+#: The client sessions of the running test, closed by :func:`finish`.
+sessions: list[aiohttp.ClientSession] = []
 
 
 async def finish(done: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
     done.set()
-    await asyncio.wait(tasks, timeout=timeout(10))
+    try:
+        await asyncio.wait(tasks, timeout=timeout(10))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        while sessions:
+            await sessions.pop().close()
     for task in tasks:
-        if task.done() and task.exception() is not None:
+        if not task.cancelled() and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
 
 
@@ -220,6 +222,11 @@ async def test_a_replica_killed_mid_stream_loses_nothing(stack: Stack, redis: Re
         await wait_for(lambda: no_pending(redis), 20, what="every answer acked")
     finally:
         await finish(done, tasks)
+    print(
+        f"sent={tally.sent} acked={len(tally.acked)} refused={len(tally.refused)} "
+        f"answered={len(tally.answers)} lost={len(tally.lost())} "
+        f"duplicates={tally.duplicates()} answered_before_kill={killed_at}"
+    )
     assert (tally.sent, len(tally.acked), len(tally.refused)) == (1000, 1000, 0)
     assert tally.lost() == set()
     # At least once: a duplicate is a message the dead replica answered but did not get
