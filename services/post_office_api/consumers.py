@@ -26,7 +26,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError
 
 from services.post_office_api import metrics
 from services.post_office_api.auth import REALM_CAPABILITIES, Capability
@@ -223,9 +223,11 @@ async def consume_group(request: web.Request) -> web.StreamResponse:
                     metrics.GROUP_EVENTS.inc()
     except (ConnectionResetError, TimeoutError) as exc:
         log.info("group stream %s/%s/%s ended: %r", channel, group, consumer, exc)
-    except ResponseError as exc:
-        # NOGROUP: the group was destroyed under the stream (XGROUP DESTROY by an operator).
-        log.warning("group stream %s/%s/%s: %r", channel, group, consumer, exc)
+    except RedisError as exc:
+        # Redis went away mid-stream (or NOGROUP: the group was destroyed under it). The
+        # headers are out, so no 503 can be sent: the stream ends and the client reconnects
+        # with its backoff; what this consumer holds stays pending for it.
+        log.warning("group stream %s/%s/%s ended by redis: %r", channel, group, consumer, exc)
     finally:
         groups.leave(key, stop)
         if watcher is not None:
