@@ -1,6 +1,6 @@
-"""A Redis that stops answering (SIGSTOP, about 0.7 s and 10 s): acks are not held behind it, and the batch whose
-round trip was under way is re-sent unchanged (same message ids), so nothing acked is lost and
-every duplicate is one an agent can drop by ``message_id``.
+"""A Redis that stops answering (SIGSTOP, about 0.7 s and 10 s): acks are not held behind it, and
+the batch whose round trip was under way is re-sent unchanged (same message ids), so nothing
+acked is lost and every duplicate is one an agent can drop by ``message_id``.
 
 Counts: sent / acked (published, queued) / refused / seen by the agent / lost / duplicates."""
 
