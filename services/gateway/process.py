@@ -116,7 +116,7 @@ class Gateway:
             self.registry,
             batch=settings.publish_batch,
             queue_size=settings.publish_queue,
-            queue_bound=settings.stream_max_pending,
+            stream_max_pending=settings.stream_max_pending,
             round_trip_timeout=settings.publish_timeout_seconds,
             buffer_size=settings.breaker_buffer,
             backoff_base=settings.breaker_backoff_base_seconds,

@@ -17,11 +17,12 @@ jittered backoff by flushing the buffer, oldest first. The breaker closes as soo
 trip answers; the rest of the buffer is then flushed at full speed, still ahead of newer
 messages (which wait, unanswered, in the submission queue) to keep the order.
 
-A promised message that Redis refuses because its channel's queue is full cannot be answered
-``unavailable`` any more: it moves to its channel's *retry list* (in order), retried with
-backoff on its own timer, so one full channel never holds up the others. Until a channel's
+A promised message that Redis refuses because its channel's stream holds ``STREAM_MAX_PENDING``
+unconsumed entries cannot be answered ``unavailable`` any more: it moves to its channel's
+*retry list* (in order), retried with backoff on its own timer, so one full channel never holds
+up the others. Until a channel's
 retry list is empty, new messages for that channel are refused at once (``unavailable``, as a
-full queue answers them) and later buffered ones join the list, so the channel keeps its
+full stream answers them) and later buffered ones join the list, so the channel keeps its
 order. Promised messages — buffer and retry lists together — are bounded by
 ``BREAKER_BUFFER``.
 
@@ -97,7 +98,7 @@ class Publisher:
         *,
         batch: int,
         queue_size: int,
-        queue_bound: int,
+        stream_max_pending: int,
         buffer_size: int,
         round_trip_timeout: float = 0.5,
         backoff_base: float,
@@ -106,14 +107,14 @@ class Publisher:
         self.registry = registry
         self.batch = batch
         self.queue_size = queue_size
-        self.queue_bound = queue_bound
+        self.stream_max_pending = stream_max_pending
         self.buffer_size = buffer_size
         self.round_trip_timeout = round_trip_timeout
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self._pending: deque[Item] = deque()  # submitted, not answered yet
         self._buffer: deque[Item] = deque()  # the breaker's: promised, in submission order
-        self._retry: dict[str, deque[Item]] = {}  # promised, refused by a full queue
+        self._retry: dict[str, deque[Item]] = {}  # promised, refused by a full stream
         self._inflight: list[Item] = []  # the batch of the round trip under way
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()  # nothing submitted, buffered or retried
@@ -207,7 +208,7 @@ class Publisher:
                 self.registry.run_scripts(
                     [
                         self.registry.publish_or_queue_call(
-                            item.channel, item.data, self.queue_bound
+                            item.channel, item.data, self.stream_max_pending
                         )
                         for item in batch
                     ]
@@ -234,7 +235,7 @@ class Publisher:
         send: list[Item] = []
         for item in batch:
             if item.channel in self._retry:
-                # Older, promised messages of this channel still wait for room in its queue:
+                # Older, promised messages of this channel still wait for room in its stream:
                 # this one may not pass them, so the channel is full for it.
                 self._answer(item, PublishResult.REFUSED)
             else:
@@ -331,7 +332,7 @@ class Publisher:
         items = self._retry.get(item.channel)
         if items is None:
             log.warning(
-                "the queue of channel %s is full: its messages promised while redis was down "
+                "the stream of channel %s is full: its messages promised while redis was down "
                 "wait for room (retried), new ones are refused meanwhile",
                 item.channel,
             )
@@ -372,7 +373,7 @@ class Publisher:
                 self._retry[channel] = kept
             else:
                 del self._retry[channel]
-                log.info("the queue of channel %s has room again", channel)
+                log.info("the stream of channel %s has room again", channel)
         self._schedule_retry(progressed=bool(taken))
         self._gauge()
 
