@@ -34,7 +34,7 @@ from redis.exceptions import NoScriptError
 from shared import raw_pipeline
 from shared import redis_names as names
 from shared.protocol import iso_now
-from shared.streams import PUBLISH_SCRIPT
+from shared.streams import PUBLISH_BATCH_SCRIPT, PUBLISH_SCRIPT
 
 __all__ = [
     "ConnectionRecord",
@@ -312,6 +312,7 @@ class Registry:
         self.record_ttl: int | None = None if record_ttl is None else max(1, int(record_ttl))
         self._unregister = redis.register_script(_UNREGISTER)
         self._publish_or_queue = redis.register_script(_PUBLISH_OR_QUEUE)
+        self._publish_batch = redis.register_script(PUBLISH_BATCH_SCRIPT)
         self._forget_gateway = redis.register_script(_FORGET_GATEWAY)
         self._touch = redis.register_script(_TOUCH)
         self._send = redis.register_script(_SEND)
@@ -356,6 +357,17 @@ class Registry:
             self._publish_or_queue,
             [names.stream(channel), names.agent_channel(channel), names.stream_consumers(channel)],
             [data, queue_bound],
+        )
+
+    def publish_batch_call(
+        self, channel: str, data: Sequence[bytes], queue_bound: int
+    ) -> ScriptCall:
+        """Several :meth:`publish_or_queue` of one channel, in order, as one script run whose
+        reply is the list of their codes (the gateway's batches: one command per channel)."""
+        return (
+            self._publish_batch,
+            [names.stream(channel), names.agent_channel(channel), names.stream_consumers(channel)],
+            [queue_bound, *data],
         )
 
     async def register(self, record: ConnectionRecord, now: float | None = None) -> None:

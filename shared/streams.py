@@ -36,6 +36,7 @@ from shared import redis_names as names
 __all__ = [
     "DATA_FIELD",
     "DEFAULT_GROUP_START",
+    "PUBLISH_BATCH_SCRIPT",
     "PUBLISH_SCRIPT",
     "UNCONSUMED_SCRIPT",
     "ConsumerInfo",
@@ -96,6 +97,43 @@ local function unconsumed(groups, len)
   return most
 end
 """
+
+PUBLISH_BATCH_SCRIPT = (
+    """
+-- PUBLISH_SCRIPT for several messages of one channel, in order, in one call (the gateway's
+-- batches: one command and one array reply per channel, not per message).
+-- KEYS: 1 stream, 2 tap (pub/sub channel), 3 consumers' last-seen zset.
+-- ARGV: 1 STREAM_MAX_PENDING, 2.. agent messages.
+-- Returns one code per message, as PUBLISH_SCRIPT's. Each XADD adds one unconsumed entry for
+-- every group, so the slowest group's count, read once the stream reaches the bound, grows by
+-- one per message added; a message refused leaves the later ones refused (nothing changed).
+"""
+    + _UNCONSUMED
+    + """
+local len = redis.call('XLEN', KEYS[1])
+local bound = tonumber(ARGV[1])
+local over = nil
+local out = {}
+for i = 2, #ARGV do
+  if len >= bound and over == nil then
+    over = unconsumed(redis.call('XINFO', 'GROUPS', KEYS[1]), len)
+  end
+  if over ~= nil and over >= bound then
+    out[#out + 1] = 0
+  else
+    redis.call('XADD', KEYS[1], '*', 'data', ARGV[i])
+    len = len + 1
+    if over ~= nil then over = over + 1 end
+    if redis.call('PUBLISH', KEYS[2], ARGV[i]) > 0 or redis.call('EXISTS', KEYS[3]) == 1 then
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 2
+    end
+  end
+end
+return out
+"""
+)
 
 PUBLISH_SCRIPT = (
     """

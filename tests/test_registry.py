@@ -364,3 +364,43 @@ async def test_forget_gateway_respects_a_revived_liveness_key(redis, registry):
 
 def test_record_ttl_is_at_least_one_second():
     assert Registry(Redis(), record_ttl=0.2).record_ttl == 1
+
+
+async def test_the_batch_publish_script_answers_as_one_script_per_message(redis) -> None:
+    # The gateway sends a channel's messages of a batch as one script run; its codes must be
+    # what a script per message would have answered, across the STREAM_MAX_PENDING bound, with
+    # and without a group that consumed and acked part of the stream.
+    from shared import redis_names as names
+    from shared.registry import Registry
+
+    registry = Registry(redis)
+    bound = 5
+
+    async def one_by_one(channel: str, n: int) -> list[int]:
+        return [
+            int(r)
+            for r in await registry.run_scripts(
+                [registry.publish_or_queue_call(channel, b"m%d" % i, bound) for i in range(n)]
+            )
+        ]
+
+    async def batched(channel: str, n: int) -> list[int]:
+        [codes] = await registry.run_scripts(
+            [registry.publish_batch_call(channel, [b"m%d" % i for i in range(n)], bound)]
+        )
+        return [int(c) for c in codes]
+
+    # No group: the stream's length is what is unconsumed.
+    assert await one_by_one("guide", 8) == await batched("pillar:content", 8) == [2] * 5 + [0] * 3
+    # A group that read and acked 3 of the 5: room for 3 more, then refused.
+    for channel in ("pillar:insights", "pillar:operations"):
+        stream = names.stream(channel)
+        await redis.xgroup_create(stream, "g", id="0", mkstream=True)
+        for i in range(5):
+            await redis.xadd(stream, {"data": b"old%d" % i})
+        read = await redis.xreadgroup("g", "c", {stream: ">"}, count=3)
+        await redis.xack(stream, "g", *[entry_id for entry_id, _ in read[0][1]])
+    expected = [2, 2, 2, 0, 0]  # 2 unconsumed + 3 more reach the bound
+    assert await one_by_one("pillar:insights", 5) == expected
+    assert await batched("pillar:operations", 5) == expected
+    assert await batched("pillar:business_outcomes", 0) == []

@@ -204,26 +204,32 @@ class Publisher:
             # the client's socket timeout. Past it the outcome is unknown: the batch goes to the
             # breaker's buffer as it is, so a re-send carries the same message ids and an agent
             # can drop what it already has (TimeoutError is an OSError: _REDIS_DOWN takes it).
+            # One script run per channel in the batch, its messages in order (one command and
+            # one array reply per channel rather than per message); a channel's order is all
+            # that order means across the stream of one channel.
+            by_channel: dict[str, list[int]] = {}
+            for index, item in enumerate(batch):
+                by_channel.setdefault(item.channel, []).append(index)
             raw = await asyncio.wait_for(
                 self.registry.run_scripts(
                     [
-                        self.registry.publish_or_queue_call(
-                            item.channel, item.data, self.stream_max_pending
+                        self.registry.publish_batch_call(
+                            channel, [batch[i].data for i in indexes], self.stream_max_pending
                         )
-                        for item in batch
+                        for channel, indexes in by_channel.items()
                     ]
                 ),
                 self.round_trip_timeout,
             )
-            out: list[PublishResult] = []
-            for value in raw:
+            out = [PublishResult.REFUSED] * len(batch)
+            for indexes, value in zip(by_channel.values(), raw, strict=True):
                 if isinstance(value, _REDIS_DOWN):
                     raise value
                 if isinstance(value, Exception):
                     log.warning("publish script failed: %r", value)
-                    out.append(PublishResult.REFUSED)
-                else:
-                    out.append(PublishResult(int(value)))
+                    continue  # its messages stay REFUSED
+                for i, code in zip(indexes, value, strict=True):
+                    out[i] = PublishResult(int(code))
         except _REDIS_DOWN:
             self._inflight = []
             raise
