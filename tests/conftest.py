@@ -21,6 +21,17 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def persistent_redis() -> Iterator[RedisServer]:
+    """A private redis-server with its AOF (fsync always): stopped and started again it comes
+    back with its data, as Redis does in make run and compose. (An empty restart is Redis
+    losing its data, which closes every socket 4401 "session lost":
+    tests/test_redis_data_loss.py.)"""
+    server = RedisServer(aof=True, fsync="always").start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     """A redis-server of the test's own, which it may stop and start again on the same port
     (outages, restarts) without disturbing the session's shared one."""

@@ -47,13 +47,8 @@ from tests.helpers import (
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    # With its AOF (fsync always): stopped and started again it comes back with its data, as
-    # Redis does in make run and compose. An empty restart is Redis losing its data, which
-    # closes every socket 4401 "session lost" (tests/test_redis_data_loss.py).
-    server = RedisServer(aof=True, fsync="always").start()
-    yield server
-    server.cleanup()
+def server(persistent_redis: RedisServer) -> RedisServer:
+    return persistent_redis
 
 
 @pytest.fixture

@@ -59,3 +59,37 @@ async def test_an_empty_restart_closes_every_socket_4401_none_left_open(
     finally:
         gw.stop()
         traffic_cop.stop()
+
+
+async def test_a_lost_record_whose_session_survived_is_written_again_from_memory(
+    private_redis: RedisServer,
+):
+    # A data set that lost the epoch and the connection's record but kept the session (a
+    # failover to a replica that missed some writes): the gateway re-asserts the record, so the
+    # socket stays open and reachable instead of answering 410.
+    from shared import redis_names as names
+    from tests.gateway_util import redis_client
+    from tests.helpers import wait_for
+
+    traffic_cop = start_traffic_cop(private_redis.url)
+    gw = start_gateway(private_redis.url, traffic_cop.url, GATEWAY_REDIS_EPOCH_CHECK_SECONDS="0.2")
+    try:
+        token = create_session(traffic_cop.url, "survivor")
+        async with (
+            redis_client(private_redis.url) as redis,
+            aiohttp.ClientSession() as http,
+            http.ws_connect(ws_url(gw, token)) as ws,
+        ):
+            cid = (await recv(ws))["connection_id"]
+            await wait_for(lambda: redis.exists(names.EPOCH), 5, what="the epoch written")
+            await redis.delete(names.connection(cid), names.EPOCH)
+            await wait_for(lambda: redis.exists(names.connection(cid)), 10, what="re-asserted")
+            assert await redis.hget(names.connection(cid), "user_id") == b"survivor"
+            assert await redis.sismember(names.user_connections("survivor"), cid)
+            receivers = await redis.publish(names.connection_messages(cid), '{"type": "hi"}')
+            assert (receivers, await recv(ws)) == (1, {"type": "hi"})
+            assert not ws.closed
+            assert "re-registered" in gw.log()
+    finally:
+        gw.stop()
+        traffic_cop.stop()

@@ -79,7 +79,6 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._close_counted = False
-        self.messages_out = 0
         #: What the registry holds for it (written again if Redis loses its data).
         self.record: ConnectionRecord | None = None
 
@@ -156,7 +155,6 @@ class Connection:
                         held = await self._write_batch(coalesce, frame)
                         continue
                     await ws.send_str(data)  # type: ignore[arg-type]
-                    self.messages_out += 1
                     stats.frames_out += 1
                     if timing is not None or reply is not None:
                         _observe_written(timing, reply)
@@ -187,7 +185,6 @@ class Connection:
             frames.append(frame)
             size += len(frame[1])
         await raw.write([f[1] for f in frames])  # type: ignore[misc]
-        self.messages_out += len(frames)
         stats.frames_out += len(frames)
         for _, _, timing, reply in frames:
             if timing is not None or reply is not None:

@@ -252,7 +252,6 @@ class ConnectionProtocol:
         self.channels: list[str] = []  # channels used, in first-use order
         self.new_channels: list[str] = []  # used since the last liveness flush
         self.stats = stats if stats is not None else ProtocolStats()
-        self.messages_in = 0
         self._awaited: dict[str, Timing] = {}  # message id -> (read at, channel)
 
     def __repr__(self) -> str:
@@ -271,10 +270,6 @@ class ConnectionProtocol:
     @property
     def queued_bytes(self) -> int:
         return self._out_bytes
-
-    @property
-    def answers_pending(self) -> int:
-        return len(self._answers)
 
     @property
     def flushed(self) -> bool:
@@ -312,7 +307,6 @@ class ConnectionProtocol:
         if frame is None:  # the app pong: liveness only, never answered
             self._pong(now)
             return
-        self.messages_in += 1
         message_id = new_message_id()
         if frame.channel not in self.channels:
             self.channels.append(frame.channel)

@@ -95,38 +95,36 @@ async def reassert_after_data_loss(gw: Gateway) -> tuple[int, int]:
     indexes of the others are written again from memory, in batches bounded by the gateway's
     Redis slots. Returns (closed, re-registered)."""
     await gw.refresh_instance()
-    closed = await check_sessions(gw)
-    missing = await _missing_records(gw)
-    registered = 0
-    for conn in missing:
-        if conn.closing or conn.record is None:
-            continue
+    closed, unrecorded = await _check_sessions(gw)
+
+    async def register(conn: Connection) -> None:
+        if conn.record is None:
+            return
         # The channels used so far go back with it, so broadcasts' counts stay right.
         record = dataclasses.replace(conn.record, channels=tuple(conn.protocol.channels))
         async with gw.redis_slots:
             await gw.registry.register(record)
-        registered += 1
+
+    survivors = [c for c in unrecorded if not c.closing and c.record is not None]
+    await asyncio.gather(*(register(conn) for conn in survivors))
     log.warning(
         "redis lost its data: %d sockets closed (session lost), %d connections re-registered",
         closed,
-        registered,
+        len(survivors),
     )
-    return closed, registered
-
-
-async def _missing_records(gw: Gateway) -> list[Connection]:
-    conns = [c for c in gw.connections if not c.closing]
-    if not conns:
-        return []
-    async with gw.redis.pipeline(transaction=False) as pipe:
-        for conn in conns:
-            pipe.exists(names.connection(conn.id))
-        found = await pipe.execute()
-    return [conn for conn, exists in zip(conns, found, strict=True) if not exists]
+    return closed, len(survivors)
 
 
 async def check_sessions(gw: Gateway) -> int:
-    """Close the sockets of sessions Traffic Cop no longer holds; how many were closed.
+    """Close the sockets of sessions Traffic Cop no longer holds; how many were closed
+    (see :func:`_check_sessions`)."""
+    closed, _ = await _check_sessions(gw)
+    return closed
+
+
+async def _check_sessions(gw: Gateway) -> tuple[int, list[Connection]]:
+    """Close the sockets of sessions Traffic Cop no longer holds: (how many were closed, the
+    open connections whose session lives but whose record is gone).
 
     One pipeline: ``EXISTS session:id:<sid>`` per session held (Traffic Cop keeps that key for
     exactly the life of a session, and deletes it on revocation) and ``EXISTS`` of each of those
@@ -142,7 +140,7 @@ async def check_sessions(gw: Gateway) -> int:
     held = {sid: gw.connections.of_session(sid) for sid in gw.connections.session_ids()}
     held = {sid: conns for sid, conns in held.items() if conns}
     if not held:
-        return 0
+        return 0, []
     gw.session_checks += 1
     async with gw.redis.pipeline(transaction=False) as pipe:
         for sid, conns in held.items():
@@ -151,11 +149,13 @@ async def check_sessions(gw: Gateway) -> int:
                 pipe.exists(names.connection(conn.id))
         results = iter(await pipe.execute())
     closed = lost = 0
+    unrecorded: list[Connection] = []
     wall = time.time()
     for conns in held.values():
         alive = next(results)
         recorded = [next(results) for _ in conns]
         if alive:
+            unrecorded += [c for c, has in zip(conns, recorded, strict=True) if not has]
             continue
         for conn, has_record in zip(conns, recorded, strict=True):
             proto = conn.protocol
@@ -183,7 +183,7 @@ async def check_sessions(gw: Gateway) -> int:
             "(Redis lost its data?); closed 4401 'session lost' so their clients sign in again",
             lost,
         )
-    return closed
+    return closed, unrecorded
 
 
 async def flush_liveness(gw: Gateway) -> int:
